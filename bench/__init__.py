@@ -1,0 +1,1 @@
+"""How it is measured: grid, data, runner, profilers, store, gate. Imports methods."""

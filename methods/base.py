@@ -1,0 +1,130 @@
+"""The one interface every training method implements (DESIGN.md "Methods").
+
+    method = METHODS[name](cfg)
+    method.supports(arch) -> bool
+    model = method.build(arch, num_classes, in_channels)
+    out = method.train_step(model, x, y, optimizer, probe)
+    logits = method.infer(model, x)
+
+``x`` is ``[B, ...]`` for static images (direct encoding: the same input at every step) or
+``[T, B, ...]`` for event frames. The method owns the time loop. ``probe`` lets a harness see phase
+boundaries (``with probe.phase("forward")``) without the method knowing the harness.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, ContextManager, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import configure, reset_state
+from .models import ARCHS
+from .neuron import NeuronConfig, get_preset
+
+
+class Probe(Protocol):
+    def phase(self, name: str) -> ContextManager: ...
+
+
+class NullProbe:
+    """A probe that costs nothing."""
+
+    _null = contextlib.nullcontext()
+
+    def phase(self, name: str) -> ContextManager:
+        return self._null
+
+
+NULL_PROBE = NullProbe()
+
+
+@dataclass
+class MethodConfig:
+    T: int = 4
+    neuron: str | NeuronConfig = "rbp"
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.T, int) or isinstance(self.T, bool) or self.T < 1:
+            raise ValueError(f"T must be a positive integer, got {self.T!r}")
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor  # detached scalar: the loss value (not its gradient scale)
+    logits: torch.Tensor  # detached [B, classes]: the mean output over T
+
+
+class Method:
+    """Base class: stores T, the neuron preset and options; shared input and readout helpers."""
+
+    name = "method"
+    OPTIONS: dict[str, Any] = {}  # option name -> default; anything else is refused
+
+    def __init__(self, cfg: MethodConfig | None = None, **kw) -> None:
+        cfg = cfg or MethodConfig(**kw)
+        self.cfg = cfg
+        self.T = cfg.T
+        self.neuron = get_preset(cfg.neuron)
+        unknown = set(cfg.options) - set(self.OPTIONS)
+        if unknown:
+            raise ValueError(f"method {self.name}: unknown option(s) {sorted(unknown)}; valid: {sorted(self.OPTIONS) or 'none'}")
+        self.options = {**self.OPTIONS, **cfg.options}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(T={self.T}, neuron={self.neuron.name}, options={self.options})"
+
+    # ---- interface
+    def supports(self, arch: str) -> bool:
+        return arch in ARCHS
+
+    def build(self, arch: str, num_classes: int, in_channels: int | None = None, **arch_kw) -> nn.Module:
+        if not self.supports(arch):
+            raise ValueError(f"method {self.name} does not support arch {arch!r}")
+        return self.prepare(ARCHS[arch](num_classes=num_classes, in_channels=in_channels, neuron=self.neuron, **arch_kw))
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def train_step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,
+                   probe: Probe = NULL_PROBE) -> StepOutput:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def infer(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Evaluation for every method: the multi-step forward, output averaged over T."""
+        configure(model, "multi", self.T)
+        reset_state(model)
+        return self.mean_over_time(model(self.time_fold(model, x)))
+
+    # ---- helpers
+    def is_sequence(self, model: nn.Module, x: torch.Tensor) -> bool:
+        nd = getattr(model, "sample_ndim", 3)
+        if x.dim() == nd + 1:
+            return False
+        if x.dim() == nd + 2:
+            if x.shape[0] != self.T:
+                raise ValueError(f"input has {x.shape[0]} time steps but the method runs T={self.T}")
+            return True
+        raise ValueError(f"input of shape {tuple(x.shape)} is neither [B, ...] nor [T, B, ...] for a {nd}-dim sample")
+
+    def time_fold(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``[T*B, ...]`` for a multi-step pass: static input repeated T times, frames flattened."""
+        if self.is_sequence(model, x):
+            return x.reshape(-1, *x.shape[2:])
+        return x.unsqueeze(0).expand(self.T, *x.shape).reshape(-1, *x.shape[1:])
+
+    def step_input(self, model: nn.Module, x: torch.Tensor, t: int) -> torch.Tensor:
+        """The input of time step t for a single-step pass."""
+        return x[t] if self.is_sequence(model, x) else x
+
+    def mean_over_time(self, out: torch.Tensor) -> torch.Tensor:
+        return out.view(self.T, -1, *out.shape[1:]).mean(0)
+
+    @staticmethod
+    def loss_fn(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, y)

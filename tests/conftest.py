@@ -1,0 +1,22 @@
+import numpy as np
+import pytest
+import torch
+
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    np.random.seed(0)
+    yield
+
+
+@pytest.fixture(scope="session")
+def digits_batch():
+    """A real batch of the scikit-learn digits set, [B, 1, 8, 8] in [0, 1]."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images[:64] / 16.0, dtype=torch.float32).unsqueeze(1)
+    y = torch.tensor(d.target[:64], dtype=torch.long)
+    return x, y
