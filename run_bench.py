@@ -1,7 +1,154 @@
-"""snnbench command line (placeholder until the harness issue lands)."""
+"""snnbench command line: parses, then calls bench/ or reports/.
 
+    python run_bench.py                       # the default grid on this machine, then its summary
+    python run_bench.py run GRID [--filter method=rate_m,bptt_m --filter T=1,2,4] [--set epochs=3]
+                                 [--data-root DIR] [--out DIR] [--in-process | --slurm]
+    python run_bench.py list                  # methods, architectures, datasets, grids
+
+Errors a user can cause end with one message and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
 import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one clear line, exit 2 (argparse's own convention)
+        self.print_usage(sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _device(name: str | None) -> str:
+    import torch
+
+    if name in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        from bench.errors import UsageError
+
+        raise UsageError(f"--device {name}: no CUDA device is available here")
+    return name
+
+
+def cmd_run(a) -> int:
+    from bench.grid import expand, load_grid, parse_filters, parse_sets
+    from bench.launch import run_grid
+
+    if a.data_root and not Path(a.data_root).is_dir():
+        from bench.errors import UsageError
+
+        raise UsageError(f"data folder {a.data_root!r} does not exist")
+    name, spec = load_grid(a.grid)
+    cells = expand(spec, name, parse_filters(a.filter), parse_sets(a.set), device=_device(a.device))
+    if not cells:
+        from bench.errors import UsageError
+
+        raise UsageError(f"grid {name!r} has no cells left after the filters")
+    out = Path(a.out) if a.out else REPO / "results" / name
+    launcher = "inprocess" if a.in_process else ("slurm" if a.slurm else "subprocess")
+    slurm = {}
+    if a.slurm:
+        slurm = {"timeout_min": a.slurm_timeout_min, "gpus_per_node": a.slurm_gpus}
+        if a.slurm_partition:
+            slurm["slurm_partition"] = a.slurm_partition
+    print(f"grid {name}: {len(cells)} cell(s) -> {out}", file=sys.stderr)
+    outcome = run_grid(cells, out, a.data_root, launcher, slurm)
+    summarize(out)
+    if outcome.failed:
+        print(f"\n{len(outcome.failed)} cell(s) failed:", file=sys.stderr)
+        for cell, status, err in outcome.failed:
+            first = (err or "").strip().splitlines()[0] if err else ""
+            print(f"  [{status}] {cell.label}: {first}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def summarize(out: Path) -> None:
+    """A table of the stored results (the full report arrives with reports/)."""
+    import pandas as pd
+    from tabulate import tabulate
+
+    from bench.store import load_results
+
+    df = load_results(out)
+    if df.empty:
+        print("no results stored", file=sys.stderr)
+        return
+    cols = ["method", "arch", "dataset", "T", "seed", "status", "acc_top1", "step_time_ms_median", "epoch_time_s",
+            "saved_for_backward_mib", "peak_rss_mib", "peak_alloc_mib", "peak_nvml_mib"]
+    cols = [c for c in cols if c in df and (c not in ("acc_top1", "epoch_time_s", "peak_alloc_mib", "peak_nvml_mib") or df[c].notna().any())]
+    view = df[cols].sort_values(["method", "arch", "dataset", "T", "seed"])
+    print(tabulate(view, headers="keys", tablefmt="github", showindex=False, floatfmt=".2f", missingval="-"))
+    pd.set_option("display.width", 200)
+
+
+def cmd_list(a) -> int:
+    from bench.data import dataset_names
+    from bench.grid import load_grid, list_grids
+    from methods import ARCHS, METHODS, PRESETS
+
+    print("methods:       " + ", ".join(sorted(METHODS)))
+    print("architectures: " + ", ".join(sorted(ARCHS)))
+    print("datasets:      " + ", ".join(dataset_names()))
+    print("neuron presets:" + " " + ", ".join(sorted(PRESETS)))
+    print("grids:")
+    for g in list_grids():
+        _, spec = load_grid(g)
+        print(f"  {g:16s} {spec.get('description', '')}")
+    return 0
+
+
+def cmd_default(a) -> int:
+    a.grid, a.filter, a.set, a.out, a.data_root, a.in_process, a.slurm, a.device = "default", [], [], None, None, False, False, "auto"
+    return cmd_run(a)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="run_bench.py", description="Benchmark SNN training methods.")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="cmd", parser_class=_Parser)
+    r = sub.add_parser("run", help="run a grid (a name in grids/ or a TOML path)")
+    r.add_argument("grid")
+    r.add_argument("--filter", action="append", default=[], metavar="FIELD=V1,V2", help="keep cells whose FIELD is one of the values")
+    r.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a field of every cell")
+    r.add_argument("--data-root", help="folder that holds the datasets")
+    r.add_argument("--out", help="results folder (default results/<grid>)")
+    r.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    g = r.add_mutually_exclusive_group()
+    g.add_argument("--in-process", action="store_true", help="run cells in this process (no fresh worker per cell)")
+    g.add_argument("--slurm", action="store_true", help="submit cells as a Slurm job array (needs the slurm extra)")
+    r.add_argument("--slurm-partition")
+    r.add_argument("--slurm-timeout-min", type=int, default=240)
+    r.add_argument("--slurm-gpus", type=int, default=1)
+    sub.add_parser("list", help="methods, architectures, datasets and grids")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from bench.errors import UsageError
+
+    try:
+        if args.cmd == "run":
+            return cmd_run(args)
+        if args.cmd == "list":
+            return cmd_list(args)
+        return cmd_default(args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: stored cells are kept; run the same command again to finish the grid", file=sys.stderr)
+        return 130
+
 
 if __name__ == "__main__":
-    print("snnbench: the command line arrives with the harness; see README.md", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(main())

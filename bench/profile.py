@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import threading
-from typing import Iterable
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -85,3 +88,239 @@ class SavedTensorsMeter:
             if entry[0] == 0:
                 del self._live[key]
                 self.current_bytes -= entry[1]
+
+
+# --------------------------------------------------------------------------- timing
+
+
+class _Phase:
+    __slots__ = ("probe", "name", "t0", "ev0")
+
+    def __init__(self, probe: "TimingProbe", name: str) -> None:
+        self.probe, self.name = probe, name
+
+    def __enter__(self):
+        p = self.probe
+        if p.cuda:
+            self.ev0 = torch.cuda.Event(enable_timing=True)
+            self.ev0.record()
+            torch.cuda.reset_peak_memory_stats(p.device)
+        else:
+            self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        p = self.probe
+        if p.cuda:
+            ev1 = torch.cuda.Event(enable_timing=True)
+            ev1.record()
+            p._events.append((self.name, self.ev0, ev1))
+            peak = torch.cuda.max_memory_allocated(p.device)
+            if peak > p.phase_peak_alloc.get(self.name, 0):
+                p.phase_peak_alloc[self.name] = peak
+            reserved = torch.cuda.max_memory_reserved(p.device)
+            if reserved > p.phase_peak_reserved.get(self.name, 0):
+                p.phase_peak_reserved[self.name] = reserved
+        else:
+            p._step[self.name] = p._step.get(self.name, 0.0) + (time.perf_counter() - self.t0) * 1e3
+        return False
+
+
+class TimingProbe:
+    """Per-phase wall time of each step. On CUDA: events around each phase, read after one
+    synchronisation at the end of the step (no sync inside a step); per-phase allocator peaks.
+    A phase entered several times in one step (online methods) is summed. Each phase resets the
+    allocator's peak counters when it starts, so the peak over a run is the maximum over phases."""
+
+    def __init__(self, device: str | torch.device = "cpu") -> None:
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self._events: list = []
+        self._step: dict[str, float] = {}
+        self.steps: list[dict[str, float]] = []  # one dict per finished step: phase -> ms
+        self.phase_peak_alloc: dict[str, int] = {}  # phase -> allocator peak (bytes) while in that phase
+        self.phase_peak_reserved: dict[str, int] = {}
+
+    def phase(self, name: str):
+        return _Phase(self, name)
+
+    def end_step(self) -> dict[str, float]:
+        """Close the step: (on CUDA, synchronise and) store its per-phase times."""
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            for name, a, b in self._events:
+                self._step[name] = self._step.get(name, 0.0) + a.elapsed_time(b)
+            self._events = []
+        out, self._step = self._step, {}
+        self.steps.append(out)
+        return out
+
+    def discard(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        self._events, self._step = [], {}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --------------------------------------------------------------------------- samplers
+
+
+class Sampler:
+    """A background thread that reads a value every ``interval_s`` and keeps the peak and the series.
+
+    ``read`` returns bytes (or None when no reading can be had). The baseline is one reading taken at
+    ``start`` unless given; ``peak_above_baseline`` is the largest reading minus it.
+    """
+
+    def __init__(self, read: Callable[[], int | None], interval_s: float = 0.005, baseline: int | None = None,
+                 max_samples: int = 20000) -> None:
+        self.read, self.interval_s = read, interval_s
+        self.baseline = baseline
+        self.peak: int | None = None
+        self.samples: list[tuple[float, int]] = []  # (seconds since start, bytes)
+        self.max_samples = max_samples
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._t0 = 0.0
+        self._n = 0
+
+    def _take(self) -> None:
+        v = self.read()
+        if v is None:
+            return
+        if self.peak is None or v > self.peak:
+            self.peak = v
+        self._n += 1
+        # keep a bounded series: every sample while few, then every k-th
+        if len(self.samples) < self.max_samples:
+            self.samples.append((time.perf_counter() - self._t0, v))
+        elif self._n % 16 == 0:
+            self.samples[-1] = (time.perf_counter() - self._t0, v)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._take()
+
+    def start(self) -> "Sampler":
+        self._t0 = time.perf_counter()
+        if self.baseline is None:
+            self.baseline = self.read()
+        self._take()
+        self._thread = threading.Thread(target=self._run, name="snnbench-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> "Sampler":
+        self._take()
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        return self
+
+    @property
+    def peak_above_baseline(self) -> int | None:
+        if self.peak is None or self.baseline is None:
+            return None
+        return self.peak - self.baseline
+
+    def __enter__(self) -> "Sampler":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def rss_reader() -> Callable[[], int]:
+    import psutil
+
+    proc = psutil.Process()
+    return lambda: proc.memory_info().rss
+
+
+def peak_rss_bytes() -> int:
+    """The kernel's high-water mark of this process's resident memory (ru_maxrss is KiB on Linux)."""
+    import resource
+    import sys
+
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r if sys.platform == "darwin" else r * 1024
+
+
+# --------------------------------------------------------------------------- NVML
+
+
+@dataclass
+class NvmlDevice:
+    """The NVML handle of a torch CUDA device, matched by UUID, and what NVML says about the GPU."""
+
+    handle: Any
+    uuid: str
+    name: str
+    driver: str
+    mig_mode: str
+    other_processes: list[int]
+
+    def used_bytes(self) -> int:
+        import pynvml
+
+        return int(pynvml.nvmlDeviceGetMemoryInfo(self.handle).used)
+
+    def process_used_bytes(self, pid: int) -> int | None:
+        import pynvml
+
+        try:
+            for p in pynvml.nvmlDeviceGetComputeRunningProcesses(self.handle):
+                if p.pid == pid and p.usedGpuMemory is not None:
+                    return int(p.usedGpuMemory)
+        except pynvml.NVMLError:
+            return None
+        return None
+
+
+def _norm_uuid(u: str) -> str:
+    u = str(u).strip().lower()
+    for prefix in ("gpu-", "mig-"):
+        if u.startswith(prefix):
+            u = u[len(prefix):]
+    return u
+
+
+def nvml_device(device: torch.device) -> tuple[NvmlDevice | None, str | None]:
+    """(NVML device for this torch device, None) or (None, the reason there is none)."""
+    if device.type != "cuda":
+        return None, "not a CUDA device"
+    try:
+        import pynvml
+    except ImportError:
+        return None, "nvidia-ml-py is not installed"
+    try:
+        pynvml.nvmlInit()
+    except Exception as e:  # NVMLError_LibraryNotFound, driver not loaded, ...
+        return None, f"NVML unavailable: {e}"
+    try:
+        want = _norm_uuid(torch.cuda.get_device_properties(device).uuid)
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            uuid = pynvml.nvmlDeviceGetUUID(h)
+            uuid = uuid.decode() if isinstance(uuid, bytes) else uuid
+            if _norm_uuid(uuid) == want:
+                name = pynvml.nvmlDeviceGetName(h)
+                driver = pynvml.nvmlSystemGetDriverVersion()
+                try:
+                    cur, _pending = pynvml.nvmlDeviceGetMigMode(h)
+                    mig = "enabled" if cur else "disabled"
+                except pynvml.NVMLError:
+                    mig = "not supported"
+                try:
+                    others = [p.pid for p in pynvml.nvmlDeviceGetComputeRunningProcesses(h) if p.pid != os.getpid()]
+                except pynvml.NVMLError:
+                    others = []
+                return NvmlDevice(h, uuid, name.decode() if isinstance(name, bytes) else name,
+                                  driver.decode() if isinstance(driver, bytes) else driver, mig, others), None
+        return None, f"no NVML device has the UUID of {device} ({want}); MIG instance or container without NVML access"
+    except Exception as e:
+        return None, f"NVML query failed: {e}"

@@ -12,10 +12,10 @@ from .common import SNN, conv_bn_lif, kaiming_init
 
 
 class CNNDigits(SNN):
-    """conv32-BN-LIF, conv64-BN-LIF, avgpool 2 (8->4), conv64-BN-LIF, global avg pool, Linear."""
+    """conv16-BN-LIF, conv32-BN-LIF, avgpool 2 (8->4), conv32-BN-LIF, global avg pool, Linear (widths configurable)."""
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1, neuron: NeuronConfig | None = None,
-                 widths: Sequence[int] = (32, 64, 64)) -> None:
+                 widths: Sequence[int] = (16, 32, 32)) -> None:
         super().__init__()
         c1, c2, c3 = widths
         self.features = nn.Sequential(

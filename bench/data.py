@@ -1,0 +1,139 @@
+"""Datasets by name, each from its real on-disk format, and synthetic input of any dataset's shape.
+
+``digits``: the 8x8 digits set that scikit-learn ships (1797 images, 10 classes), scaled to [0, 1],
+with a fixed stratified 1437/360 train/test split (random_state 0). No download.
+
+``synthetic:<name>``: random inputs of dataset <name>'s shape (uniform [0, 1), fixed seed) and random
+labels, for profile cells.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import UsageError
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    shape: tuple[int, ...]  # one sample's shape, [C, H, W]
+    num_classes: int
+    frames: int = 0  # event data: frames per sample (the T it must run with); 0 for static images
+    description: str = ""
+
+
+# shapes of every dataset the papers use (synthetic input can take any of them)
+SHAPES: dict[str, DatasetInfo] = {
+    "digits": DatasetInfo("digits", (1, 8, 8), 10, 0, "scikit-learn's 8x8 digits, shipped with the package"),
+    "cifar10": DatasetInfo("cifar10", (3, 32, 32), 10),
+    "cifar100": DatasetInfo("cifar100", (3, 32, 32), 100),
+    "imagenet": DatasetInfo("imagenet", (3, 224, 224), 1000),
+    "cifar10_dvs": DatasetInfo("cifar10_dvs", (2, 48, 48), 10, 10),
+    "mnist": DatasetInfo("mnist", (1, 28, 28), 10),
+    "nmnist": DatasetInfo("nmnist", (2, 34, 34), 10),
+}
+
+# datasets with a loader
+DATASETS: dict[str, DatasetInfo] = {"digits": SHAPES["digits"]}
+
+
+def dataset_names() -> list[str]:
+    return sorted(DATASETS) + [f"synthetic:{n}" for n in sorted(SHAPES)]
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    if name.startswith("synthetic:"):
+        base = name.split(":", 1)[1]
+        if base in SHAPES:
+            s = SHAPES[base]
+            return DatasetInfo(name, s.shape, s.num_classes, s.frames, f"random input of {base}'s shape")
+    elif name in DATASETS:
+        return DATASETS[name]
+    raise UsageError(f"unknown dataset {name!r}; valid: {', '.join(dataset_names())}")
+
+
+class TensorLoader:
+    """Batches of in-memory tensors: a seeded shuffle per epoch, no per-sample Python work."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, seed: int = 0,
+                 device: str | torch.device = "cpu") -> None:
+        self.x, self.y = x.to(device), y.to(device)
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return (len(self.x) + self.batch_size - 1) // self.batch_size
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.x)
+
+    def __iter__(self):
+        n = len(self.x)
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+            order = torch.randperm(n, generator=g).to(self.x.device)
+        else:
+            order = None
+        self.epoch += 1
+        for i in range(0, n, self.batch_size):
+            if order is None:
+                yield self.x[i:i + self.batch_size], self.y[i:i + self.batch_size]
+            else:
+                idx = order[i:i + self.batch_size]
+                yield self.x[idx], self.y[idx]
+
+
+def load_digits_split() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    x = torch.tensor(d.images / 16.0, dtype=torch.float32).unsqueeze(1)
+    y = torch.tensor(d.target, dtype=torch.long)
+    idx_train, idx_test = train_test_split(range(len(y)), test_size=360, random_state=0, stratify=d.target)
+    return x[idx_train], y[idx_train], x[idx_test], y[idx_test]
+
+
+def synthetic(name: str, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    info = dataset_info(name)
+    g = torch.Generator().manual_seed(seed)
+    shape = ((info.frames, n) if info.frames else (n,)) + info.shape
+    return torch.rand(shape, generator=g), torch.randint(0, info.num_classes, (n,), generator=g)
+
+
+def get_loaders(name: str, batch_size: int, eval_batch_size: int, seed: int, device: str = "cpu",
+                data_root: str | None = None, train_subset: int = 0) -> tuple[TensorLoader, TensorLoader | None]:
+    """(train loader, test loader) for a dataset name. Synthetic data has no test loader."""
+    info = dataset_info(name)
+    if name.startswith("synthetic:"):
+        n = max(batch_size * 4, batch_size)
+        x, y = synthetic(name, n, seed)
+        if info.frames:  # [T, N, ...] frames: batch along dim 1
+            return FrameLoader(x, y, batch_size, device), None
+        return TensorLoader(x, y, batch_size, shuffle=False, device=device), None
+    if name == "digits":
+        xtr, ytr, xte, yte = load_digits_split()
+        if train_subset:
+            xtr, ytr = xtr[:train_subset], ytr[:train_subset]
+        return (TensorLoader(xtr, ytr, batch_size, True, seed, device),
+                TensorLoader(xte, yte, eval_batch_size, False, device=device))
+    raise UsageError(f"no loader for dataset {name!r}")  # pragma: no cover - dataset_info refused it
+
+
+class FrameLoader(TensorLoader):
+    """Synthetic event frames ``[T, N, ...]`` batched along N."""
+
+    def __len__(self) -> int:
+        return (self.x.shape[1] + self.batch_size - 1) // self.batch_size
+
+    @property
+    def num_samples(self) -> int:
+        return self.x.shape[1]
+
+    def __iter__(self):
+        for i in range(0, self.x.shape[1], self.batch_size):
+            yield self.x[:, i:i + self.batch_size], self.y[i:i + self.batch_size]

@@ -1,0 +1,285 @@
+"""Grid specs (TOML) -> Cells: the cartesian product of the axes, exclude rules, overrides, filters.
+
+A grid file::
+
+    name = "default"                 # optional; the file's stem otherwise
+    description = "..."
+
+    [axes]                           # every combination is a cell
+    method = ["bptt_m", "rate_m"]
+    arch = ["cnn_digits"]
+    dataset = ["digits"]
+    T = [1, 2, 4]
+    seed = [0]
+
+    [fixed]                          # every other Cell field (kind, epochs, batch_size, lr, ...)
+    kind = "train"
+    epochs = 3
+
+    [[exclude]]                      # drop the cells that match every key (a value or a list of values)
+    method = "bptt_s"
+    T = [8]
+
+    [[override]]                     # set fields on the cells that match
+    match = { method = "rate_m" }
+    set = { lr = 0.05 }
+
+On the command line ``--filter method=rate_m,bptt_m`` keeps matching cells and ``--set epochs=3``
+overrides a field of every cell.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from methods import ARCHS, METHODS, __version__
+from methods.neuron import PRESETS
+
+from .data import DATASETS, dataset_info
+from .errors import UsageError
+
+GRIDS_DIR = Path(__file__).resolve().parents[1] / "grids"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One fully specified run."""
+
+    method: str
+    arch: str
+    dataset: str
+    T: int
+    seed: int = 0
+    kind: str = "train"  # "train" | "profile"
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    epochs: int = 1  # train cells
+    warmup_steps: int = 2  # steps excluded from step-time statistics
+    steps: int = 10  # profile cells: measured steps
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4  # conv/linear weights only
+    schedule: str = "cosine"  # "cosine" | "constant"
+    neuron: str = "rbp"
+    method_options: dict = field(default_factory=dict, hash=False)
+    arch_options: dict = field(default_factory=dict, hash=False)
+    train_subset: int = 0  # 0: the whole training set
+    device: str = "cpu"
+    precision: str = "fp32"
+    grid: str = field(default="", compare=False)
+
+    # fields that do not change a result, so are left out of the key
+    NOT_IN_KEY = ("grid",)
+
+    def config(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @property
+    def key(self) -> str:
+        cfg = {k: v for k, v in self.config().items() if k not in self.NOT_IN_KEY}
+        cfg["version"] = __version__
+        blob = json.dumps(cfg, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @property
+    def label(self) -> str:
+        return f"{self.method} {self.arch} {self.dataset} T={self.T} seed={self.seed}"
+
+
+CELL_FIELDS = {f.name: f for f in fields(Cell)}
+AXES_REQUIRED = ("method", "arch", "dataset", "T")
+DICT_FIELDS = ("method_options", "arch_options")
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """A command-line or TOML value for a Cell field, converted to that field's type."""
+    if name not in CELL_FIELDS:
+        raise UsageError(f"unknown cell field {name!r}; valid: {', '.join(sorted(CELL_FIELDS))}")
+    default = CELL_FIELDS[name].default
+    if name in DICT_FIELDS:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                raise UsageError(f"{name} must be a JSON object, got {value!r}") from None
+        if not isinstance(value, dict):
+            raise UsageError(f"{name} must be a table/object, got {value!r}")
+        return value
+    typ = type(default) if default is not dataclasses.MISSING else (int if name == "T" else str)
+    try:
+        if typ is int and isinstance(value, str):
+            return int(value)
+        if typ is float and isinstance(value, (str, int)):
+            return float(value)
+        if typ is int and isinstance(value, float) and value.is_integer():
+            return int(value)
+    except ValueError:
+        raise UsageError(f"{name} must be {typ.__name__}, got {value!r}") from None
+    if typ is float and isinstance(value, int):
+        return float(value)
+    if not isinstance(value, typ) or isinstance(value, bool) != (typ is bool):
+        raise UsageError(f"{name} must be {typ.__name__}, got {value!r}")
+    return value
+
+
+def _as_list(v: Any) -> list:
+    return list(v) if isinstance(v, (list, tuple)) else [v]
+
+
+def _matches(cell: dict, rule: dict) -> bool:
+    for k, want in rule.items():
+        if k not in CELL_FIELDS:
+            raise UsageError(f"rule names unknown field {k!r}; valid: {', '.join(sorted(CELL_FIELDS))}")
+        if cell.get(k) not in [_coerce(k, w) for w in _as_list(want)]:
+            return False
+    return True
+
+
+def load_grid(path_or_name: str | Path) -> tuple[str, dict]:
+    """Read a grid file (a path, or a name in grids/). Returns (name, spec)."""
+    p = Path(path_or_name)
+    if not p.exists() and not p.suffix:
+        p = GRIDS_DIR / f"{path_or_name}.toml"
+    if not p.exists():
+        raise UsageError(f"grid file {path_or_name!r} not found; grids here: {', '.join(list_grids())}")
+    try:
+        spec = tomllib.loads(p.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"grid file {p} is not valid TOML: {e}") from None
+    known = {"name", "description", "axes", "fixed", "exclude", "override"}
+    unknown = set(spec) - known
+    if unknown:
+        raise UsageError(f"grid file {p}: unknown section(s) {sorted(unknown)}; valid: {sorted(known)}")
+    if not isinstance(spec.get("axes"), dict):
+        raise UsageError(f"grid file {p} has no [axes] table")
+    return str(spec.get("name") or p.stem), spec
+
+
+def list_grids() -> list[str]:
+    return sorted(p.stem for p in GRIDS_DIR.glob("*.toml"))
+
+
+def check_value(name: str, value: Any) -> Any:
+    """Refuse a name the registries do not know, or a T <= 0, naming the valid choices."""
+    if name == "method" and value not in METHODS:
+        raise UsageError(f"unknown method {value!r}; valid: {', '.join(sorted(METHODS))}")
+    if name == "arch" and value not in ARCHS:
+        raise UsageError(f"unknown arch {value!r}; valid: {', '.join(sorted(ARCHS))}")
+    if name == "dataset":
+        dataset_info(value)
+    if name == "neuron" and value not in PRESETS:
+        raise UsageError(f"unknown neuron preset {value!r}; valid: {', '.join(sorted(PRESETS))}")
+    if name == "T" and value <= 0:
+        raise UsageError(f"T must be a positive integer, got {value}")
+    return value
+
+
+def parse_filters(items: list[str]) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise UsageError(f"--filter expects FIELD=V1,V2, got {item!r}")
+        k, v = item.split("=", 1)
+        k = k.strip()
+        out.setdefault(k, []).extend(check_value(k, _coerce(k, s.strip())) for s in v.split(",") if s.strip())
+    return out
+
+
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise UsageError(f"--set expects FIELD=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip()] = check_value(k.strip(), _coerce(k.strip(), v.strip()))
+    return out
+
+
+def expand(spec: dict, name: str = "", filters: dict | None = None, sets: dict | None = None,
+           device: str | None = None) -> list[Cell]:
+    """The cells of a grid spec, validated: an unknown name or a bad value raises UsageError."""
+    axes = spec["axes"]
+    for a in AXES_REQUIRED:
+        if a not in axes and a not in spec.get("fixed", {}):
+            raise UsageError(f"grid {name!r}: axis {a!r} is missing")
+    fixed = {k: _coerce(k, v) for k, v in spec.get("fixed", {}).items()}
+    axis_values = {k: [_coerce(k, v) for v in _as_list(vals)] for k, vals in axes.items()}
+    for k, vals in axis_values.items():
+        if not vals:
+            raise UsageError(f"grid {name!r}: axis {k!r} is empty")
+    excludes = spec.get("exclude", [])
+    overrides = spec.get("override", [])
+    for o in overrides:
+        if not isinstance(o, dict) or "set" not in o:
+            raise UsageError(f"grid {name!r}: each [[override]] needs a 'set' table (and optionally 'match')")
+    keys = list(axis_values)
+    cells, seen = [], set()
+    for combo in itertools.product(*(axis_values[k] for k in keys)):
+        d = {**fixed, **dict(zip(keys, combo))}
+        if any(_matches(d, ex) for ex in excludes):
+            continue
+        for o in overrides:
+            if _matches(d, o.get("match", {})):
+                d.update({k: _coerce(k, v) for k, v in o["set"].items()})
+        if filters and not all(d.get(k, CELL_FIELDS[k].default) in vals for k, vals in filters.items()):
+            continue
+        if sets:
+            d.update(sets)
+        if device:
+            d["device"] = device
+        d["grid"] = name
+        cell = Cell(**d)
+        validate(cell)
+        if cell.key not in seen:
+            seen.add(cell.key)
+            cells.append(cell)
+    return cells
+
+
+def validate(cell: Cell) -> None:
+    if cell.method not in METHODS:
+        raise UsageError(f"unknown method {cell.method!r}; valid: {', '.join(sorted(METHODS))}")
+    if cell.arch not in ARCHS:
+        raise UsageError(f"unknown arch {cell.arch!r}; valid: {', '.join(sorted(ARCHS))}")
+    dataset_info(cell.dataset)  # raises UsageError naming the valid datasets
+    if cell.T <= 0:
+        raise UsageError(f"T must be a positive integer, got {cell.T}")
+    if cell.kind not in ("train", "profile"):
+        raise UsageError(f"kind must be 'train' or 'profile', got {cell.kind!r}")
+    if cell.neuron not in PRESETS:
+        raise UsageError(f"unknown neuron preset {cell.neuron!r}; valid: {', '.join(sorted(PRESETS))}")
+    for f in ("batch_size", "eval_batch_size", "steps"):
+        if getattr(cell, f) <= 0:
+            raise UsageError(f"{f} must be > 0, got {getattr(cell, f)}")
+    if cell.epochs < 0 or cell.warmup_steps < 0 or cell.train_subset < 0:
+        raise UsageError("epochs, warmup_steps and train_subset must be >= 0")
+    if cell.optimizer not in ("sgd", "adam"):
+        raise UsageError(f"optimizer must be 'sgd' or 'adam', got {cell.optimizer!r}")
+    if cell.schedule not in ("cosine", "constant"):
+        raise UsageError(f"schedule must be 'cosine' or 'constant', got {cell.schedule!r}")
+    if cell.precision not in ("fp32",):
+        raise UsageError(f"precision must be 'fp32' (the only one implemented), got {cell.precision!r}")
+    if not (cell.device == "cpu" or cell.device.startswith("cuda")):
+        raise UsageError(f"device must be 'cpu' or 'cuda[:N]', got {cell.device!r}")
+    method = METHODS[cell.method]
+    try:
+        m = method(T=cell.T, neuron=cell.neuron, options=dict(cell.method_options))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if not m.supports(cell.arch):
+        raise UsageError(f"method {cell.method} does not support arch {cell.arch!r}"
+                         + (f"; it supports: {', '.join(sorted(a for a in ARCHS if m.supports(a)))}"))
+    info = dataset_info(cell.dataset)
+    if info.frames and info.frames != cell.T:
+        raise UsageError(f"dataset {cell.dataset} has {info.frames} frames per sample but the cell asks for T={cell.T}")
+
+
+__all__ = ["Cell", "expand", "load_grid", "list_grids", "parse_filters", "parse_sets", "validate", "DATASETS"]

@@ -1,0 +1,265 @@
+"""Trains (or profiles) one Cell and returns its Result: the cell row, epoch rows and memory samples."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import statistics
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from methods import METHODS, MethodConfig
+from methods.layers import LIF, count_parameters
+
+from .data import dataset_info, get_loaders
+from .env import environment
+from .grid import Cell
+from .profile import MIB, Sampler, SavedTensorsMeter, TimingProbe, nvml_device, peak_rss_bytes, rss_reader, sync
+
+log = logging.getLogger(__name__)
+
+SAMPLE_INTERVAL_S = 0.01  # RSS and NVML sampling period
+
+Progress = Callable[[dict], None]
+
+
+@dataclass
+class Result:
+    row: dict
+    epochs: list[dict] = field(default_factory=list)
+    samples: list[dict] = field(default_factory=list)
+
+    @property
+    def status(self) -> str:
+        return self.row["status"]
+
+
+def config_columns(cell: Cell) -> dict:
+    cfg = cell.config()
+    for k in ("method_options", "arch_options"):
+        cfg[k] = json.dumps(cfg[k], sort_keys=True)
+    return cfg
+
+
+MEASURE_COLUMNS = (
+    "step_time_ms_median", "step_time_ms_p10", "step_time_ms_p90", "forward_ms", "backward_ms", "optimizer_ms",
+    "epoch_time_s", "throughput_samples_per_s", "peak_alloc_mib", "peak_reserved_mib", "peak_nvml_mib",
+    "peak_nvml_process_mib", "nvml_baseline_mib", "peak_rss_mib", "saved_for_backward_mib", "acc_top1",
+    "acc_top1_best", "train_loss", "firing_rate_mean", "measured_steps", "num_params", "cell_wall_s",
+)
+
+
+def base_row(cell: Cell, status: str, error: str | None = None) -> dict:
+    row = {"key": cell.key, "status": status, "error": error, **config_columns(cell)}
+    for c in MEASURE_COLUMNS:
+        row.setdefault(c, None)
+    return row
+
+
+def failure_row(cell: Cell, status: str, error: str) -> dict:
+    """The row of a cell whose worker died before it could write one."""
+    row = base_row(cell, status, error)
+    try:
+        row.update(environment(torch.device("cpu")))
+    except Exception:  # pragma: no cover - environment capture never stops a failure row
+        pass
+    return row
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_optimizer(cell: Cell, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """Weight decay on conv/linear weights only (parameters with more than one dim); BN and biases get 0."""
+    decay = [p for p in model.parameters() if p.dim() > 1]
+    no_decay = [p for p in model.parameters() if p.dim() <= 1]
+    groups = [{"params": decay, "weight_decay": cell.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cell.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=cell.lr)
+    return torch.optim.SGD(groups, lr=cell.lr, momentum=cell.momentum)
+
+
+def _pct(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    return float(np.percentile(np.asarray(xs), q))
+
+
+class _FiringRate:
+    """Mean spike rate over the LIF layers during evaluation (forward hooks, no host sync per batch)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.sums: list[torch.Tensor] = []
+        self.handles = [m.register_forward_hook(self._hook) for m in model.modules() if isinstance(m, LIF)]
+
+    def _hook(self, module, inputs, output) -> None:
+        self.sums.append(output.detach().float().mean())
+
+    def close(self) -> float | None:
+        for h in self.handles:
+            h.remove()
+        return float(torch.stack(self.sums).mean()) if self.sums else None
+
+
+def evaluate(method, model, loader, device) -> tuple[float, float | None]:
+    model.eval()
+    fr = _FiringRate(model)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    n = 0
+    try:
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            correct += (method.infer(model, x).argmax(1) == y).sum()
+            n += len(y)
+    finally:
+        rate = fr.close()
+        model.train()
+    return 100.0 * correct.item() / max(n, 1), rate
+
+
+def run_cell(cell: Cell, data_root: str | None = None, progress: Progress | None = None) -> Result:
+    """Run one cell; a failure becomes a row with status ``oom`` or ``error``, never an exception."""
+    t_cell = time.perf_counter()
+    progress = progress or (lambda d: None)
+    device = torch.device(cell.device)
+    nvml, gpu_reason = nvml_device(device)
+    nvml_sampler = Sampler(nvml.used_bytes, SAMPLE_INTERVAL_S) if nvml else None
+    if nvml_sampler:
+        nvml_sampler.baseline = nvml.used_bytes()  # before this process allocates anything on the GPU
+    rss = Sampler(rss_reader(), SAMPLE_INTERVAL_S, baseline=0)
+    row = base_row(cell, "ok")
+    row.update(environment(device))
+    row["gpu_null_reason"] = gpu_reason
+    if nvml:
+        row.update(gpu_uuid=nvml.uuid, nvml_driver=nvml.driver, mig_mode=nvml.mig_mode,
+                   gpu_other_processes=json.dumps(nvml.other_processes), gpu_name=nvml.name)
+    epochs: list[dict] = []
+    rss.start()
+    if nvml_sampler:
+        nvml_sampler.start()
+    try:
+        _train_or_profile(cell, device, data_root, row, epochs, progress)
+    except torch.cuda.OutOfMemoryError as e:
+        row.update(status="oom", error=f"CUDA out of memory: {str(e).splitlines()[0]}")
+    except MemoryError as e:
+        row.update(status="oom", error=f"host out of memory: {e}")
+    except Exception as e:
+        tb = traceback.format_exc(limit=8)
+        row.update(status="error", error=f"{type(e).__name__}: {e}\n{tb}")
+    finally:
+        rss.stop()
+        if nvml_sampler:
+            nvml_sampler.stop()
+    row["peak_rss_mib"] = peak_rss_bytes() / MIB
+    if nvml_sampler and nvml_sampler.peak is not None:
+        row["peak_nvml_mib"] = nvml_sampler.peak_above_baseline / MIB
+        row["nvml_baseline_mib"] = nvml_sampler.baseline / MIB
+        proc = nvml.process_used_bytes(__import__("os").getpid())
+        row["peak_nvml_process_mib"] = proc / MIB if proc is not None else None
+    row["cell_wall_s"] = time.perf_counter() - t_cell
+    samples = [{"source": "rss", "t_s": t, "mib": v / MIB} for t, v in rss.samples]
+    if nvml_sampler:
+        samples += [{"source": "nvml", "t_s": t, "mib": (v - nvml_sampler.baseline) / MIB} for t, v in nvml_sampler.samples]
+    return Result(row, epochs, samples)
+
+
+def _train_or_profile(cell: Cell, device: torch.device, data_root, row: dict, epochs: list[dict], progress: Progress) -> None:
+    _seed(cell.seed)
+    info = dataset_info(cell.dataset)
+    method = METHODS[cell.method](MethodConfig(T=cell.T, neuron=cell.neuron, options=dict(cell.method_options)))
+    model = method.build(cell.arch, num_classes=info.num_classes, in_channels=info.shape[0], **cell.arch_options).to(device)
+    row["num_params"] = count_parameters(model)
+    opt = make_optimizer(cell, model)
+    n_epochs = cell.epochs if cell.kind == "train" else 0
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(n_epochs, 1)) if (cell.schedule == "cosine" and n_epochs) else None
+    train, test = get_loaders(cell.dataset, cell.batch_size, cell.eval_batch_size, cell.seed, str(device), data_root, cell.train_subset)
+    probe = TimingProbe(device)
+    params = list(model.parameters())
+    step_ms: list[float] = []
+    phase_ms: dict[str, list[float]] = {}
+    saved_bytes = None
+    state = {"step": 0}
+    cuda = device.type == "cuda"
+    total_steps = (len(train) * n_epochs) if cell.kind == "train" else (cell.warmup_steps + 1 + cell.steps)
+
+    def one_step(x, y, epoch: int) -> torch.Tensor:
+        nonlocal saved_bytes
+        i = state["step"]
+        if i == cell.warmup_steps:  # the step that measures saved bytes; its time is not counted
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+                probe.phase_peak_alloc.clear()
+                probe.phase_peak_reserved.clear()
+            with SavedTensorsMeter(exclude=params) as meter:
+                out = method.train_step(model, x, y, opt, probe)
+            probe.discard()
+            saved_bytes = meter.peak_bytes
+        else:
+            t0 = time.perf_counter()
+            out = method.train_step(model, x, y, opt, probe)
+            phases = probe.end_step()
+            dt = (time.perf_counter() - t0) * 1e3
+            if i > cell.warmup_steps:
+                step_ms.append(dt)
+                for k, v in phases.items():
+                    phase_ms.setdefault(k, []).append(v)
+        state["step"] += 1
+        progress({"epoch": epoch, "epochs": n_epochs, "step": state["step"], "steps": total_steps})
+        return out.loss
+
+    model.train()
+    if cell.kind == "profile":
+        batches = list(train)
+        for i in range(total_steps):
+            x, y = batches[i % len(batches)]
+            one_step(x.to(device, non_blocking=True), y.to(device, non_blocking=True), 0)
+        row["train_loss"] = None
+    else:
+        best = -math.inf
+        for epoch in range(n_epochs):
+            sync(device)
+            t_epoch = time.perf_counter()
+            losses = []
+            for x, y in train:
+                losses.append(one_step(x.to(device, non_blocking=True), y.to(device, non_blocking=True), epoch + 1))
+            sync(device)
+            epoch_s = time.perf_counter() - t_epoch
+            lr = opt.param_groups[0]["lr"]
+            if sched:
+                sched.step()
+            train_loss = float(torch.stack(losses).mean()) if losses else None
+            acc, rate = evaluate(method, model, test, device) if test is not None else (None, None)
+            if acc is not None:
+                best = max(best, acc)
+            epochs.append({"epoch": epoch + 1, "train_loss": train_loss, "test_acc": acc, "epoch_time_s": epoch_s,
+                           "lr": lr, "firing_rate_mean": rate})
+            if not math.isfinite(train_loss or 0.0):
+                raise FloatingPointError(f"training loss is {train_loss} at epoch {epoch + 1}")
+        if epochs:
+            last = epochs[-1]
+            row.update(acc_top1=last["test_acc"], acc_top1_best=best if best > -math.inf else None,
+                       train_loss=last["train_loss"], firing_rate_mean=last["firing_rate_mean"],
+                       epoch_time_s=statistics.median(e["epoch_time_s"] for e in epochs))
+    row["measured_steps"] = len(step_ms)
+    if step_ms:
+        row.update(step_time_ms_median=statistics.median(step_ms), step_time_ms_p10=_pct(step_ms, 10),
+                   step_time_ms_p90=_pct(step_ms, 90),
+                   throughput_samples_per_s=cell.batch_size * len(step_ms) / (sum(step_ms) / 1e3))
+        for ph in ("forward", "backward", "optimizer"):
+            row[f"{ph}_ms"] = statistics.median(phase_ms[ph]) if phase_ms.get(ph) else None
+    row["saved_for_backward_mib"] = saved_bytes / MIB if saved_bytes is not None else None
+    if cuda:
+        row["peak_alloc_mib"] = max([torch.cuda.max_memory_allocated(device)] + list(probe.phase_peak_alloc.values())) / MIB
+        row["peak_reserved_mib"] = max([torch.cuda.max_memory_reserved(device)] + list(probe.phase_peak_reserved.values())) / MIB
+        for ph, b in probe.phase_peak_alloc.items():
+            row[f"{ph}_peak_alloc_mib"] = b / MIB

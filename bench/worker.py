@@ -1,0 +1,45 @@
+"""A fresh process that runs one cell and stores its row: ``python -m bench.worker --out DIR --cell JSON``.
+
+Progress goes to stdout as ``@snnbench-progress {json}`` lines (throttled); the last such line carries
+the cell's status once its files are stored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .grid import Cell
+from .launch import PROGRESS_PREFIX
+from .runner import run_cell
+from .store import write_cell
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--cell", required=True)
+    p.add_argument("--data-root")
+    a = p.parse_args(argv)
+    cell = Cell(**json.loads(a.cell))
+    last = [0.0]
+
+    def progress(d: dict) -> None:
+        now = time.perf_counter()
+        if now - last[0] >= 0.2:
+            last[0] = now
+            print(PROGRESS_PREFIX + json.dumps(d), flush=True)
+
+    res = run_cell(cell, a.data_root, progress)
+    write_cell(a.out, cell.key, res.row, res.epochs, res.samples)
+    if res.row.get("error"):
+        print(res.row["error"], file=sys.stderr)
+    print(PROGRESS_PREFIX + json.dumps({"status": res.status, "error": (res.row.get("error") or "")[:500] or None}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
