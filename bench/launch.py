@@ -37,8 +37,11 @@ class GridOutcome:
 class ProgressDisplay:
     """One status line: cells done/left, the current cell, epoch and step, ETA."""
 
-    def __init__(self, total: int, stream=None) -> None:
+    def __init__(self, total: int, stream=None, work_left: float | None = None) -> None:
         self.total, self.done = total, 0
+        self.work_left = work_left  # estimated cost of the cells still to run (ETA weighting)
+        self._work_done = 0.0
+        self._cell_work = 0.0
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
         self.t0 = time.perf_counter()
@@ -50,6 +53,7 @@ class ProgressDisplay:
 
     def start_cell(self, cell: Cell) -> None:
         self.current, self.detail = cell.label, {}
+        self._cell_work = cell_cost(cell)
         self.cell_t0 = time.perf_counter()
         self.render(force=True)
 
@@ -60,6 +64,9 @@ class ProgressDisplay:
     def end_cell(self, status: str) -> None:
         self._cell_times.append(time.perf_counter() - self.cell_t0)
         self.done += 1
+        self._work_done += self._cell_work
+        if self.work_left is not None:
+            self.work_left -= self._cell_work
         self.render(force=True, final=status)
 
     def eta_s(self) -> float | None:
@@ -70,6 +77,8 @@ class ProgressDisplay:
                 per_cell = (time.perf_counter() - self.cell_t0) * d["steps"] / d["step"]
                 return per_cell * left - (time.perf_counter() - self.cell_t0)
             return None
+        if self.work_left is not None and self._work_done > 0:
+            return sum(self._cell_times) / self._work_done * self.work_left
         return sum(self._cell_times) / len(self._cell_times) * left
 
     def render(self, force: bool = False, final: str | None = None) -> None:
@@ -92,6 +101,12 @@ class ProgressDisplay:
         else:
             self.stream.write(line + "\n")
         self.stream.flush()
+
+
+def cell_cost(cell: Cell) -> float:
+    """A rough relative cost of a cell for the ETA: steps x T (plus a fixed start-up)."""
+    steps = cell.epochs * 50 if cell.kind == "train" else cell.warmup_steps + 1 + cell.steps
+    return 10.0 + cell.T * steps
 
 
 def _set_pdeathsig() -> None:  # pragma: no cover - runs in the child
@@ -187,7 +202,7 @@ def run_grid(cells: list[Cell], out: Path, data_root: str | None = None, launche
     todo = []
     for c in cells:
         (outcome.skipped if c.key in done else todo).append(c)
-    display = ProgressDisplay(len(cells), stream)
+    display = ProgressDisplay(len(cells), stream, work_left=sum(cell_cost(c) for c in todo))
     display.done = len(outcome.skipped)
     if outcome.skipped:
         (stream or sys.stderr).write(f"{len(outcome.skipped)} cell(s) already stored with status ok: skipped\n")

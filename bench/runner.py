@@ -25,7 +25,8 @@ from .profile import MIB, Sampler, SavedTensorsMeter, TimingProbe, nvml_device, 
 
 log = logging.getLogger(__name__)
 
-SAMPLE_INTERVAL_S = 0.01  # RSS and NVML sampling period
+SAMPLE_INTERVAL_S = 0.01  # NVML sampling period (GPU memory changes within a step)
+RSS_INTERVAL_S = 0.05  # RSS series for the memory-over-time figure; the peak comes from the kernel (ru_maxrss)
 
 Progress = Callable[[dict], None]
 
@@ -136,7 +137,7 @@ def run_cell(cell: Cell, data_root: str | None = None, progress: Progress | None
     nvml_sampler = Sampler(nvml.used_bytes, SAMPLE_INTERVAL_S) if nvml else None
     if nvml_sampler:
         nvml_sampler.baseline = nvml.used_bytes()  # before this process allocates anything on the GPU
-    rss = Sampler(rss_reader(), SAMPLE_INTERVAL_S, baseline=0)
+    rss = Sampler(rss_reader(), RSS_INTERVAL_S, baseline=0)
     row = base_row(cell, "ok")
     row.update(environment(device))
     row["gpu_null_reason"] = gpu_reason

@@ -251,7 +251,7 @@ def saved_bytes(name, T, x, y, arch="cnn_digits"):
 
 def test_saved_bytes_rate_flat_in_T_bptt_linear(digits_batch):
     x, y = digits_batch
-    x, y = x[:16], y[:16]
+    x, y = x[:16].clone(), y[:16].clone()  # own storage: a saved view would keep the whole 64-sample batch alive
     Ts = [1, 2, 4, 8]
     bptt = {T: saved_bytes("bptt_m", T, x, y) for T in Ts}
     for name in ("rate_m", "rate_s"):
