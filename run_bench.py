@@ -1,6 +1,7 @@
 """snnbench command line: parses, then calls bench/ or reports/.
 
-    python run_bench.py                       # the default grid on this machine, then its summary
+    python run_bench.py                       # the default grid on this machine, then its report
+    python run_bench.py report DIR            # figures, tables, summary.md, index.html
     python run_bench.py run GRID [--filter method=rate_m,bptt_m --filter T=1,2,4] [--set epochs=3]
                                  [--data-root DIR] [--out DIR] [--in-process | --slurm]
     python run_bench.py list                  # methods, architectures, datasets, grids
@@ -60,7 +61,8 @@ def cmd_run(a) -> int:
             slurm["slurm_partition"] = a.slurm_partition
     print(f"grid {name}: {len(cells)} cell(s) -> {out}", file=sys.stderr)
     outcome = run_grid(cells, out, a.data_root, launcher, slurm)
-    summarize(out)
+    if not getattr(a, "quiet_summary", False):
+        summarize(out)
     if outcome.failed:
         print(f"\n{len(outcome.failed)} cell(s) failed:", file=sys.stderr)
         for cell, status, err in outcome.failed:
@@ -89,6 +91,19 @@ def summarize(out: Path) -> None:
     pd.set_option("display.width", 200)
 
 
+def cmd_report(a) -> int:
+    from bench.errors import UsageError
+    from reports import render_report
+
+    d = Path(a.dir)
+    if not (d / "cells").is_dir():
+        raise UsageError(f"{d} is not a results folder (it has no cells/ folder); results are under results/<grid>/")
+    r = render_report(d, a.out)
+    print(Path(r["summary"]).read_text())
+    print(f"report: {r['index']}", file=sys.stderr)
+    return 0
+
+
 def cmd_list(a) -> int:
     from bench.data import dataset_names
     from bench.grid import load_grid, list_grids
@@ -107,7 +122,11 @@ def cmd_list(a) -> int:
 
 def cmd_default(a) -> int:
     a.grid, a.filter, a.set, a.out, a.data_root, a.in_process, a.slurm, a.device = "default", [], [], None, None, False, False, "auto"
-    return cmd_run(a)
+    a.quiet_summary = True
+    rc = cmd_run(a)
+    a.dir, a.out = REPO / "results" / "default", None
+    cmd_report(a)
+    return rc
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--slurm-partition")
     r.add_argument("--slurm-timeout-min", type=int, default=240)
     r.add_argument("--slurm-gpus", type=int, default=1)
+    rp = sub.add_parser("report", help="figures, tables, summary.md and index.html of a results folder")
+    rp.add_argument("dir")
+    rp.add_argument("--out", help="report folder (default DIR/report)")
     sub.add_parser("list", help="methods, architectures, datasets and grids")
     return p
 
@@ -139,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "run":
             return cmd_run(args)
+        if args.cmd == "report":
+            return cmd_report(args)
         if args.cmd == "list":
             return cmd_list(args)
         return cmd_default(args)

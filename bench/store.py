@@ -7,17 +7,15 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import tempfile
-import warnings
 from pathlib import Path
 
 import pandas as pd
 
-log = logging.getLogger(__name__)
+from reports.io import KINDS, load_results  # one reader for bench and reports (reports imports neither)
 
-KINDS = ("cells", "epochs", "samples")
+__all__ = ["KINDS", "atomic_write_parquet", "load_results", "stored_ok_keys", "write_cell"]
 
 
 def atomic_write_parquet(df: pd.DataFrame, path: Path) -> None:
@@ -51,31 +49,6 @@ def write_cell(out: Path, key: str, row: dict, epochs: list[dict] | None = None,
     if samples:
         atomic_write_parquet(pd.DataFrame(samples).assign(key=key), out / "samples" / f"{key}.parquet")
     atomic_write_parquet(pd.DataFrame([row]), out / "cells" / f"{key}.parquet")
-
-
-def _read_folder(folder: Path) -> pd.DataFrame:
-    frames = []
-    for p in sorted(folder.glob("*.parquet")):
-        try:
-            frames.append(pd.read_parquet(p))
-        except Exception as e:  # a truncated or foreign file: skip it, say so
-            msg = f"skipping unreadable results file {p}: {type(e).__name__}: {e}"
-            log.warning(msg)
-            warnings.warn(msg, stacklevel=3)
-    frames = [f for f in frames if not f.empty]
-    if not frames:
-        return pd.DataFrame()
-    return pd.concat(frames, ignore_index=True)
-
-
-def load_results(path: str | Path, kind: str = "cells") -> pd.DataFrame:
-    """One DataFrame of every stored ``kind`` row under ``path`` (a grid folder, or a folder of grid folders)."""
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}")
-    path = Path(path)
-    folders = [path / kind] if (path / kind).is_dir() else sorted(p / kind for p in path.iterdir() if (p / kind).is_dir()) if path.is_dir() else []
-    frames = [f for f in (_read_folder(d) for d in folders) if not f.empty]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
 def stored_ok_keys(out: Path) -> set[str]:

@@ -1,0 +1,84 @@
+"""Aggregates over seeds and the choice of columns, shared by figures and tables."""
+
+from __future__ import annotations
+
+import zlib
+
+import pandas as pd
+
+from .io import method_options_label
+
+# the best available memory column, in order of preference, with its label
+MEMORY_COLUMNS = [("peak_nvml_mib", "NVML"), ("peak_alloc_mib", "torch allocator"), ("peak_rss_mib", "RSS")]
+
+# fixed colour, marker and line style per method (Okabe-Ito palette, colour-blind safe), the same in every figure
+STYLE = {
+    "bptt_m": ("#0072B2", "o", "-"),
+    "bptt_s": ("#56B4E9", "s", "--"),
+    "rate_m": ("#D55E00", "^", "-"),
+    "rate_s": ("#E69F00", "v", "--"),
+    "ottt_a": ("#009E73", "D", "-"),
+    "ottt_o": ("#009E73", "d", ":"),
+    "sltt": ("#CC79A7", "P", "-"),
+    "sltt_k": ("#CC79A7", "X", ":"),
+    "os": ("#000000", "*", "-"),
+    "hm2bp": ("#999999", "h", "-"),
+}
+_EXTRA = ["#332288", "#117733", "#882255", "#44AA99", "#AA4499", "#DDCC77"]
+
+
+def style(method: str) -> tuple[str, str, str]:
+    base = method.split("[")[0]
+    if base in STYLE:
+        c, m, ls = STYLE[base]
+        return c, m, (ls if base == method else "-.")
+    return _EXTRA[zlib.crc32(method.encode()) % len(_EXTRA)], "o", "-."
+
+
+def method_order(methods) -> list[str]:
+    known = list(STYLE)
+    return sorted(set(methods), key=lambda m: (known.index(m.split("[")[0]) if m.split("[")[0] in known else len(known), m))
+
+
+def with_labels(df: pd.DataFrame) -> pd.DataFrame:
+    """Adds ``label``: the method name, with its non-default options in brackets."""
+    if df.empty:
+        return df.assign(label=pd.Series(dtype=str))
+    opts = df.apply(method_options_label, axis=1) if "method_options" in df else ""
+    return df.assign(label=[m if not o else f"{m}[{o}]" for m, o in zip(df["method"], opts)])
+
+
+def ok(df: pd.DataFrame) -> pd.DataFrame:
+    if df.empty or "status" not in df:
+        return df
+    return df[df["status"] == "ok"]
+
+
+def has(df: pd.DataFrame, col: str) -> bool:
+    return col in df and df[col].notna().any()
+
+
+def memory_column(df: pd.DataFrame) -> tuple[str | None, str | None]:
+    for col, label in MEMORY_COLUMNS:
+        if has(df, col):
+            return col, label
+    return None, None
+
+
+def time_column(df: pd.DataFrame) -> tuple[str | None, str | None]:
+    """Per epoch for train grids, per step for profile grids."""
+    if has(df, "epoch_time_s") and (df.get("kind") == "train").any():
+        return "epoch_time_s", "time per epoch [s]"
+    if has(df, "step_time_ms_median"):
+        return "step_time_ms_median", "time per step [ms]"
+    return None, None
+
+
+def over_seeds(df: pd.DataFrame, keys: list[str], col: str) -> pd.DataFrame:
+    """mean, std (ddof 1; NaN for one seed) and n over seeds of ``col`` for each ``keys`` group."""
+    d = df[df[col].notna()] if col in df else df.iloc[0:0]
+    if d.empty:
+        return pd.DataFrame(columns=keys + ["mean", "std", "n"])
+    g = d.groupby(keys, dropna=False)[col]
+    out = g.agg(["mean", "std", "count"]).reset_index().rename(columns={"count": "n"})
+    return out

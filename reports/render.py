@@ -1,0 +1,151 @@
+"""``render_report(results_dir)``: every figure and table, summary.md and one offline index.html."""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pandas as pd
+from tabulate import tabulate
+
+from . import figures, tables
+from .aggregate import has, memory_column, ok, time_column
+from .io import load_results
+
+ENV_COLUMNS = ["snnbench_version", "git_commit", "torch_version", "cuda_version", "python_version", "gpu_name",
+               "nvml_driver", "mig_mode", "cpu_model", "cpu_threads", "host", "start_time"]
+GPU_COLUMNS = ["peak_alloc_mib", "peak_reserved_mib", "peak_nvml_mib"]
+
+
+def _notes(cells: pd.DataFrame) -> list[str]:
+    """What is missing, said in words instead of drawn as zeros."""
+    notes = []
+    if cells.empty:
+        return ["no cell rows stored"]
+    bad = cells[cells["status"] != "ok"] if "status" in cells else cells.iloc[0:0]
+    for _, r in bad.iterrows():
+        first = str(r.get("error") or "").strip().splitlines()[0] if r.get("error") else ""
+        notes.append(f"cell {r['method']} {r['arch']} {r['dataset']} T={r['T']} seed={r['seed']} is missing: status {r['status']}"
+                     + (f" ({first})" if first else ""))
+    good = ok(cells)
+    missing_gpu = [c for c in GPU_COLUMNS if not has(good, c)]
+    if missing_gpu:
+        reasons = sorted(set(good["gpu_null_reason"].dropna())) if "gpu_null_reason" in good else []
+        notes.append(f"no values for {', '.join(missing_gpu)}" + (f": {'; '.join(reasons)}" if reasons else ""))
+    mem, label = memory_column(good)
+    if mem:
+        notes.append(f"memory figures use {mem} ({label}), the best column with values")
+    if "seed" in good and not good.empty and good.groupby(["method", "arch", "dataset", "T"])["seed"].nunique().max() <= 1:
+        notes.append("one seed per configuration: no error bars and no ± in the tables")
+    return notes
+
+
+def _environment(cells: pd.DataFrame) -> list[tuple[str, str]]:
+    env = []
+    for c in ENV_COLUMNS:
+        if c in cells and cells[c].notna().any():
+            vals = sorted(set(map(str, cells[c].dropna())))
+            env.append((c, ", ".join(vals[:3]) + (f" (+{len(vals) - 3} more)" if len(vals) > 3 else "")))
+    if "start_time" in cells and cells["start_time"].notna().any():
+        env.append(("first / last cell start", f"{cells['start_time'].min()} / {cells['start_time'].max()}"))
+    return env
+
+
+def render_report(results: str | Path, out: str | Path | None = None, reference: str | Path | None = None) -> dict:
+    """Render ``results/report/`` (or ``out``) and return {"index": path, "summary": path, "files": [...]}.
+    Reads parquet only."""
+    results = Path(results)
+    out = Path(out) if out else results / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    cells = load_results(results, "cells")
+    epochs = load_results(results, "epochs")
+    samples = load_results(results, "samples")
+    files: list[Path] = []
+    figs = []
+    if not cells.empty:
+        combos = ok(cells)[["arch", "dataset"]].drop_duplicates().values.tolist() if "arch" in cells else []
+        multi = len(combos) > 1
+        for arch, ds in combos or [(None, None)]:
+            sel = cells if arch is None else cells[(cells["arch"] == arch) & (cells["dataset"] == ds)]
+            suffix = f"_{arch}_{ds}".replace(":", "-") if multi else ""
+            title = f"{arch} on {ds}" if arch else ""
+            for fn, args, name in (
+                (figures.fig_cost, (sel,), "fig_cost"),
+                (figures.fig_phases, (sel,), "fig_phases"),
+                (figures.fig_memory_time, (sel, samples), "fig_memory_time"),
+                (figures.fig_curves, (sel, epochs), "fig_curves"),
+            ):
+                fig, paths = fn(*args, out=out, name=name + suffix)
+                plt.close(fig)
+                files += paths
+                figs.append((f"{name.replace('fig_', '').replace('_', ' ')} {title}".strip(), paths[0]))
+    ref = tables.load_reference(reference)
+    acc = tables.accuracy_table(cells, ref) if not cells.empty else pd.DataFrame()
+    cost, mem_label = tables.cost_table(cells) if not cells.empty else (pd.DataFrame(), None)
+    for name, text in (("table_accuracy.tex", tables.accuracy_latex(acc)), ("table_cost.tex", tables.cost_latex(cost, mem_label)),
+                       ("table_reference.tex", tables.reference_latex(ref))):
+        (out / name).write_text(text)
+        files.append(out / name)
+    notes = _notes(cells)
+    env = _environment(cells)
+    grid = ", ".join(sorted(set(cells["grid"].dropna()))) if "grid" in cells else results.name
+    n_ok = int((cells["status"] == "ok").sum()) if "status" in cells else 0
+    md = [f"# snnbench report: {grid or results.name}", "",
+          f"{len(cells)} cell(s), {n_ok} ok, {len(cells) - n_ok} failed or missing.", "", "## Notes", ""]
+    md += [f"- {n}" for n in notes] + ["", "## Accuracy (top-1 %)", "", tables.accuracy_markdown(acc),
+                                       "## Training cost", "", tables.cost_markdown(cost, mem_label), "## Environment", ""]
+    md.append(tabulate(env, headers=["field", "value"], tablefmt="github") if env else "_none stored_")
+    summary = out / "summary.md"
+    summary.write_text("\n".join(md) + "\n")
+    files.append(summary)
+    index = out / "index.html"
+    index.write_text(_html(grid or results.name, notes, figs, acc, cost, mem_label, env, out))
+    files.append(index)
+    return {"index": index, "summary": summary, "files": files}
+
+
+def _img(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def _md_table_to_html(md: str) -> str:
+    """A github-style markdown table (as tabulate writes it) as an HTML table."""
+    lines = [l for l in md.strip().splitlines() if l.startswith("|")]
+    if len(lines) < 2:
+        return f"<p><em>{html.escape(md.strip().strip('_'))}</em></p>"
+    rows = [[c.strip() for c in l.strip("|").split("|")] for l in lines]
+    head, body = rows[0], rows[2:]
+
+    def cell(c: str, tag: str) -> str:
+        bold = c.startswith("**") and c.endswith("**")
+        c = html.escape(c.strip("*") if bold else c)
+        return f"<{tag}>{'<b>' + c + '</b>' if bold else c}</{tag}>"
+
+    return ("<table><thead><tr>" + "".join(cell(h, "th") for h in head) + "</tr></thead><tbody>"
+            + "".join("<tr>" + "".join(cell(c, "td") for c in r) + "</tr>" for r in body) + "</tbody></table>")
+
+
+def _html(title, notes, figs, acc, cost, mem_label, env, out: Path) -> str:
+    esc = html.escape
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>snnbench: {esc(title)}</title>",
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+        "table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border-bottom:1px solid #ccc;padding:3px 8px;text-align:right}"
+        "td:first-child,th:first-child{text-align:left}img{max-width:100%;margin:0.5em 0}figure{margin:1em 0}"
+        "figcaption{font-size:13px;color:#555}</style></head><body>",
+        f"<h1>snnbench report: {esc(title)}</h1>",
+        "<h2>Notes</h2><ul>" + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul>",
+        "<h2>Figures</h2>",
+    ]
+    for caption, png in figs:
+        parts.append(f"<figure><img alt='{esc(caption)}' src='{_img(png)}'><figcaption>{esc(caption)} "
+                     f"({esc(png.name)}, PDF beside it)</figcaption></figure>")
+    parts.append("<h2>Accuracy (top-1 %)</h2>" + _md_table_to_html(tables.accuracy_markdown(acc)))
+    parts.append("<h2>Training cost</h2>" + _md_table_to_html(tables.cost_markdown(cost, mem_label)))
+    parts.append("<p>LaTeX: table_accuracy.tex, table_cost.tex, table_reference.tex (booktabs).</p>")
+    parts.append("<h2>Environment</h2><table>" + "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in env) + "</table>")
+    parts.append("</body></html>")
+    return "\n".join(parts)

@@ -1,0 +1,203 @@
+"""LaTeX (booktabs) and markdown (tabulate) tables from a results DataFrame."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+from tabulate import tabulate
+
+from .aggregate import has, memory_column, method_order, ok, over_seeds, with_labels
+
+REFERENCE_CSV = Path(__file__).with_name("reference.csv")
+_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+                  "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def tex_escape(s) -> str:
+    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in str(s))
+
+
+def load_reference(path: Path | None = None) -> pd.DataFrame:
+    p = Path(path) if path else REFERENCE_CSV
+    if not p.exists():
+        return pd.DataFrame(columns=["method", "arch", "dataset", "T", "acc_top1", "source", "note"])
+    ref = pd.read_csv(p, comment="#")
+    ref["T"] = pd.to_numeric(ref["T"], errors="coerce")
+    return ref
+
+
+def _fmt(mean: float, std: float, n: int, digits: int = 2) -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "--"
+    s = f"{mean:.{digits}f}"
+    if n > 1 and std == std:
+        s += f" ± {std:.{digits}f}"
+    return s
+
+
+# --------------------------------------------------------------------------- accuracy (Table 1 layout)
+
+
+def accuracy_table(df: pd.DataFrame, reference: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Rows method / arch / T, a column per dataset: mean and std over seeds of ``acc_top1``;
+    published numbers (exact method, arch, dataset, T match) in extra ``<dataset> (published)`` columns."""
+    d = with_labels(ok(df))
+    agg = over_seeds(d, ["label", "arch", "T", "dataset"], "acc_top1")
+    if agg.empty:
+        return pd.DataFrame()
+    rows = []
+    datasets = sorted(agg["dataset"].unique())
+    for (label, arch, T), g in agg.groupby(["label", "arch", "T"]):
+        r = {"method": label, "arch": arch, "T": int(T)}
+        for ds in datasets:
+            a = g[g["dataset"] == ds]
+            r[ds] = (float(a["mean"].iloc[0]), float(a["std"].iloc[0]), int(a["n"].iloc[0])) if len(a) else None
+        if reference is not None and not reference.empty:
+            for ds in datasets:
+                m = reference[(reference["method"] == label) & (reference["arch"] == arch) & (reference["dataset"] == ds)
+                              & (reference["T"] == T)]
+                if len(m):
+                    r[f"{ds} (published)"] = (float(m["acc_top1"].iloc[0]), str(m["source"].iloc[0]))
+        rows.append(r)
+    out = pd.DataFrame(rows)
+    order = {m: i for i, m in enumerate(method_order(out["method"]))}
+    return out.sort_values(["method", "arch", "T"], key=lambda s: s.map(order) if s.name == "method" else s).reset_index(drop=True)
+
+
+def _best(col: pd.Series) -> float | None:
+    means = [v[0] for v in col if isinstance(v, tuple) and len(v) == 3]
+    return max(means) if means else None
+
+
+def _acc_cells(t: pd.DataFrame, bold: tuple[str, str]) -> tuple[list[str], list[list[str]]]:
+    ds_cols = [c for c in t.columns if c not in ("method", "arch", "T")]
+    best = {c: _best(t[c]) for c in ds_cols}
+    header = ["Method", "Architecture", "T"] + [c for c in ds_cols]
+    body = []
+    for _, r in t.iterrows():
+        row = [r["method"], r["arch"], str(r["T"])]
+        for c in ds_cols:
+            v = r[c]
+            if isinstance(v, tuple) and len(v) == 3:
+                s = _fmt(*v)
+                if best[c] is not None and v[0] == best[c]:
+                    s = bold[0] + s + bold[1]
+            elif isinstance(v, tuple):
+                s = f"{v[0]:.2f}"
+            else:
+                s = "--"
+            row.append(s)
+        body.append(row)
+    return header, body
+
+
+def accuracy_latex(t: pd.DataFrame) -> str:
+    if t.empty:
+        return "% no finished train cell: no accuracy table\n"
+    header, body = _acc_cells(t, (r"\textbf{", "}"))
+    ncol = len(header)
+    lines = [
+        "% accuracy (top-1, %): mean ± std over seeds; best per column in bold; (published) columns: the numbers in reports/reference.csv",
+        r"\begin{tabular}{ll r" + "r" * (ncol - 3) + "}",
+        r"\toprule",
+        " & ".join(tex_escape(h) for h in header) + r" \\",
+        r"\midrule",
+    ]
+    for row in body:
+        cells = [tex_escape(row[0]), tex_escape(row[1]), row[2]] + [
+            (c.replace("±", r"$\pm$") if not c.startswith(r"\textbf") else r"\textbf{" + c[8:-1].replace("±", r"$\pm$") + "}")
+            for c in row[3:]]
+        lines.append(" & ".join(cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}", ""]
+    return "\n".join(lines)
+
+
+def accuracy_markdown(t: pd.DataFrame) -> str:
+    if t.empty:
+        return "_no finished train cell: no accuracy table_\n"
+    header, body = _acc_cells(t, ("**", "**"))
+    return tabulate(body, headers=header, tablefmt="github", disable_numparse=True) + "\n"
+
+
+# --------------------------------------------------------------------------- training cost
+
+
+def cost_table(df: pd.DataFrame) -> tuple[pd.DataFrame, str | None]:
+    """Memory, time per step and per epoch (means over seeds), each also as a ratio to bptt_m at the same
+    arch, dataset and T. Returns (table, memory column label)."""
+    d = with_labels(ok(df))
+    mem, mem_label = memory_column(d)
+    keys = ["label", "arch", "dataset", "T"]
+    cols = [("memory_mib", mem), ("saved_mib", "saved_for_backward_mib"), ("step_ms", "step_time_ms_median"),
+            ("epoch_s", "epoch_time_s")]
+    parts = []
+    for name, col in cols:
+        if col and has(d, col):
+            parts.append(over_seeds(d, keys, col).set_index(keys)["mean"].rename(name))
+    if not parts:
+        return pd.DataFrame(), mem_label
+    t = pd.concat(parts, axis=1).reset_index()
+    base = t[t["label"] == "bptt_m"].set_index(["arch", "dataset", "T"])
+    for name, _ in cols:
+        if name in t:
+            t[f"{name}_x_bptt_m"] = [
+                (r[name] / base.loc[(r["arch"], r["dataset"], r["T"]), name])
+                if (r["arch"], r["dataset"], r["T"]) in base.index and pd.notna(r[name]) else float("nan")
+                for _, r in t.iterrows()]
+    order = {m: i for i, m in enumerate(method_order(t["label"]))}
+    t = t.sort_values(["arch", "dataset", "T", "label"], key=lambda s: s.map(order) if s.name == "label" else s)
+    return t.reset_index(drop=True), mem_label
+
+
+_COST_HEAD = {"memory_mib": "peak memory [MiB]", "saved_mib": "saved for backward [MiB]", "step_ms": "step [ms]",
+             "epoch_s": "epoch [s]"}
+_COST_METRICS = tuple(_COST_HEAD)
+
+
+def _cost_cells(t: pd.DataFrame, mem_label: str | None) -> tuple[list[str], list[list[str]]]:
+    metrics = [m for m in _COST_METRICS if m in t]
+    header = ["Method", "Architecture", "Dataset", "T"]
+    for m in metrics:
+        h = _COST_HEAD[m] + (f" ({mem_label})" if m == "memory_mib" and mem_label else "")
+        header += [h, "x bptt_m"]
+    body = []
+    for _, r in t.iterrows():
+        row = [r["label"], r["arch"], r["dataset"], str(int(r["T"]))]
+        for m in metrics:
+            v, x = r[m], r[f"{m}_x_bptt_m"]
+            row += ["--" if pd.isna(v) else (f"{v:.3f}" if m == "epoch_s" else f"{v:.2f}" if m == "saved_mib" else f"{v:.1f}"),
+                    "--" if pd.isna(x) else f"{x:.2f}"]
+        body.append(row)
+    return header, body
+
+
+def cost_latex(t: pd.DataFrame, mem_label: str | None) -> str:
+    if t.empty:
+        return "% no finished cell with cost columns: no cost table\n"
+    header, body = _cost_cells(t, mem_label)
+    lines = ["% training cost: means over seeds; x bptt_m = ratio to bptt_m at the same architecture, dataset and T",
+             r"\begin{tabular}{lll r" + "rr" * ((len(header) - 4) // 2) + "}", r"\toprule",
+             " & ".join(tex_escape(h).replace("x bptt", r"$\times$ bptt") for h in header) + r" \\", r"\midrule"]
+    lines += [" & ".join(tex_escape(c) for c in row) + r" \\" for row in body]
+    lines += [r"\bottomrule", r"\end{tabular}", ""]
+    return "\n".join(lines)
+
+
+def cost_markdown(t: pd.DataFrame, mem_label: str | None) -> str:
+    if t.empty:
+        return "_no finished cell with cost columns: no cost table_\n"
+    header, body = _cost_cells(t, mem_label)
+    return tabulate(body, headers=header, tablefmt="github", disable_numparse=True) + "\n"
+
+
+def reference_latex(ref: pd.DataFrame) -> str:
+    lines = ["% published results (reports/reference.csv), each with its source", r"\begin{tabular}{llllrl}", r"\toprule",
+             r"Method & Architecture & Dataset & T & top-1 [\%] & Source \\", r"\midrule"]
+    for _, r in ref.iterrows():
+        T = "--" if pd.isna(r["T"]) else str(int(r["T"]))
+        lines.append(" & ".join([tex_escape(r["method"]), tex_escape(r["arch"] if isinstance(r["arch"], str) else "--"),
+                                 tex_escape(r["dataset"]), T, f"{r['acc_top1']:.2f}", tex_escape(r["source"])]) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}", ""]
+    return "\n".join(lines)

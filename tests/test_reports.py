@@ -1,0 +1,211 @@
+"""Reports: rendered from parquet alone; every number checked against pandas aggregates computed here."""
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from bench.store import write_cell
+
+REPO = Path(__file__).resolve().parents[1]
+METHODS = ["bptt_m", "rate_m", "rate_s"]
+
+
+def make_results(root: Path, seeds=(0, 1, 2), failed=True, gpu=False) -> pd.DataFrame:
+    """A results folder written with pandas alone: known numbers, several seeds, a failed cell."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for m in METHODS:
+        for T in (1, 2, 4):
+            for s in seeds:
+                key = f"{m}-{T}-{s}"
+                r = {"key": key, "status": "ok", "error": None, "method": m, "arch": "cnn_digits", "dataset": "digits", "T": T,
+                     "seed": s, "kind": "train", "grid": "synthetic", "method_options": "{}",
+                     "acc_top1": float(rng.uniform(80, 99)), "epoch_time_s": float(rng.uniform(0.1, 2) * T),
+                     "step_time_ms_median": float(rng.uniform(5, 20) * T), "forward_ms": float(rng.uniform(1, 5) * T),
+                     "backward_ms": float(rng.uniform(1, 5) * T), "optimizer_ms": float(rng.uniform(0.1, 1)),
+                     "peak_rss_mib": float(rng.uniform(800, 900)), "saved_for_backward_mib": float(T if m == "bptt_m" else 1.0),
+                     "peak_alloc_mib": float(rng.uniform(50, 100) * T) if gpu else None,
+                     "peak_nvml_mib": float(rng.uniform(500, 600) * T) if gpu else None,
+                     "gpu_null_reason": None if gpu else "not a CUDA device", "torch_version": "2.x", "host": "h",
+                     "start_time": "2026-01-01T00:00:00+00:00"}
+                epochs = [{"epoch": e, "test_acc": float(rng.uniform(50, 99)), "train_loss": float(rng.uniform(0.1, 2))} for e in (1, 2, 3)]
+                samples = [{"source": "rss", "t_s": t / 10, "mib": 800.0 + t} for t in range(5)]
+                write_cell(root, key, r, epochs, samples)
+                rows.append(r)
+    if failed:
+        write_cell(root, "bad", {"key": "bad", "status": "oom", "error": "CUDA out of memory: tried", "method": "rate_m",
+                                 "arch": "cnn_digits", "dataset": "digits", "T": 8, "seed": 0, "kind": "train", "grid": "synthetic",
+                                 "method_options": "{}"})
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture
+def results(tmp_path):
+    df = make_results(tmp_path / "res")
+    return tmp_path / "res", df
+
+
+def test_render_without_torch_bench_or_methods(results):
+    root, _ = results
+    code = ("import sys\n"
+            "for m in ('torch', 'bench', 'methods'):\n"
+            "    sys.modules[m] = None  # any import of them now fails\n"
+            "from reports import render_report\n"
+            f"r = render_report({str(root)!r})\n"
+            "assert 'torch' not in [k for k, v in sys.modules.items() if v is not None]\n"
+            "print(r['index'])\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    out = root / "report"
+    for name in ("fig_cost", "fig_phases", "fig_memory_time", "fig_curves"):
+        assert (out / f"{name}.png").stat().st_size > 1000 and (out / f"{name}.pdf").exists()
+    for name in ("table_accuracy.tex", "table_cost.tex", "table_reference.tex", "summary.md", "index.html"):
+        assert (out / name).exists()
+    page = (out / "index.html").read_text()
+    assert "data:image/png;base64," in page and "http" not in page.replace("http-equiv", "")
+
+
+def test_cost_figure_values_equal_pandas_aggregates(results, tmp_path):
+    from reports.figures import fig_cost
+
+    root, df = results
+    from reports.io import load_results
+
+    fig, _ = fig_cost(load_results(root), tmp_path)
+    acc_ax, mem_ax, time_ax = fig.axes[:3]
+    for ax, col in ((acc_ax, "acc_top1"), (mem_ax, "peak_rss_mib"), (time_ax, "epoch_time_s")):
+        want = df.groupby(["method", "T"])[col].agg(["mean", "std"])
+        seen = 0
+        for cont in ax.containers:
+            line = cont.lines[0]
+            label = cont.get_label()
+            xs, ys = line.get_xdata(), line.get_ydata()
+            for x, y in zip(xs, ys):
+                assert y == pytest.approx(want.loc[(label, x), "mean"], rel=1e-12)
+                seen += 1
+            # error bars: +- std over the 3 seeds
+            seg = cont.lines[2][0].get_segments()
+            for (x0, y0), (x1, y1) in (s for s in seg):
+                assert (y1 - y0) / 2 == pytest.approx(want.loc[(label, x0), "std"], rel=1e-9)
+        assert seen == len(METHODS) * 3
+    assert "RSS" in mem_ax.get_ylabel() and "[MiB]" in mem_ax.get_ylabel()
+    assert "[s]" in time_ax.get_ylabel() and "[%]" in acc_ax.get_ylabel()
+
+
+def test_phase_bars_equal_means(results, tmp_path):
+    from reports.figures import fig_phases
+    from reports.io import load_results
+
+    root, df = results
+    fig, _ = fig_phases(load_results(root), tmp_path)
+    ax = fig.axes[0]
+    heights = sorted(round(p.get_height(), 9) for p in ax.patches)
+    want = sorted(round(v, 9) for c in ("forward_ms", "backward_ms", "optimizer_ms") for v in df.groupby(["method", "T"])[c].mean())
+    assert heights == want
+
+
+def _tex_rows(text):
+    return [[c.strip() for c in line.rstrip("\\ ").split("&")] for line in text.splitlines()
+            if "&" in line and not line.startswith(("Method", "%"))]
+
+
+def test_accuracy_table_equals_pandas(results):
+    from reports import render_report
+
+    root, df = results
+    render_report(root)
+    text = (root / "report" / "table_accuracy.tex").read_text()
+    assert r"\toprule" in text and r"\bottomrule" in text and r"bptt\_m" in text
+    g = df.groupby(["method", "arch", "T"])["acc_top1"].agg(["mean", "std"])
+    best = g["mean"].max()
+    rows = _tex_rows(text)
+    assert len(rows) == len(g)
+    for method, arch, T, cell in rows:
+        m = method.replace(r"\_", "_")
+        mean, std = g.loc[(m, arch.replace(r"\_", "_"), int(T))]
+        bold = cell.startswith(r"\textbf{")
+        nums = [float(x) for x in re.findall(r"\d+\.\d+", cell)]
+        assert nums == [round(mean, 2), round(std, 2)]
+        assert bold == (mean == best)
+
+
+def test_cost_table_ratios_equal_pandas(results):
+    from reports import render_report
+
+    root, df = results
+    render_report(root)
+    rows = _tex_rows((root / "report" / "table_cost.tex").read_text())
+    means = df.groupby(["method", "T"])[["peak_rss_mib", "saved_for_backward_mib", "step_time_ms_median", "epoch_time_s"]].mean()
+    assert len(rows) == len(means)
+    for r in rows:
+        m, T = r[0].replace(r"\_", "_"), int(r[3])
+        for i, col in enumerate(["peak_rss_mib", "saved_for_backward_mib", "step_time_ms_median", "epoch_time_s"]):
+            v, ratio = r[4 + 2 * i], r[5 + 2 * i]
+            want = means.loc[(m, T), col]
+            assert v == f"{want:.{len(v.split('.')[1])}f}"  # the printed value is the aggregate, rounded
+            assert ratio == f"{want / means.loc[('bptt_m', T), col]:.2f}"
+
+
+def test_published_column_when_reference_matches(results, tmp_path):
+    from reports import render_report
+
+    root, df = results
+    ref = tmp_path / "ref.csv"
+    ref.write_text("method,arch,dataset,T,acc_top1,source,note\nrate_m,cnn_digits,digits,4,97.5,a test source,\n")
+    render_report(root, reference=ref)
+    text = (root / "report" / "table_accuracy.tex").read_text()
+    assert r"digits (published)" in text
+    row = [r for r in _tex_rows(text) if r[0] == r"rate\_m" and r[2] == "4"][0]
+    assert row[-1] == "97.50"
+
+
+def test_failed_cells_missing_gpu_single_seed_still_render(tmp_path):
+    from reports import render_report
+
+    make_results(tmp_path / "res", seeds=(0,), failed=True, gpu=False)
+    r = render_report(tmp_path / "res")
+    summary = Path(r["summary"]).read_text()
+    assert "rate_m cnn_digits digits T=8 seed=0 is missing: status oom" in summary
+    assert "no values for peak_alloc_mib, peak_reserved_mib, peak_nvml_mib: not a CUDA device" in summary
+    assert "one seed per configuration" in summary
+    assert r"\pm" not in (tmp_path / "res" / "report" / "table_accuracy.tex").read_text()
+
+
+def test_profile_grid_without_accuracy_renders(tmp_path):
+    from reports.figures import fig_cost
+
+    df = make_results(tmp_path / "res", seeds=(0,), failed=False, gpu=True)
+    df = df.assign(kind="profile", acc_top1=None, epoch_time_s=None)
+    fig, _ = fig_cost(df, tmp_path)
+    assert "no accuracy" in fig.axes[0].texts[0].get_text()
+    assert "NVML" in fig.axes[1].get_ylabel()
+    assert "per step [ms]" in fig.axes[2].get_ylabel()
+
+
+def test_method_colour_is_the_same_everywhere():
+    from reports.aggregate import style
+
+    assert style("rate_m") == style("rate_m") and style("rate_m")[0] != style("bptt_m")[0]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex is not installed")
+def test_tables_compile_with_pdflatex(results, tmp_path):
+    from reports import render_report
+
+    root, _ = results
+    render_report(root)
+    doc = tmp_path / "doc.tex"
+    rep = (root / "report").as_posix()
+    doc.write_text("\\documentclass{article}\\usepackage{booktabs}\\usepackage[utf8]{inputenc}\\begin{document}\n"
+                   + "".join(f"\\input{{{rep}/{t}}}\n\n" for t in ("table_accuracy.tex", "table_cost.tex", "table_reference.tex"))
+                   + "\\end{document}\n")
+    r = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", doc.name], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-2000:]
