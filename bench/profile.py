@@ -102,9 +102,10 @@ class _Phase:
     def __enter__(self):
         p = self.probe
         if p.cuda:
-            self.ev0 = torch.cuda.Event(enable_timing=True)
+            self.ev0 = p._event()
             self.ev0.record()
-            torch.cuda.reset_peak_memory_stats(p.device)
+            if p.memory:
+                torch.cuda.reset_peak_memory_stats(p.device)
         else:
             self.t0 = time.perf_counter()
         return self
@@ -112,34 +113,47 @@ class _Phase:
     def __exit__(self, *exc):
         p = self.probe
         if p.cuda:
-            ev1 = torch.cuda.Event(enable_timing=True)
+            ev1 = p._event()
             ev1.record()
             p._events.append((self.name, self.ev0, ev1))
-            peak = torch.cuda.max_memory_allocated(p.device)
-            if peak > p.phase_peak_alloc.get(self.name, 0):
-                p.phase_peak_alloc[self.name] = peak
-            reserved = torch.cuda.max_memory_reserved(p.device)
-            if reserved > p.phase_peak_reserved.get(self.name, 0):
-                p.phase_peak_reserved[self.name] = reserved
+            if p.memory:
+                stats = torch.cuda.memory_stats(p.device)
+                for store, key in ((p.phase_peak_alloc, "allocated_bytes.all.peak"), (p.phase_peak_reserved, "reserved_bytes.all.peak")):
+                    if stats.get(key, 0) > store.get(self.name, 0):
+                        store[self.name] = stats[key]
         else:
             p._step[self.name] = p._step.get(self.name, 0.0) + (time.perf_counter() - self.t0) * 1e3
         return False
 
 
 class TimingProbe:
-    """Per-phase wall time of each step. On CUDA: events around each phase, read after one
-    synchronisation at the end of the step (no sync inside a step); per-phase allocator peaks.
-    A phase entered several times in one step (online methods) is summed. Each phase resets the
-    allocator's peak counters when it starts, so the peak over a run is the maximum over phases."""
+    """Per-phase wall time of each step. On CUDA: events (from a reused pool) around each phase, read
+    after one synchronisation at the end of the step (no sync inside a step). A phase entered several
+    times in one step (online methods) is summed.
+
+    With ``memory = True`` (the runner sets it for one step that it leaves out of the timings) each
+    phase also resets the allocator's peak counters when it starts and reads them when it ends: the
+    per-phase peaks. Reading allocator statistics costs far more than an event, so timed steps skip it.
+    """
 
     def __init__(self, device: str | torch.device = "cpu") -> None:
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
+        self.memory = False
         self._events: list = []
+        self._pool: list = []
+        self._used = 0
         self._step: dict[str, float] = {}
         self.steps: list[dict[str, float]] = []  # one dict per finished step: phase -> ms
         self.phase_peak_alloc: dict[str, int] = {}  # phase -> allocator peak (bytes) while in that phase
         self.phase_peak_reserved: dict[str, int] = {}
+
+    def _event(self):
+        if self._used == len(self._pool):
+            self._pool.append(torch.cuda.Event(enable_timing=True))
+        ev = self._pool[self._used]
+        self._used += 1
+        return ev
 
     def phase(self, name: str):
         return _Phase(self, name)
@@ -150,7 +164,7 @@ class TimingProbe:
             torch.cuda.synchronize(self.device)
             for name, a, b in self._events:
                 self._step[name] = self._step.get(name, 0.0) + a.elapsed_time(b)
-            self._events = []
+            self._events, self._used = [], 0
         out, self._step = self._step, {}
         self.steps.append(out)
         return out
@@ -158,7 +172,7 @@ class TimingProbe:
     def discard(self) -> None:
         if self.cuda:
             torch.cuda.synchronize(self.device)
-        self._events, self._step = [], {}
+        self._events, self._step, self._used = [], {}, 0
 
 
 def sync(device: torch.device) -> None:

@@ -196,14 +196,14 @@ def _train_or_profile(cell: Cell, device: torch.device, data_root, row: dict, ep
     def one_step(x, y, epoch: int) -> torch.Tensor:
         nonlocal saved_bytes
         i = state["step"]
-        if i == cell.warmup_steps:  # the step that measures saved bytes; its time is not counted
+        if i == cell.warmup_steps:  # measures saved bytes and per-phase memory peaks; its time is not counted
             if cuda:
                 torch.cuda.reset_peak_memory_stats(device)
-                probe.phase_peak_alloc.clear()
-                probe.phase_peak_reserved.clear()
+            probe.memory = True
             with SavedTensorsMeter(exclude=params) as meter:
                 out = method.train_step(model, x, y, opt, probe)
             probe.discard()
+            probe.memory = False
             saved_bytes = meter.peak_bytes
         else:
             t0 = time.perf_counter()

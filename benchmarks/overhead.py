@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def measure(arch: str, method_name: str, T: int, batch: int, rounds: int, steps: int, device: str) -> dict:
+def measure(arch: str, method_name: str, T: int, batch: int, rounds: int, steps: int, device: str, only: str = "all") -> dict:
     import torch
 
     from bench.data import dataset_info
@@ -52,16 +52,19 @@ def measure(arch: str, method_name: str, T: int, batch: int, rounds: int, steps:
 
     for i in range(rounds):  # off, on, off2 -- then off2, on, off: "on" always sits between the two bare arms
         bare(off if i % 2 == 0 else off2)
-        probe = TimingProbe(dev)
-        samplers = [Sampler(rss_reader(), RSS_INTERVAL_S, baseline=0)]
-        if nvml:
+        probe = TimingProbe(dev) if only in ("all", "probe") else NULL_PROBE
+        samplers = [Sampler(rss_reader(), RSS_INTERVAL_S, baseline=0)] if only in ("all", "samplers") else []
+        if nvml and only in ("all", "samplers"):
             samplers.append(Sampler(nvml.used_bytes, SAMPLE_INTERVAL_S))
         for s in samplers:
             s.start()
         for _ in range(steps):
             t0 = time.perf_counter()
             method.train_step(model, x, y, opt, probe)
-            probe.end_step()
+            if probe is NULL_PROBE:
+                sync(dev)
+            else:
+                probe.end_step()
             on.append(time.perf_counter() - t0)
         for s in samplers:
             s.stop()
@@ -85,7 +88,7 @@ def measure(arch: str, method_name: str, T: int, batch: int, rounds: int, steps:
         for _ in range(200):
             r()
         accounted += (time.perf_counter() - t0) * 1e3 / 200 * (m_off / 1e3) / interval
-    return {"arch": arch, "method": method_name, "T": T, "batch": batch, "device": device,
+    return {"arch": arch, "method": method_name, "T": T, "batch": batch, "device": device + ("" if only == "all" else f" ({only} only)"),
             "off_ms": m_bare, "on_ms": m_on, "overhead_pct": 100.0 * (m_on - m_bare) / m_bare,
             "noise_pct": 100.0 * (m_off2 - m_off) / m_off, "accounted_pct": 100.0 * accounted / m_off, "steps": len(on)}
 
@@ -102,10 +105,12 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--only", choices=["all", "probe", "samplers"], default="all",
+                   help="switch on only the timing probe or only the memory samplers")
     a = p.parse_args(argv)
     cases = [(a.arch, a.method, a.T, a.batch or 16)] if a.arch else [
         ("cnn_digits", "bptt_m", 4, 32), ("cnn_digits", "rate_m", 4, 32), ("resnet18", "rate_m", 4, 16)]
-    rows = [measure(arch, m, T, b, a.rounds, a.steps, a.device) for arch, m, T, b in cases]
+    rows = [measure(arch, m, T, b, a.rounds, a.steps, a.device, a.only) for arch, m, T, b in cases]
     print(tabulate([[r["arch"], r["method"], r["T"], r["batch"], r["device"], f"{r['off_ms']:.2f}", f"{r['on_ms']:.2f}",
                      f"{r['overhead_pct']:+.2f}%", f"{r['noise_pct']:+.2f}%", f"{r['accounted_pct']:.3f}%", r["steps"]] for r in rows],
                    headers=["arch", "method", "T", "batch", "device", "off ms (median)", "on ms (median)", "on vs off",
