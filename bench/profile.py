@@ -10,6 +10,8 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from .sampler import Sampler  # noqa: F401  (re-exported: the sampler lives in a module without torch)
+
 MIB = float(2**20)
 
 
@@ -183,56 +185,53 @@ def sync(device: torch.device) -> None:
 # --------------------------------------------------------------------------- samplers
 
 
-class Sampler:
-    """A background thread that reads a value every ``interval_s`` and keeps the peak and the series.
+class NvmlProcessSampler:
+    """NVML used memory of one GPU, sampled by a :class:`Sampler` in its own process
+    (``python -m bench.nvml_sampler``), so the sampling shares no interpreter lock with the training loop.
+    Same interface as :class:`Sampler`: ``start``, ``stop``, ``baseline``, ``peak``, ``samples``."""
 
-    ``read`` returns bytes (or None when no reading can be had). The baseline is one reading taken at
-    ``start`` unless given; ``peak_above_baseline`` is the largest reading minus it.
-    """
-
-    def __init__(self, read: Callable[[], int | None], interval_s: float = 0.005, baseline: int | None = None,
-                 max_samples: int = 20000) -> None:
-        self.read, self.interval_s = read, interval_s
-        self.baseline = baseline
+    def __init__(self, uuid: str, interval_s: float = 0.005) -> None:
+        self.uuid, self.interval_s = uuid, interval_s
+        self.baseline: int | None = None
         self.peak: int | None = None
-        self.samples: list[tuple[float, int]] = []  # (seconds since start, bytes)
-        self.max_samples = max_samples
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self.samples: list[tuple[float, int]] = []
+        self._proc = None
         self._t0 = 0.0
-        self._n = 0
 
-    def _take(self) -> None:
-        v = self.read()
-        if v is None:
-            return
-        if self.peak is None or v > self.peak:
-            self.peak = v
-        self._n += 1
-        # keep a bounded series: every sample while few, then every k-th
-        if len(self.samples) < self.max_samples:
-            self.samples.append((time.perf_counter() - self._t0, v))
-        elif self._n % 16 == 0:
-            self.samples[-1] = (time.perf_counter() - self._t0, v)
+    def start(self) -> "NvmlProcessSampler":
+        import json
+        import subprocess
+        import sys
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self._take()
-
-    def start(self) -> "Sampler":
-        self._t0 = time.perf_counter()
-        if self.baseline is None:
-            self.baseline = self.read()
-        self._take()
-        self._thread = threading.Thread(target=self._run, name="snnbench-sampler", daemon=True)
-        self._thread.start()
+        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = {**os.environ, "PYTHONPATH": repo + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")}
+        self._t0 = time.time()
+        self._proc = subprocess.Popen([sys.executable, "-m", "bench.nvml_sampler", self.uuid, str(self.interval_s)],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=repo)
+        hello = json.loads(self._proc.stdout.readline() or "{}")
+        if "baseline" not in hello:
+            self._proc.kill()
+            raise RuntimeError(f"the NVML sampler process did not start: {hello.get('error', 'no answer')}")
+        self.baseline = hello["baseline"]
         return self
 
-    def stop(self) -> "Sampler":
-        self._take()
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+    def stop(self) -> "NvmlProcessSampler":
+        import json
+
+        if self._proc is None:
+            return self
+        try:
+            self._proc.stdin.write("stop\n")
+            self._proc.stdin.flush()
+            res = json.loads(self._proc.stdout.readline() or "{}")
+            self.peak = res.get("peak")
+            self.samples = [(t - self._t0, v) for t, v in res.get("samples", [])]
+        finally:
+            try:
+                self._proc.wait(timeout=10)
+            except Exception:
+                self._proc.kill()
+            self._proc = None
         return self
 
     @property
@@ -240,12 +239,6 @@ class Sampler:
         if self.peak is None or self.baseline is None:
             return None
         return self.peak - self.baseline
-
-    def __enter__(self) -> "Sampler":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 def rss_reader() -> Callable[[], int]:

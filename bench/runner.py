@@ -21,11 +21,12 @@ from methods.layers import LIF, count_parameters
 from .data import dataset_info, get_loaders
 from .env import environment
 from .grid import Cell
-from .profile import MIB, Sampler, SavedTensorsMeter, TimingProbe, nvml_device, peak_rss_bytes, rss_reader, sync
+from .profile import (MIB, NvmlProcessSampler, Sampler, SavedTensorsMeter, TimingProbe, nvml_device, peak_rss_bytes,
+                      rss_reader, sync)
 
 log = logging.getLogger(__name__)
 
-SAMPLE_INTERVAL_S = 0.01  # NVML sampling period (GPU memory changes within a step)
+SAMPLE_INTERVAL_S = 0.005  # NVML sampling period, in its own process (a reading every 5-6 ms)
 RSS_INTERVAL_S = 0.05  # RSS series for the memory-over-time figure; the peak comes from the kernel (ru_maxrss)
 
 Progress = Callable[[dict], None]
@@ -134,9 +135,7 @@ def run_cell(cell: Cell, data_root: str | None = None, progress: Progress | None
     progress = progress or (lambda d: None)
     device = torch.device(cell.device)
     nvml, gpu_reason = nvml_device(device)
-    nvml_sampler = Sampler(nvml.used_bytes, SAMPLE_INTERVAL_S) if nvml else None
-    if nvml_sampler:
-        nvml_sampler.baseline = nvml.used_bytes()  # before this process allocates anything on the GPU
+    nvml_sampler = NvmlProcessSampler(nvml.uuid, SAMPLE_INTERVAL_S) if nvml else None
     rss = Sampler(rss_reader(), RSS_INTERVAL_S, baseline=0)
     row = base_row(cell, "ok")
     row.update(environment(device))
@@ -146,9 +145,13 @@ def run_cell(cell: Cell, data_root: str | None = None, progress: Progress | None
                    gpu_other_processes=json.dumps(nvml.other_processes), gpu_name=nvml.name)
     epochs: list[dict] = []
     rss.start()
-    if nvml_sampler:
-        nvml_sampler.start()
     try:
+        if nvml_sampler:  # its first reading, before this process allocates on the GPU, is the baseline
+            try:
+                nvml_sampler.start()
+            except RuntimeError as e:
+                row["gpu_null_reason"] = f"NVML sampler: {e}"
+                nvml_sampler = None
         _train_or_profile(cell, device, data_root, row, epochs, progress)
     except torch.cuda.OutOfMemoryError as e:
         row.update(status="oom", error=f"CUDA out of memory: {str(e).splitlines()[0]}")

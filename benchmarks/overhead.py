@@ -4,8 +4,7 @@
     python benchmarks/overhead.py --arch resnet18 --method rate_m --T 4 --batch 16
 
 "On" is what the runner does around a measured step: the TimingProbe (per-phase timers, CUDA events
-and one synchronisation per step on GPU), the RSS sampler and, on GPU, the NVML sampler running in
-their background threads. "Off" is the bare step with the null probe, timed the same way (with a
+and one synchronisation per step on GPU), the RSS sampler thread and, on GPU, the NVML sampler process. "Off" is the bare step with the null probe, timed the same way (with a
 synchronisation on GPU). Rounds alternate off/on so that drift hits both alike.
 """
 
@@ -24,7 +23,7 @@ def measure(arch: str, method_name: str, T: int, batch: int, rounds: int, steps:
     import torch
 
     from bench.data import dataset_info
-    from bench.profile import Sampler, TimingProbe, nvml_device, rss_reader, sync
+    from bench.profile import NvmlProcessSampler, Sampler, TimingProbe, nvml_device, rss_reader, sync
     from bench.runner import RSS_INTERVAL_S, SAMPLE_INTERVAL_S
     from methods import METHODS, NULL_PROBE, MethodConfig
 
@@ -55,7 +54,7 @@ def measure(arch: str, method_name: str, T: int, batch: int, rounds: int, steps:
         probe = TimingProbe(dev) if only in ("all", "probe") else NULL_PROBE
         samplers = [Sampler(rss_reader(), RSS_INTERVAL_S, baseline=0)] if only in ("all", "samplers") else []
         if nvml and only in ("all", "samplers"):
-            samplers.append(Sampler(nvml.used_bytes, SAMPLE_INTERVAL_S))
+            samplers.append(NvmlProcessSampler(nvml.uuid, SAMPLE_INTERVAL_S))
         for s in samplers:
             s.start()
         for _ in range(steps):
@@ -81,7 +80,7 @@ def measure(arch: str, method_name: str, T: int, batch: int, rounds: int, steps:
                 pass
         probe.end_step()
     probe_ms = (time.perf_counter() - t0) * 1e3 / n
-    readers = [(rss_reader(), RSS_INTERVAL_S)] + ([(nvml.used_bytes, SAMPLE_INTERVAL_S)] if nvml else [])
+    readers = [(rss_reader(), RSS_INTERVAL_S)]  # NVML is read in its own process: no cost to this one
     accounted = probe_ms
     for r, interval in readers:
         t0 = time.perf_counter()

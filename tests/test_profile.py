@@ -1,5 +1,7 @@
 import time
 
+import pytest
+
 import torch
 
 from bench.profile import Sampler, SavedTensorsMeter, TimingProbe, _norm_uuid, nvml_device
@@ -70,3 +72,30 @@ def test_saved_meter_counts_storage_once_and_frees():
     loss.backward()
     del loss, a, b, c
     assert m.current_bytes == 0
+
+
+def test_nvml_sampler_process_with_a_stub_nvml(tmp_path, monkeypatch):
+    """The NVML sampler process, driven by a stand-in pynvml: ready line, baseline, peak, series."""
+    from bench.profile import NvmlProcessSampler
+
+    (tmp_path / "pynvml.py").write_text(
+        "import itertools\n"
+        "_values = itertools.chain([1000, 1500, 4000, 2500], itertools.repeat(1200))\n"
+        "class NVMLError(Exception): pass\n"
+        "class _Mem:\n"
+        "    def __init__(self, used): self.used = used\n"
+        "def nvmlInit(): pass\n"
+        "def nvmlDeviceGetCount(): return 2\n"
+        "def nvmlDeviceGetHandleByIndex(i): return i\n"
+        "def nvmlDeviceGetUUID(h): return ['GPU-other', 'GPU-ABC-1'][h]\n"
+        "def nvmlDeviceGetMemoryInfo(h):\n"
+        "    assert h == 1\n"
+        "    return _Mem(next(_values))\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    s = NvmlProcessSampler("abc-1", 0.002).start()
+    time.sleep(0.1)
+    s.stop()
+    assert s.baseline == 1000 and s.peak == 4000 and s.peak_above_baseline == 3000
+    assert len(s.samples) >= 10 and [v for _, v in s.samples[:4]] == [1500, 4000, 2500, 1200]  # the first reading is the baseline
+    with pytest.raises(RuntimeError, match="did not start"):
+        NvmlProcessSampler("no-such-gpu", 0.002).start()
