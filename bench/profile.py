@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from .sampler import Sampler  # noqa: F401  (re-exported: the sampler lives in a module without torch)
+from .sampler import PeakReadings, Sampler  # noqa: F401  (Sampler re-exported: it lives in a module without torch)
 
 MIB = float(2**20)
 
@@ -185,7 +185,7 @@ def sync(device: torch.device) -> None:
 # --------------------------------------------------------------------------- samplers
 
 
-class NvmlProcessSampler:
+class NvmlProcessSampler(PeakReadings):
     """NVML used memory of one GPU, sampled by a :class:`Sampler` in its own process
     (``python -m bench.nvml_sampler``), so the sampling shares no interpreter lock with the training loop.
     Same interface as :class:`Sampler`: ``start``, ``stop``, ``baseline``, ``peak``, ``samples``."""
@@ -233,12 +233,6 @@ class NvmlProcessSampler:
                 self._proc.kill()
             self._proc = None
         return self
-
-    @property
-    def peak_above_baseline(self) -> int | None:
-        if self.peak is None or self.baseline is None:
-            return None
-        return self.peak - self.baseline
 
 
 def rss_reader() -> Callable[[], int]:

@@ -7,7 +7,20 @@ import time
 from typing import Callable
 
 
-class Sampler:
+class PeakReadings:
+    """``baseline`` and ``peak`` readings, and the peak above the baseline (None while either is missing)."""
+
+    baseline: int | None
+    peak: int | None
+
+    @property
+    def peak_above_baseline(self) -> int | None:
+        if self.peak is None or self.baseline is None:
+            return None
+        return self.peak - self.baseline
+
+
+class Sampler(PeakReadings):
     """A background thread that reads a value every ``interval_s`` and keeps the peak and the series.
 
     ``read`` returns bytes (or None when no reading can be had). The baseline is one reading taken at
@@ -58,12 +71,6 @@ class Sampler:
         if self._thread is not None:
             self._thread.join()
         return self
-
-    @property
-    def peak_above_baseline(self) -> int | None:
-        if self.peak is None or self.baseline is None:
-            return None
-        return self.peak - self.baseline
 
     def __enter__(self) -> "Sampler":
         return self.start()

@@ -57,27 +57,21 @@ def fig_cost(df: pd.DataFrame, out: Path, name: str = "fig_cost"):
     d = with_labels(ok(df))
     with plt.rc_context(RC):
         fig, axes = plt.subplots(1, 3, figsize=(FULL_WIDTH, 2.3), constrained_layout=True)
-        ax = axes[0]
-        if has(d, "acc_top1") and _lines(ax, d, "acc_top1"):
-            ax.set_ylabel("test accuracy [%]")
-        else:
-            _missing(ax, "no accuracy\n(profile grid or no finished train cell)")
-        ax.set_title("accuracy")
         mem, mem_label = memory_column(d)
-        ax = axes[1]
-        if mem and _lines(ax, d, mem):
-            ax.set_ylabel(f"peak memory, {mem_label} [MiB]")
-            ax.set_title("memory" + ("" if mem == "peak_nvml_mib" else f" ({mem_label}: no NVML column)"))
-        else:
-            _missing(ax, "no memory column")
-            ax.set_title("memory")
         tcol, tlabel = time_column(d)
-        ax = axes[2]
-        if tcol and _lines(ax, d, tcol):
-            ax.set_ylabel(tlabel)
-        else:
-            _missing(ax, "no time column")
-        ax.set_title("time")
+        panels = [  # (column, y label, title, what to say when there is nothing to draw)
+            ("acc_top1" if has(d, "acc_top1") else None, "test accuracy [%]", "accuracy",
+             "no accuracy\n(profile grid or no finished train cell)"),
+            (mem, f"peak memory, {mem_label} [MiB]",
+             "memory" + ("" if mem in (None, "peak_nvml_mib") else f" ({mem_label}: no NVML column)"), "no memory column"),
+            (tcol, tlabel, "time", "no time column"),
+        ]
+        for ax, (col, ylabel, title, missing) in zip(axes, panels):
+            if col and _lines(ax, d, col):
+                ax.set_ylabel(ylabel)
+            else:
+                _missing(ax, missing)
+            ax.set_title(title)
         for ax in axes:
             if ax.has_data():
                 ax.set_xlabel("timesteps T")
