@@ -64,3 +64,25 @@ class CNNRef:
                 h = F.avg_pool2d(s, 2) if i == 1 else s
             outs.append(F.linear(h.mean((2, 3)), *self.fc))
         return torch.stack(outs).mean(0)
+
+
+def online_loss(o, y, T, w=0.05, target="ones"):
+    tgt = torch.ones_like(o) if target == "ones" else F.one_hot(y, o.shape[1]).to(o.dtype)
+    return ((1 - w) * F.cross_entropy(o, y) + w * F.mse_loss(o, tgt)) / T
+
+
+def cnn_online(ref: "CNNRef", x, y, T, target="ones"):
+    """SLTT on cnn_digits: per-step BN statistics, V detached between steps, per-step loss; returns the
+    summed objective (its gradient is the sum of the per-step gradients: the steps share no graph)."""
+    v = [None] * 3
+    total = 0.0
+    for _ in range(T):
+        h = x
+        for i, (w, (g, b)) in enumerate(zip(ref.convs, ref.bns)):
+            z = bn(F.conv2d(h, w, padding=1), g, b, (0, 2, 3))
+            hh = z if v[i] is None else 0.2 * v[i].detach() + z
+            s = spike(hh - 1.0)
+            v[i] = hh - s.detach()
+            h = F.avg_pool2d(s, 2) if i == 1 else s
+        total = total + online_loss(F.linear(h.mean((2, 3)), *ref.fc), y, T, target=target)
+    return total
