@@ -67,7 +67,7 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="resnet18", choices=sorted(INPUT))
-    p.add_argument("--methods", nargs="+", default=["bptt_m", "bptt_s", "rate_m", "rate_s"])
+    p.add_argument("--methods", nargs="+", default=None, help="default: every method")
     p.add_argument("--T", nargs="+", type=int, default=[1, 2, 4, 8])
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--warmup", type=int, default=2)
@@ -75,6 +75,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
+    a.methods = a.methods or list(METHODS)
     bad = [m for m in a.methods if m not in METHODS]
     if bad or any(t < 1 for t in a.T):
         print(f"error: unknown method(s) {bad} (valid: {sorted(METHODS)}) or T < 1", file=sys.stderr)
