@@ -12,13 +12,13 @@ from .base import NULL_PROBE, Method, MethodConfig, NullProbe, StepOutput
 from .bptt import BPTTMulti, BPTTSingle
 from .models import ARCHS
 from .neuron import PRESETS, NeuronConfig, get_preset
-from .online import OTTTA, OTTTO, SLTT, SLTTK
+from .online import OS, OTTTA, OTTTO, SLTT, SLTTK
 from .rate import RateMulti, RateSingle
 
 __version__ = "0.1.0"
 
 METHODS: dict[str, Callable[..., Method]] = {
-    cls.name: cls for cls in (BPTTMulti, BPTTSingle, RateMulti, RateSingle, OTTTA, OTTTO, SLTT, SLTTK)
+    cls.name: cls for cls in (BPTTMulti, BPTTSingle, RateMulti, RateSingle, OTTTA, OTTTO, SLTT, SLTTK, OS)
 }
 
 __all__ = [

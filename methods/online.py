@@ -47,6 +47,7 @@ BatchNorm.MODES["online"] = BatchNorm._standard  # per-step batch statistics
 class OnlineBase(Method):
     OPTIONS = {"mse_weight": 0.05, "mse_target": "onehot"}
     online_update = False
+    lif_mode = "online"
 
     def flags(self) -> dict:
         return {}
@@ -68,7 +69,7 @@ class OnlineBase(Method):
 
     def train_step(self, model, x, y, optimizer, probe=NULL_PROBE) -> StepOutput:
         T = self.T
-        configure(model, "online", T, **self.flags())
+        configure(model, self.lif_mode, T, **self.flags())
         reset_state(model)
         self.begin_batch(model)
         selected = self.backward_steps()
@@ -94,8 +95,8 @@ class OnlineBase(Method):
         if not self.online_update:
             with probe.phase("optimizer"):
                 optimizer.step()
-        reset_state(model)
         self.end_batch(model)
+        reset_state(model)
         logits = out_sum / T
         return StepOutput(F.cross_entropy(logits, y).detach(), logits)
 
@@ -208,3 +209,126 @@ class OTTTA(OTTTBase):
 class OTTTO(OTTTBase):
     name = "ottt_o"
     online_update = True
+
+
+# --------------------------------------------------------------------------- OS (online stabilization)
+
+
+def _os_lif(self: LIF, x: torch.Tensor) -> torch.Tensor:
+    """Online LIF with the online threshold stabilizer (OTS): after the charge, the layer's whole H_t gives
+    one mean m_t and std s_t; at t=1 rho = (theta_0 - m_1) / s_1, and at every t theta_t = m_t + rho s_t
+    (no gradient). With the flag ``fixed_threshold`` in evaluation, theta_t is the running average of the
+    training thresholds of step t instead (inference then does not depend on the test batch)."""
+    from .neuron import charge
+
+    cfg = self.neuron
+    h = charge(None if self.v is None else self.v.detach(), x, cfg)
+    t = self.steps
+    if not self.training and self.flags.get("fixed_threshold") and t in self.os_thresholds:
+        th = self.os_thresholds[t]
+    else:
+        with torch.no_grad():
+            std, mean = torch.std_mean(h)
+            std = std.clamp_min(1e-8)
+            if t == 0:
+                self.rho = (cfg.threshold - mean) / std
+            th = mean + self.rho * std
+        if self.training:
+            old = self.os_thresholds.get(t)
+            self.os_thresholds[t] = th.detach().clone() if old is None else old + 0.1 * (th.detach() - old)
+    s = cfg.spike_fn.apply(h - th, cfg.alpha)
+    s_r = s.detach() if cfg.detach_reset else s
+    self.v = h - th * s_r if cfg.reset == "soft" else h * (1.0 - s_r) + cfg.v_reset * s_r
+    self.steps += 1
+    return s
+
+
+def _osr_bn(self: BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """Online spiking renormalization (OSR). Training: the forward normalises with the running statistics;
+    the gradient is that of batch-statistics BN rescaled Batch-Renormalization style, r = sigma_B / sigma_run
+    and d = (mu_B - mu_run) / sigma_run held constant (y = gamma (xhat_B r + d) + beta, whose value is
+    gamma (x - mu_run) / sigma_run + beta). Each step adds its batch mean and E[x^2] to accumulators; at the
+    end of the batch they give the exact mean and variance pooled over all T*B*H*W inputs, which update the
+    running statistics (the first batch sets them). If some channel's r exceeds 20 (start-up), the batch
+    statistics are used for that step, as the official code does. Evaluation: the running statistics."""
+    if not self.training:
+        return self._standard(x)
+    dims = (0,) + tuple(range(2, x.dim()))
+    shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+    var_b, mean_b = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
+    with torch.no_grad():
+        m = mean_b.view(-1)
+        if self.mean_sum is None:
+            self.mean_sum, self.invstd_sq_sum = m.clone(), (var_b.view(-1) + m * m)  # sums of mu_t and E_t[x^2]
+        else:
+            self.mean_sum.add_(m)
+            self.invstd_sq_sum.add_(var_b.view(-1) + m * m)
+        self.steps += 1
+    std_b = torch.sqrt(var_b + self.eps)
+    xhat = (x - mean_b) / std_b
+    if self.__dict__.get("osr_batches", 0) > 0:
+        with torch.no_grad():
+            std_run = torch.sqrt(self.running_var + self.eps).view(shape)
+            r = std_b / std_run
+            d = (mean_b - self.running_mean.view(shape)) / std_run
+            use_running = r.max() <= 20.0  # a device tensor: no host sync
+        xhat = torch.where(use_running, xhat * r + d, xhat)
+    return xhat * self.weight.view(shape) + self.bias.view(shape) if self.affine else xhat
+
+
+def osr_pooled_statistics(bn: BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, biased variance) pooled over the steps accumulated so far."""
+    mean = bn.mean_sum / bn.steps
+    return mean, bn.invstd_sq_sum / bn.steps - mean * mean
+
+
+def osr_update_running(bn: BatchNorm) -> None:
+    if not bn.steps:
+        return
+    with torch.no_grad():
+        mean, var = osr_pooled_statistics(bn)
+        if bn.__dict__.get("osr_batches", 0) == 0:
+            bn.running_mean.copy_(mean)
+            bn.running_var.copy_(var)
+        else:
+            mom = bn.momentum if bn.momentum is not None else 0.1
+            bn.running_mean.add_(mom * (mean - bn.running_mean))
+            bn.running_var.add_(mom * (var - bn.running_var))
+        bn.num_batches_tracked.add_(1)
+    bn.__dict__["osr_batches"] = bn.__dict__.get("osr_batches", 0) + 1
+
+
+LIF.MODES["os"] = _os_lif
+BatchNorm.MODES["os"] = _osr_bn
+
+
+class OS(OnlineBase):
+    """Online stabilization (Zhu et al., ICLR 2024): SLTT-style gradient, OSR batch norm and the OTS
+    threshold. Option ``fixed_test_threshold``: evaluate with the running per-step training thresholds
+    instead of the test batch's own (the official default is the batch-dependent one)."""
+
+    name = "os"
+    OPTIONS = {"mse_weight": 0.05, "mse_target": "onehot", "fixed_test_threshold": False}
+    lif_mode = "os"
+
+    def flags(self) -> dict:
+        return {"fixed_threshold": self.options["fixed_test_threshold"]}
+
+    def begin_batch(self, model) -> None:
+        for m in model.modules():
+            if isinstance(m, LIF):
+                m.__dict__.setdefault("os_thresholds", {})
+
+    def end_batch(self, model) -> None:
+        for m in model.modules():
+            if isinstance(m, BatchNorm):
+                osr_update_running(m)
+
+    @torch.no_grad()
+    def infer(self, model, x):
+        self.begin_batch(model)
+        configure(model, "os", self.T, **self.flags())
+        reset_state(model)
+        out = sum(model(self.step_input(model, x, t)) for t in range(self.T)) / self.T
+        reset_state(model)
+        return out

@@ -67,11 +67,11 @@ def test_malformed_and_missing_grid_file(tmp_path):
 
 
 def test_shipped_grids_expand():
-    for name, n in (("default", 20 + 4 * 3), ("profile_cpu", 32)):
+    for name, n in (("default", 20 + 5 * 3), ("profile_cpu", 36)):
         gname, spec = load_grid(name)
         cells = expand(spec, gname)
         assert len(cells) == n
     _, spec = load_grid("default")
     cells = expand(spec, "default")
-    assert {c.method for c in cells} == {"bptt_m", "bptt_s", "rate_m", "rate_s", "ottt_a", "ottt_o", "sltt", "sltt_k"}
+    assert {c.method for c in cells} == {"bptt_m", "bptt_s", "rate_m", "rate_s", "ottt_a", "ottt_o", "sltt", "sltt_k", "os"}
     assert {c.T for c in cells if c.method in ("bptt_m", "rate_m")} == {1, 2, 4, 6, 8}

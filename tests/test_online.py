@@ -10,7 +10,7 @@ from methods import METHODS, MethodConfig
 from .helpers import NoOpOptimizer, grads, zero_grads
 from .reference import CNNRef, cnn_online, online_loss, spike
 
-ONLINE = ["ottt_a", "ottt_o", "sltt", "sltt_k"]
+ONLINE = ["ottt_a", "ottt_o", "sltt", "sltt_k", "os"]
 
 
 def rel_err(a, b):
@@ -161,3 +161,83 @@ def test_saved_bytes_flat_in_T(name, digits_batch):
         seen[T] = meter.peak_bytes
     assert seen[1] > 0
     assert abs(seen[8] - seen[1]) <= 0.01 * seen[1], seen
+
+
+def test_os_running_statistics_are_pooled_over_T_B_H_W(digits_batch):
+    from methods.layers import BatchNorm
+
+    x, y = digits_batch
+    T = 4
+    x_seq = x.unsqueeze(0) * torch.linspace(0.6, 1.4, T).view(T, 1, 1, 1, 1)  # frames that differ per step
+    method = METHODS["os"](MethodConfig(T=T))
+    model = method.build("cnn_digits", 10, 1)
+    bns = [m for m in model.modules() if isinstance(m, BatchNorm)]
+    seen = {id(b): [] for b in bns}
+    hooks = [b.register_forward_pre_hook(lambda m, inp: seen[id(m)].append(inp[0].detach().clone())) for b in bns]
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    method.train_step(model, x_seq, y, opt)
+    for b in bns:
+        allx = torch.cat(seen[id(b)]).double()  # all T*B inputs
+        assert len(seen[id(b)]) == T
+        mean = allx.mean((0, 2, 3))
+        var = allx.var((0, 2, 3), unbiased=False)
+        assert torch.allclose(b.running_mean.double(), mean, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(b.running_var.double(), var, rtol=1e-4, atol=1e-6)
+        seen[id(b)].clear()
+    first = {id(b): (b.running_mean.clone(), b.running_var.clone()) for b in bns}
+    method.train_step(model, x_seq.flip(0), y, opt)  # a second batch: momentum 0.1 towards its pooled statistics
+    for b in bns:
+        allx = torch.cat(seen[id(b)]).double()
+        m0, v0 = first[id(b)]
+        want_m = m0.double() + 0.1 * (allx.mean((0, 2, 3)) - m0.double())
+        want_v = v0.double() + 0.1 * (allx.var((0, 2, 3), unbiased=False) - v0.double())
+        assert torch.allclose(b.running_mean.double(), want_m, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(b.running_var.double(), want_v, rtol=1e-4, atol=1e-6)
+    for h in hooks:
+        h.remove()
+
+
+def test_os_forward_normalises_with_running_statistics(digits_batch):
+    from methods.layers import BatchNorm, configure
+
+    x, y = digits_batch
+    method = METHODS["os"](MethodConfig(T=2))
+    model = method.build("cnn_digits", 10, 1)
+    method.train_step(model, x, y, torch.optim.SGD(model.parameters(), lr=0.0))
+    bn = next(m for m in model.modules() if isinstance(m, BatchNorm))
+    configure(model, "os", 2)
+    rm, rv = bn.running_mean.view(1, -1, 1, 1), bn.running_var.view(1, -1, 1, 1)
+    w, b = bn.weight.view(1, -1, 1, 1), bn.bias.view(1, -1, 1, 1)
+    z = rm + 1.5 * rv.sqrt() * torch.randn(16, bn.num_features, 8, 8) + 0.3 * rv.sqrt()
+    want = (z - rm) / torch.sqrt(rv + bn.eps) * w + b
+    assert torch.allclose(bn(z), want, atol=1e-5)
+    # start-up safety: a batch whose std is over 20x the running one is normalised with its own statistics
+    z = rm + 50 * rv.sqrt() * torch.randn(16, bn.num_features, 8, 8)
+    zm, zv = z.mean((0, 2, 3), keepdim=True), z.var((0, 2, 3), unbiased=False, keepdim=True)
+    assert torch.allclose(bn(z), (z - zm) / torch.sqrt(zv + bn.eps) * w + b, atol=1e-4)
+
+
+def test_ots_threshold_matches_a_loop():
+    """theta_1 = theta_0; theta_t = m_t + rho s_t with rho from step 1 (mean/std over the whole layer)."""
+    from methods.layers import LIF, configure
+    from methods.neuron import get_preset
+
+    cfg = get_preset("rbp")
+    T, N = 5, 300
+    xs = torch.randn(T, N, dtype=torch.float64) * 0.8 + 0.4
+    lif = LIF(cfg)
+    lif.os_thresholds = {}
+    configure(lif, "os", T)
+    got = torch.stack([lif(xs[t]) for t in range(T)])
+    v = torch.zeros(N, dtype=torch.float64)
+    rho = None
+    for t in range(T):
+        h = cfg.decay * v + xs[t] if t else xs[t].clone()
+        m, s = h.mean().item(), h.std().item()
+        if rho is None:
+            rho = (cfg.threshold - m) / s
+        th = m + rho * s
+        spikes = (h >= th).double()
+        assert torch.equal(got[t], spikes), t
+        v = h - th * spikes
+    assert 0 < got.mean() < 1
