@@ -24,7 +24,7 @@ INPUT = {"resnet18": (3, 32), "resnet19": (3, 32), "vgg11": (3, 32), "vgg13": (3
          "vggsnn_dvs": (2, 48), "sew_resnet34": (3, 224), "preact_resnet34": (3, 224), "cnn_digits": (1, 8), "mlp": (1, 8)}
 
 
-def measure(method_name: str, arch: str, T: int, batch: int, warmup: int, steps: int, threads: int) -> dict:
+def measure(method_name: str, arch: str, T: int, batch: int, warmup: int, steps: int, threads: int, options: dict | None = None) -> dict:
     import torch
 
     from bench.profile import SavedTensorsMeter
@@ -33,7 +33,7 @@ def measure(method_name: str, arch: str, T: int, batch: int, warmup: int, steps:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     cin, hw = INPUT[arch]
-    method = METHODS[method_name](MethodConfig(T=T))
+    method = METHODS[method_name](MethodConfig(T=T, options=dict(options or {})))
     model = method.build(arch, num_classes=10, in_channels=cin)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x = torch.rand(batch, cin, hw, hw)
@@ -48,7 +48,8 @@ def measure(method_name: str, arch: str, T: int, batch: int, warmup: int, steps:
     with SavedTensorsMeter(exclude=model.parameters()) as meter:
         method.train_step(model, x, y, opt)
     return {
-        "method": method_name, "arch": arch, "T": T, "batch": batch,
+        "method": method_name + (f"[{','.join(f'{k}={v}' for k, v in options.items())}]" if options else ""),
+        "arch": arch, "T": T, "batch": batch,
         "step_time_ms_median": 1e3 * statistics.median(times),
         "saved_for_backward_mib": meter.peak_mib,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
@@ -74,6 +75,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path)
+    p.add_argument("--options", action="append", default=[], metavar="JSON",
+                   help='method options, e.g. \'{"k": 2}\' for sltt_k; repeat to sweep them')
     a = p.parse_args(argv)
     a.methods = a.methods or list(METHODS)
     bad = [m for m in a.methods if m not in METHODS]
@@ -82,19 +85,23 @@ def main(argv=None) -> int:
         return 2
     ctx = mp.get_context("spawn")
     rows = []
-    for name in a.methods:
-        for T in a.T:
-            q = ctx.Queue()
-            proc = ctx.Process(target=_worker, args=(q, (name, a.arch, T, a.batch, a.warmup, a.steps, a.threads)))
-            proc.start()
-            proc.join()
-            row = q.get() if not q.empty() else {"method": name, "T": T, "error": f"worker exit code {proc.exitcode}"}
-            rows.append(row)
-            print(json.dumps(row), file=sys.stderr, flush=True)
+    try:
+        sweeps = [json.loads(o) for o in a.options] or [{}]
+    except json.JSONDecodeError as e:
+        print(f"error: --options must be JSON objects: {e}", file=sys.stderr)
+        return 2
+    for name, T, opts in ((n, T, o) for n in a.methods for o in sweeps for T in a.T):
+        q = ctx.Queue()
+        proc = ctx.Process(target=_worker, args=(q, (name, a.arch, T, a.batch, a.warmup, a.steps, a.threads, opts)))
+        proc.start()
+        proc.join()
+        row = q.get() if not q.empty() else {"method": name, "T": T, "error": f"worker exit code {proc.exitcode}"}
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
     from tabulate import tabulate
 
     ok = [r for r in rows if "error" not in r]
-    base = {r["T"]: r for r in ok if r["method"] == "bptt_m"}
+    base = {r["T"]: r for r in ok if r["method"] == "bptt_m"}  # ratios need bptt_m in the run
     table = []
     for r in ok:
         b = base.get(r["T"])

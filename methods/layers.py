@@ -46,12 +46,18 @@ class SpikingModule(nn.Module):
     def reset_state(self) -> None:  # pragma: no cover - overridden
         pass
 
+    disabled = False  # a wrapper may switch a BN off (identity) for a method's own normalisation
+    out_scale = 1.0  # a wrapper may scale a LIF's output (OTTT's scaled-WS constant)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled:
+            return x
         try:
             handler = self.MODES[self.mode]
         except KeyError:
             raise ValueError(f"{type(self).__name__}: unknown mode {self.mode!r}; valid: {sorted(self.MODES)}") from None
-        return handler(self, x)
+        out = handler(self, x)
+        return out if self.out_scale == 1.0 else out * self.out_scale
 
 
 # --------------------------------------------------------------------------- LIF

@@ -170,13 +170,56 @@ def _traced_forward(self, x):
     return _TraceGrad.apply(x, self._ottt_trace, self.weight, self.bias, conv)
 
 
+class ScaledWS(nn.Module):
+    """Scaled weight standardisation (NF-Net style, the OTTT paper's normaliser): per output channel
+    W_hat = gain * (W - mean W) / sqrt(Var(W) * fan_in + 1e-4), unbiased variance, learnable gain (init 1)."""
+
+    def __init__(self, out_channels: int, ndim: int) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones((out_channels,) + (1,) * (ndim - 1)))
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        dims = tuple(range(1, w.dim()))
+        fan_in = w[0].numel()
+        var, mean = torch.var_mean(w, dim=dims, keepdim=True, correction=1)
+        return self.gain * (w - mean) * torch.rsqrt(var * fan_in + 1e-4)
+
+
+WS_SCALE = 2.74  # the constant after every hidden neuron with scaled WS (OTTT-SNN issue #3, paper App. C.1)
+
+
+def use_scaled_ws(model: nn.Module) -> None:
+    """OTTT's own normalisation: scaled WS on every conv and hidden linear, BN switched off, spikes (and
+    so traces) multiplied by 2.74 after every hidden neuron. A wrapper on the same architecture."""
+    from torch.nn.utils import parametrize
+
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d) or (isinstance(m, nn.Linear) and m is not linears[-1]):
+            parametrize.register_parametrization(m, "weight", ScaledWS(m.weight.shape[0], m.weight.dim()))
+        elif isinstance(m, BatchNorm):
+            m.disabled = True
+        elif isinstance(m, LIF):
+            m.out_scale = WS_SCALE
+
+
 class OTTTBase(OnlineBase):
     """Wraps every Conv2d/Linear after the first (in module order) so that its weight gradient uses the
-    presynaptic trace; the first layer sees the raw input, as in the official code."""
+    presynaptic trace; the first layer sees the raw input, as in the official code. Option ``norm``:
+    "bn" (default: the same BN architecture as every method, per-step statistics) or "ws" (the paper's
+    scaled weight standardisation without BN)."""
 
-    OPTIONS = {"mse_weight": 0.05, "mse_target": "onehot"}
+    OPTIONS = {"mse_weight": 0.05, "mse_target": "onehot", "norm": "bn"}
+
+    def __init__(self, cfg=None, **kw) -> None:
+        super().__init__(cfg, **kw)
+        if self.options["norm"] not in ("bn", "ws"):
+            raise ValueError(f"{self.name}: option norm must be 'bn' or 'ws', got {self.options['norm']!r}")
 
     def prepare(self, model: nn.Module) -> nn.Module:
+        if self.options["norm"] == "ws" and not model.__dict__.get("_scaled_ws"):
+            use_scaled_ws(model)
+            model.__dict__["_scaled_ws"] = True
         params = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
         for m in params[1:]:
             m._ottt_active = False

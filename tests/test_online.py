@@ -241,3 +241,35 @@ def test_ots_threshold_matches_a_loop():
         assert torch.equal(got[t], spikes), t
         v = h - th * spikes
     assert 0 < got.mean() < 1
+
+
+def test_ottt_scaled_ws_option(digits_batch):
+    from methods.layers import LIF, BatchNorm
+
+    x, y = digits_batch
+    method = METHODS["ottt_a"](MethodConfig(T=3, options={"norm": "ws"}))
+    model = method.build("cnn_digits", 10, 1)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    for c in convs:
+        w = c.weight.detach()  # the standardised weight
+        raw = c.parametrizations.weight.original.detach().double()
+        fan_in = w[0].numel()
+        m = raw.mean((1, 2, 3), keepdim=True)
+        v = raw.var((1, 2, 3), unbiased=True, keepdim=True)
+        assert torch.allclose(w.double(), (raw - m) / torch.sqrt(v * fan_in + 1e-4), atol=1e-6)
+        assert torch.allclose(w.mean((1, 2, 3)), torch.zeros(w.shape[0]), atol=1e-5)
+    bn = next(m for m in model.modules() if isinstance(m, BatchNorm))
+    z = torch.randn(4, bn.num_features, 3, 3)
+    assert torch.equal(bn(z), z)
+    outs = []
+    hooks = [m.register_forward_hook(lambda m, i, o: outs.append(o.detach())) for m in model.modules() if isinstance(m, LIF)]
+    out = method.train_step(model, x, y, torch.optim.SGD(model.parameters(), lr=0.01))
+    for h in hooks:
+        h.remove()
+    assert torch.isfinite(out.loss)
+    assert set(torch.cat([o.flatten() for o in outs]).unique().tolist()) <= {0.0, torch.tensor(2.74).item()}
+    gains = [p for n, p in model.named_parameters() if n.endswith("gain")]
+    assert len(gains) == len(convs) and all(g.grad is not None for g in gains)
+    assert method.infer(model, x).shape == (len(x), 10)
+    with pytest.raises(ValueError, match="norm"):
+        METHODS["ottt_a"](MethodConfig(T=3, options={"norm": "layer"}))
