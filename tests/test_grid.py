@@ -67,7 +67,7 @@ def test_malformed_and_missing_grid_file(tmp_path):
 
 
 def test_shipped_grids_expand():
-    for name, n in (("default", 20 + 5 * 3), ("profile_cpu", 36)):
+    for name, n in (("default", 20 + 5 * 2), ("profile_cpu", 36)):
         gname, spec = load_grid(name)
         cells = expand(spec, gname)
         assert len(cells) == n
