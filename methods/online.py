@@ -30,12 +30,11 @@ from torch.nn.grad import conv2d_input, conv2d_weight
 
 from .base import NULL_PROBE, Method, StepOutput
 from .layers import LIF, BatchNorm, configure, reset_state
+from .neuron import charge, lif_step
 
 
 def _online(self: LIF, x: torch.Tensor) -> torch.Tensor:
     """One step with V_{t-1} detached before the charge: no gradient through time."""
-    from .neuron import lif_step
-
     s, self.v = lif_step(None if self.v is None else self.v.detach(), x, self.neuron)
     return s
 
@@ -262,13 +261,12 @@ def _os_lif(self: LIF, x: torch.Tensor) -> torch.Tensor:
     one mean m_t and std s_t; at t=1 rho = (theta_0 - m_1) / s_1, and at every t theta_t = m_t + rho s_t
     (no gradient). With the flag ``fixed_threshold`` in evaluation, theta_t is the running average of the
     training thresholds of step t instead (inference then does not depend on the test batch)."""
-    from .neuron import charge
-
     cfg = self.neuron
     h = charge(None if self.v is None else self.v.detach(), x, cfg)
     t = self.steps
-    if not self.training and self.flags.get("fixed_threshold") and t in self.os_thresholds:
-        th = self.os_thresholds[t]
+    thresholds = self.__dict__.setdefault("os_thresholds", {})  # running per-step thresholds, kept across batches
+    if not self.training and self.flags.get("fixed_threshold") and t in thresholds:
+        th = thresholds[t]
     else:
         with torch.no_grad():
             std, mean = torch.std_mean(h)
@@ -277,8 +275,8 @@ def _os_lif(self: LIF, x: torch.Tensor) -> torch.Tensor:
                 self.rho = (cfg.threshold - mean) / std
             th = mean + self.rho * std
         if self.training:
-            old = self.os_thresholds.get(t)
-            self.os_thresholds[t] = th.detach().clone() if old is None else old + 0.1 * (th.detach() - old)
+            old = thresholds.get(t)
+            thresholds[t] = th.detach().clone() if old is None else old + 0.1 * (th.detach() - old)
     s = cfg.spike_fn.apply(h - th, cfg.alpha)
     s_r = s.detach() if cfg.detach_reset else s
     self.v = h - th * s_r if cfg.reset == "soft" else h * (1.0 - s_r) + cfg.v_reset * s_r
@@ -357,11 +355,6 @@ class OS(OnlineBase):
     def flags(self) -> dict:
         return {"fixed_threshold": self.options["fixed_test_threshold"]}
 
-    def begin_batch(self, model) -> None:
-        for m in model.modules():
-            if isinstance(m, LIF):
-                m.__dict__.setdefault("os_thresholds", {})
-
     def end_batch(self, model) -> None:
         for m in model.modules():
             if isinstance(m, BatchNorm):
@@ -369,7 +362,7 @@ class OS(OnlineBase):
 
     @torch.no_grad()
     def infer(self, model, x):
-        self.begin_batch(model)
+        """OS evaluates with its own neuron: T single steps with the OTS threshold, BN on running statistics."""
         configure(model, "os", self.T, **self.flags())
         reset_state(model)
         out = sum(model(self.step_input(model, x, t)) for t in range(self.T)) / self.T

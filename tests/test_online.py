@@ -226,7 +226,6 @@ def test_ots_threshold_matches_a_loop():
     T, N = 5, 300
     xs = torch.randn(T, N, dtype=torch.float64) * 0.8 + 0.4
     lif = LIF(cfg)
-    lif.os_thresholds = {}
     configure(lif, "os", T)
     got = torch.stack([lif(xs[t]) for t in range(T)])
     v = torch.zeros(N, dtype=torch.float64)
@@ -273,3 +272,17 @@ def test_ottt_scaled_ws_option(digits_batch):
     assert method.infer(model, x).shape == (len(x), 10)
     with pytest.raises(ValueError, match="norm"):
         METHODS["ottt_a"](MethodConfig(T=3, options={"norm": "layer"}))
+
+
+def test_os_fixed_test_threshold_makes_inference_batch_independent(digits_batch):
+    x, y = digits_batch
+    train = METHODS["os"](MethodConfig(T=3))
+    model = train.build("cnn_digits", 10, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(3):
+        train.train_step(model, x, y, opt)
+    model.eval()
+    fixed = METHODS["os"](MethodConfig(T=3, options={"fixed_test_threshold": True}))
+    assert torch.allclose(fixed.infer(model, x)[:8], fixed.infer(model, x[:8]), atol=1e-6)
+    # the official default: thresholds from the test batch itself, so the rest of the batch matters
+    assert not torch.allclose(train.infer(model, x)[:8], train.infer(model, x[:8]), atol=1e-6)
