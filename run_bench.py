@@ -52,6 +52,10 @@ def cmd_run(a) -> int:
         from bench.errors import UsageError
 
         raise UsageError(f"grid {name!r} has no cells left after the filters")
+    from bench.realdata import LAYOUT, check_dataset
+
+    for ds in sorted({c.dataset for c in cells} & set(LAYOUT)):  # missing data: one message before any cell runs
+        check_dataset(ds, a.data_root)
     out = Path(a.out) if a.out else REPO / "results" / name
     launcher = "inprocess" if a.in_process else ("slurm" if a.slurm else "subprocess")
     slurm = {}
