@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import statistics
 import time
@@ -168,7 +169,7 @@ def run_cell(cell: Cell, data_root: str | None = None, progress: Progress | None
     if nvml_sampler and nvml_sampler.peak is not None:
         row["peak_nvml_mib"] = nvml_sampler.peak_above_baseline / MIB
         row["nvml_baseline_mib"] = nvml_sampler.baseline / MIB
-        proc = nvml.process_used_bytes(__import__("os").getpid())
+        proc = nvml.process_used_bytes(os.getpid())
         row["peak_nvml_process_mib"] = proc / MIB if proc is not None else None
     row["cell_wall_s"] = time.perf_counter() - t_cell
     samples = [{"source": "rss", "t_s": t, "mib": v / MIB} for t, v in rss.samples]

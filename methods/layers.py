@@ -22,7 +22,7 @@ Further modes (online methods) are added by registering handlers in ``LIF.MODES`
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 from torch import nn
@@ -350,6 +350,3 @@ def lif_layers(model: nn.Module) -> list[LIF]:
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
-
-def iter_named(model: nn.Module, kind: type) -> Iterable[tuple[str, nn.Module]]:
-    return ((n, m) for n, m in model.named_modules() if isinstance(m, kind))
