@@ -8,15 +8,7 @@ import json
 import sys
 import time
 
-from .sampler import Sampler
-
-
-def _norm(u) -> str:
-    u = (u.decode() if isinstance(u, bytes) else str(u)).strip().lower()
-    for prefix in ("gpu-", "mig-"):
-        if u.startswith(prefix):
-            u = u[len(prefix):]
-    return u
+from .sampler import Sampler, norm_uuid
 
 
 def main(argv=None) -> int:
@@ -26,7 +18,7 @@ def main(argv=None) -> int:
 
         pynvml.nvmlInit()
         handle = next(h for h in (pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount()))
-                      if _norm(pynvml.nvmlDeviceGetUUID(h)) == _norm(uuid))
+                      if norm_uuid(pynvml.nvmlDeviceGetUUID(h)) == norm_uuid(uuid))
     except Exception as e:  # no NVML, or no such GPU
         print(json.dumps({"error": f"{type(e).__name__}: {e}"}), flush=True)
         return 1

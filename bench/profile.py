@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from .sampler import PeakReadings, Sampler  # noqa: F401  (Sampler re-exported: it lives in a module without torch)
+from .sampler import PeakReadings, Sampler, norm_uuid  # noqa: F401  (Sampler re-exported: it lives in a module without torch)
 
 MIB = float(2**20)
 
@@ -265,11 +265,6 @@ class NvmlDevice:
     mig_mode: str
     other_processes: list[int]
 
-    def used_bytes(self) -> int:
-        import pynvml
-
-        return int(pynvml.nvmlDeviceGetMemoryInfo(self.handle).used)
-
     def process_used_bytes(self, pid: int) -> int | None:
         import pynvml
 
@@ -280,14 +275,6 @@ class NvmlDevice:
         except pynvml.NVMLError:
             return None
         return None
-
-
-def _norm_uuid(u: str) -> str:
-    u = str(u).strip().lower()
-    for prefix in ("gpu-", "mig-"):
-        if u.startswith(prefix):
-            u = u[len(prefix):]
-    return u
 
 
 def nvml_device(device: torch.device) -> tuple[NvmlDevice | None, str | None]:
@@ -303,12 +290,12 @@ def nvml_device(device: torch.device) -> tuple[NvmlDevice | None, str | None]:
     except Exception as e:  # NVMLError_LibraryNotFound, driver not loaded, ...
         return None, f"NVML unavailable: {e}"
     try:
-        want = _norm_uuid(torch.cuda.get_device_properties(device).uuid)
+        want = norm_uuid(torch.cuda.get_device_properties(device).uuid)
         for i in range(pynvml.nvmlDeviceGetCount()):
             h = pynvml.nvmlDeviceGetHandleByIndex(i)
             uuid = pynvml.nvmlDeviceGetUUID(h)
             uuid = uuid.decode() if isinstance(uuid, bytes) else uuid
-            if _norm_uuid(uuid) == want:
+            if norm_uuid(uuid) == want:
                 name = pynvml.nvmlDeviceGetName(h)
                 driver = pynvml.nvmlSystemGetDriverVersion()
                 try:

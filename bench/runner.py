@@ -106,7 +106,7 @@ class _FiringRate:
         self.handles = [m.register_forward_hook(self._hook) for m in model.modules() if isinstance(m, LIF)]
 
     def _hook(self, module, inputs, output) -> None:
-        self.sums.append(output.detach().float().mean())
+        self.sums.append(output.detach().float().mean() / module.out_scale)  # spikes, not OTTT's x2.74 scaled ones
 
     def close(self) -> float | None:
         for h in self.handles:

@@ -7,6 +7,15 @@ import time
 from typing import Callable
 
 
+def norm_uuid(u) -> str:
+    """A GPU UUID as torch and NVML both spell it: lower case, without NVML's "GPU-"/"MIG-" prefix."""
+    u = (u.decode() if isinstance(u, bytes) else str(u)).strip().lower()
+    for prefix in ("gpu-", "mig-"):
+        if u.startswith(prefix):
+            u = u[len(prefix):]
+    return u
+
+
 class PeakReadings:
     """``baseline`` and ``peak`` readings, and the peak above the baseline (None while either is missing)."""
 

@@ -4,7 +4,8 @@ import pytest
 
 import torch
 
-from bench.profile import Sampler, SavedTensorsMeter, TimingProbe, _norm_uuid, nvml_device
+from bench.sampler import norm_uuid
+from bench.profile import Sampler, SavedTensorsMeter, TimingProbe, nvml_device
 
 
 def test_sampler_peak_and_baseline_with_injected_reader():
@@ -45,7 +46,7 @@ def test_nvml_on_cpu_gives_a_reason():
 
 
 def test_uuid_normalisation():
-    assert _norm_uuid("GPU-ABC-123") == _norm_uuid("abc-123") == "abc-123"
+    assert norm_uuid("GPU-ABC-123") == norm_uuid(b"abc-123") == "abc-123"
 
 
 def test_timing_probe_sums_repeated_phases():

@@ -57,3 +57,20 @@ def test_event_frames_profile():
                         batch_size=2, warmup_steps=0, steps=1))
     assert res.status == "ok", res.row["error"]
     assert math.isfinite(res.row["step_time_ms_median"])
+
+
+def test_firing_rate_is_of_spikes_with_ottt_scaled_ws():
+    """OTTT's scaled-WS option multiplies spikes by 2.74 after each neuron; the stored rate stays a rate."""
+    import torch
+
+    from bench.runner import _FiringRate
+    from methods.layers import LIF, configure
+    from methods.neuron import get_preset
+
+    lif = LIF(get_preset("rbp"))
+    lif.out_scale = 2.74
+    configure(lif, "multi", 2)
+    fr = _FiringRate(torch.nn.Sequential(lif))
+    out = lif(torch.tensor([5.0, 5.0, -5.0, -5.0]))  # T=2, two neurons: one always fires, one never
+    assert set(out.tolist()) == {0.0, torch.tensor(2.74).item()}
+    assert fr.close() == 0.5
