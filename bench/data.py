@@ -19,9 +19,9 @@ from .errors import UsageError
 @dataclass(frozen=True)
 class DatasetInfo:
     name: str
-    shape: tuple[int, ...]  # one sample's shape, [C, H, W]
+    shape: tuple[int, ...]  # one frame's shape, [C, H, W]
     num_classes: int
-    frames: int = 0  # event data: frames per sample (the T it must run with); 0 for static images
+    events: bool = False  # event data: a sample is T frames [T, C, H, W] (T from the cell), batched as [T, B, ...]
     description: str = ""
 
 
@@ -31,13 +31,14 @@ SHAPES: dict[str, DatasetInfo] = {
     "cifar10": DatasetInfo("cifar10", (3, 32, 32), 10),
     "cifar100": DatasetInfo("cifar100", (3, 32, 32), 100),
     "imagenet": DatasetInfo("imagenet", (3, 224, 224), 1000),
-    "cifar10_dvs": DatasetInfo("cifar10_dvs", (2, 48, 48), 10, 10),
+    "cifar10_dvs": DatasetInfo("cifar10_dvs", (2, 48, 48), 10, True),
     "mnist": DatasetInfo("mnist", (1, 28, 28), 10),
-    "nmnist": DatasetInfo("nmnist", (2, 34, 34), 10),
+    "nmnist": DatasetInfo("nmnist", (2, 34, 34), 10, True),
 }
 
 # datasets with a loader (digits ships with scikit-learn; the others are read from --data-root, bench/realdata.py)
-DATASETS: dict[str, DatasetInfo] = {n: SHAPES[n] for n in ("digits", "cifar10", "cifar100", "mnist", "imagenet")}
+DATASETS: dict[str, DatasetInfo] = {n: SHAPES[n] for n in
+                                    ("digits", "cifar10", "cifar100", "mnist", "imagenet", "cifar10_dvs", "nmnist")}
 
 
 def dataset_names() -> list[str]:
@@ -49,7 +50,7 @@ def dataset_info(name: str) -> DatasetInfo:
         base = name.split(":", 1)[1]
         if base in SHAPES:
             s = SHAPES[base]
-            return DatasetInfo(name, s.shape, s.num_classes, s.frames, f"random input of {base}'s shape")
+            return DatasetInfo(name, s.shape, s.num_classes, s.events, f"random input of {base}'s shape")
     elif name in DATASETS:
         return DATASETS[name]
     raise UsageError(f"unknown dataset {name!r}; valid: {', '.join(dataset_names())}")
@@ -98,21 +99,23 @@ def load_digits_split() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch
     return x[idx_train], y[idx_train], x[idx_test], y[idx_test]
 
 
-def synthetic(name: str, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def synthetic(name: str, n: int, seed: int, T: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     info = dataset_info(name)
     g = torch.Generator().manual_seed(seed)
-    shape = ((info.frames, n) if info.frames else (n,)) + info.shape
+    shape = ((T, n) if info.events else (n,)) + info.shape
     return torch.rand(shape, generator=g), torch.randint(0, info.num_classes, (n,), generator=g)
 
 
 def get_loaders(name: str, batch_size: int, eval_batch_size: int, seed: int, device: str = "cpu",
-                data_root: str | None = None, train_subset: int = 0) -> tuple[TensorLoader, TensorLoader | None]:
-    """(train loader, test loader) for a dataset name. Synthetic data has no test loader."""
+                data_root: str | None = None, train_subset: int = 0, T: int = 1,
+                encoding: str = "frames") -> tuple[TensorLoader, TensorLoader | None]:
+    """(train loader, test loader) for a dataset name. Synthetic data has no test loader. Event data comes as
+    T frames per sample; ``encoding`` picks count frames or binary spike trains (see bench/realdata.py)."""
     info = dataset_info(name)
     if name.startswith("synthetic:"):
         n = max(batch_size * 4, batch_size)
-        x, y = synthetic(name, n, seed)
-        if info.frames:  # [T, N, ...] frames: batch along dim 1
+        x, y = synthetic(name, n, seed, T)
+        if info.events:  # [T, N, ...] frames: batch along dim 1
             return FrameLoader(x, y, batch_size, device), None
         return TensorLoader(x, y, batch_size, shuffle=False, device=device), None
     if name == "digits":
@@ -123,7 +126,7 @@ def get_loaders(name: str, batch_size: int, eval_batch_size: int, seed: int, dev
                 TensorLoader(xte, yte, eval_batch_size, False, device=device))
     from . import realdata
 
-    return realdata.loaders(name, data_root, batch_size, eval_batch_size, seed, device, train_subset)
+    return realdata.loaders(name, data_root, batch_size, eval_batch_size, seed, device, train_subset, T, encoding)
 
 
 class FrameLoader(TensorLoader):

@@ -277,9 +277,6 @@ def validate(cell: Cell) -> None:
     if not m.supports(cell.arch):
         raise UsageError(f"method {cell.method} does not support arch {cell.arch!r}"
                          + (f"; it supports: {', '.join(sorted(a for a in ARCHS if m.supports(a)))}"))
-    info = dataset_info(cell.dataset)
-    if info.frames and info.frames != cell.T:
-        raise UsageError(f"dataset {cell.dataset} has {info.frames} frames per sample but the cell asks for T={cell.T}")
 
 
 __all__ = ["Cell", "expand", "load_grid", "list_grids", "parse_filters", "parse_sets", "validate", "DATASETS"]

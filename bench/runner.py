@@ -187,7 +187,8 @@ def _train_or_profile(cell: Cell, device: torch.device, data_root, row: dict, ep
     opt = make_optimizer(cell, model)
     n_epochs = cell.epochs if cell.kind == "train" else 0
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(n_epochs, 1)) if (cell.schedule == "cosine" and n_epochs) else None
-    train, test = get_loaders(cell.dataset, cell.batch_size, cell.eval_batch_size, cell.seed, str(device), data_root, cell.train_subset)
+    train, test = get_loaders(cell.dataset, cell.batch_size, cell.eval_batch_size, cell.seed, str(device), data_root,
+                              cell.train_subset, cell.T, method.event_encoding)
     probe = TimingProbe(device)
     params = list(model.parameters())
     step_ms: list[float] = []

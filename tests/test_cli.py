@@ -47,7 +47,7 @@ def tiny(tmp_path):
 @pytest.mark.parametrize("args,msg", [
     (["run", "default", "--filter", "method=sgd"], "unknown method 'sgd'; valid: bptt_m, bptt_s, os, ottt_a, ottt_o, rate_m, rate_s, sltt, sltt_k"),
     (["run", "default", "--filter", "arch=resnet7"], "unknown arch 'resnet7'; valid:"),
-    (["run", "default", "--set", "dataset=cifar11"], "unknown dataset 'cifar11'; valid: cifar10, cifar100, digits, imagenet, mnist"),
+    (["run", "default", "--set", "dataset=cifar11"], "unknown dataset 'cifar11'; valid: cifar10, cifar100, cifar10_dvs, digits, imagenet, mnist, nmnist"),
     (["run", "default", "--filter", "T=0"], "T must be a positive integer"),
     (["run", "default", "--set", "T=-2"], "T must be a positive integer"),
     (["run", "no_such_grid"], "not found; grids here:"),

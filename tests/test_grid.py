@@ -37,7 +37,7 @@ def test_key_covers_result_fields_only():
 @pytest.mark.parametrize("bad,msg", [
     ({"axes": {**SPEC["axes"], "method": ["nope"]}}, "unknown method 'nope'; valid: bptt_m"),
     ({"axes": {**SPEC["axes"], "arch": ["resnet1000"]}}, "unknown arch 'resnet1000'; valid:"),
-    ({"axes": {**SPEC["axes"], "dataset": ["cifar11"]}}, "unknown dataset 'cifar11'; valid: cifar10, cifar100, digits, imagenet, mnist"),
+    ({"axes": {**SPEC["axes"], "dataset": ["cifar11"]}}, "unknown dataset 'cifar11'; valid: cifar10, cifar100, cifar10_dvs, digits, imagenet, mnist, nmnist"),
     ({"axes": {**SPEC["axes"], "T": [0]}}, "T must be a positive integer"),
     ({"axes": {**SPEC["axes"], "T": ["x"]}}, "T must be int"),
     ({"axes": SPEC["axes"], "fixed": {"epochz": 1}}, "unknown cell field 'epochz'"),
@@ -68,7 +68,7 @@ def test_malformed_and_missing_grid_file(tmp_path):
 
 def test_shipped_grids_expand():
     for name, n in (("default", 20 + 5 * 2), ("profile_cpu", 36), ("paper_cifar", 9 * 3 * 2 * 3 * 3), ("paper_cost", 16),
-                    ("paper_imagenet", 6)):
+                    ("paper_imagenet", 6), ("paper_dvs", 27)):
         gname, spec = load_grid(name)
         cells = expand(spec, gname)
         assert len(cells) == n

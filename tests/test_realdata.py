@@ -13,6 +13,7 @@ import torch
 from bench.errors import UsageError
 from bench.grid import Cell
 from bench.realdata import CIFAR_STATS, IMAGENET_STATS, check_dataset, dataset
+from bench.realdata import event_dataset as dataset_events
 from bench.runner import run_cell
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,15 +128,175 @@ def test_missing_data_message(tmp_path, name, what):
         check_dataset(name, None)
 
 
+@pytest.mark.parametrize("name,missing,how", [("cifar10", "data_batch_1", "cs.toronto.edu"),
+                                              ("cifar10_dvs", "airplane", "figshare.com"),
+                                              ("nmnist", "Train", "garrickorchard.com")])
 @pytest.mark.parametrize("grid_data_root", ["empty", "none"])
-def test_missing_data_exits_2(tmp_path, grid_data_root):
+def test_missing_data_exits_2(tmp_path, grid_data_root, name, missing, how):
     g = tmp_path / "g.toml"
-    g.write_text('[axes]\nmethod = ["bptt_m"]\narch = ["cnn_digits"]\ndataset = ["cifar10"]\nT = [1]\n')
+    g.write_text(f'[axes]\nmethod = ["bptt_m"]\narch = ["cnn_digits"]\ndataset = ["{name}"]\nT = [1]\n')
     args = [sys.executable, str(REPO / "run_bench.py"), "run", str(g), "--out", str(tmp_path / "r")]
     if grid_data_root == "empty":
         (tmp_path / "data").mkdir()
         args += ["--data-root", str(tmp_path / "data")]
     r = subprocess.run(args, capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert ("missing: data_batch_1" in r.stderr) if grid_data_root == "empty" else ("needs --data-root" in r.stderr)
-    assert "cs.toronto.edu" in r.stderr
+    assert (f"missing: {missing}" in r.stderr) if grid_data_root == "empty" else ("needs --data-root" in r.stderr)
+    assert how in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------- event data
+
+def write_aedat(path: Path, events: list[tuple[int, int, int, int]]) -> None:
+    """A jAER AEDAT-2 file as CIFAR10-DVS ships it. ``events`` are (t, x, y, p) in SpikingJelly's orientation;
+    the file holds the sensor's raw address: raw x = 127 - y, raw y = 127 - x, raw p = 1 - p."""
+    words = []
+    for t, x, y, p in events:
+        raw_x, raw_y, raw_p = 127 - y, 127 - x, 1 - p
+        words += [(raw_y << 8) | (raw_x << 1) | raw_p, t]
+    header = b"#!AER-DAT2.0\r\n# This is a raw AE data file - do not edit\r\n# Data format is int32 address, int32 timestamp\r\n"
+    path.write_bytes(header + struct.pack(f">{len(words)}I", *words))
+
+
+def random_events(n: int, size: int, t_step: int = 37) -> list[tuple[int, int, int, int]]:
+    t = np.cumsum(rng.integers(1, t_step, size=n))
+    return [(int(t[i]), int(rng.integers(size)), int(rng.integers(size)), int(rng.integers(2))) for i in range(n)]
+
+
+def write_cifar10_dvs(root: Path, per_class: int = 2, n_events: int = 57) -> dict:
+    written = {}
+    for c in ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"):
+        (root / "CIFAR10-DVS" / c).mkdir(parents=True)
+        for i in range(per_class):
+            ev = random_events(n_events, 128)
+            write_aedat(root / "CIFAR10-DVS" / c / f"cifar10_{c}_{i}.aedat", ev)
+            written[(c, i)] = ev
+    return written
+
+
+def loop_count_frames(events, T: int, H: int, W: int) -> np.ndarray:
+    """Frames by a loop over events: T chunks of n // T events, the remainder in the last chunk."""
+    out = np.zeros((T, 2, H, W))
+    per = len(events) // T
+    for k, (_, x, y, p) in enumerate(events):
+        out[min(k // per, T - 1), p, y, x] += 1
+    return out
+
+
+def pil_resize(frames: np.ndarray, size: int) -> np.ndarray:
+    """Bilinear resize of each channel through PIL's float images (an implementation independent of torch)."""
+    from PIL import Image
+
+    return np.stack([[np.asarray(Image.fromarray(ch.astype(np.float32), mode="F").resize((size, size), Image.BILINEAR))
+                      for ch in frame] for frame in frames])
+
+
+def test_cifar10_dvs_aedat_files(tmp_path):
+    from bench.realdata import dvs_split
+
+    written = write_cifar10_dvs(tmp_path)
+    train, test = dataset_events("cifar10_dvs", tmp_path, True, 10), dataset_events("cifar10_dvs", tmp_path, False, 10)
+    assert len(train) == 18 and len(test) == 2
+    order = [(c, i) for c in ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+             for i in range(2)]
+    _, test_idx = dvs_split(20)
+    for k, idx in enumerate(test_idx):
+        c, i = order[idx]
+        x, y = test[k]
+        assert x.shape == (10, 2, 48, 48) and x.dtype == torch.float32 and y == idx // 2
+        want = pil_resize(loop_count_frames(written[(c, i)], 10, 128, 128), 48)
+        assert np.allclose(x.numpy(), want, atol=1e-4, rtol=1e-3)
+    # a training sample is the unaugmented frames flipped or not, then rolled by at most 5 pixels
+    xt, yt = train[0]
+    c, i = order[dvs_split(20)[0][0]]
+    base = torch.from_numpy(pil_resize(loop_count_frames(written[(c, i)], 10, 128, 128), 48)).float()
+    assert any(torch.allclose(xt, torch.roll(b, (dy, dx), (-2, -1)), atol=1e-4, rtol=1e-3)
+               for b in (base, base.flip(-1)) for dy in range(-5, 6) for dx in range(-5, 6))
+
+
+def test_dvs_split_is_9000_1000_and_fixed():
+    from bench.realdata import dvs_split
+
+    tr, te = dvs_split(10000)
+    assert len(tr) == 9000 and len(te) == 1000 and not set(tr) & set(te)
+    assert np.array_equal(dvs_split(10000)[1], te)
+
+
+def write_nmnist_bin(path: Path, events, overflow_after: int | None = None) -> None:
+    """N-MNIST's 40-bit events: x, y, then polarity in bit 7 and a 23-bit microsecond timestamp.
+    An event with y = 240 marks a timestamp overflow (2^13 added to the following events)."""
+    out = bytearray()
+    for k, (t, x, y, p) in enumerate(events):
+        if overflow_after is not None and k == overflow_after:
+            out += bytes([0, 240, 0, 0, 0])
+        ts = t - (2 ** 13 if overflow_after is not None and k >= overflow_after else 0)
+        out += bytes([x, y, (p << 7) | (ts >> 16), (ts >> 8) & 0xFF, ts & 0xFF])
+    path.write_bytes(bytes(out))
+
+
+def write_nmnist(root: Path, n_events: int = 41) -> dict:
+    written = {}
+    for split in ("Train", "Test"):
+        for d in range(10):
+            (root / "NMNIST" / split / str(d)).mkdir(parents=True)
+            ev = sorted(random_events(n_events, 34, t_step=400))
+            ev = [(t + 2 ** 13 if k >= 20 else t, x, y, p) for k, (t, x, y, p) in enumerate(ev)]  # spans an overflow
+            write_nmnist_bin(root / "NMNIST" / split / str(d) / f"{d:05d}.bin", ev, overflow_after=20)
+            written[(split, d)] = ev
+    return written
+
+
+def test_nmnist_bin_files_frames_and_spikes(tmp_path):
+    from bench.realdata import read_nmnist
+
+    written = write_nmnist(tmp_path)
+    ev = written[("Test", 3)]
+    t, x, y, p = read_nmnist(tmp_path / "NMNIST" / "Test" / "3" / "00003.bin")
+    assert [tuple(map(int, e)) for e in zip(t, x, y, p)] == ev
+    frames = dataset_events("nmnist", tmp_path, False, 6)
+    assert len(frames) == 10
+    xf, yf = frames[3]
+    assert xf.shape == (6, 2, 34, 34) and xf.dtype == torch.float32 and yf == 3
+    assert np.array_equal(xf.numpy(), loop_count_frames(ev, 6, 34, 34))
+    spikes = dataset_events("nmnist", tmp_path, False, 30, encoding="spikes")
+    xs, _ = spikes[3]
+    want = np.zeros((30, 2, 34, 34))
+    for tt, xx, yy, pp in ev:
+        b = (tt - ev[0][0]) // 600
+        if b < 30:
+            want[b, pp, yy, xx] = 1.0
+    assert xs.shape == (30, 2, 34, 34) and np.array_equal(xs.numpy(), want) and 0 < want.sum() < len(ev) + 1
+
+
+def test_event_batches_are_time_major(tmp_path):
+    from bench.data import get_loaders
+
+    write_nmnist(tmp_path)
+    train, test = get_loaders("nmnist", 4, 8, 0, data_root=str(tmp_path), T=5)
+    x, y = next(iter(train))
+    assert x.shape == (5, 4, 2, 34, 34) and y.shape == (4,) and y.dtype == torch.long
+    x, y = next(iter(test))
+    assert x.shape == (5, 8, 2, 34, 34) and y.tolist() == list(range(8))
+
+
+@pytest.mark.parametrize("name", ["cifar10_dvs", "nmnist"])
+def test_event_train_cell_end_to_end(tmp_path, name):
+    (write_cifar10_dvs if name == "cifar10_dvs" else write_nmnist)(tmp_path)
+    cell = Cell(method="bptt_m", arch="cnn_digits", dataset=name, T=3, epochs=1, batch_size=4, eval_batch_size=8,
+                warmup_steps=0, arch_options={"widths": [4, 4, 4]})
+    res = run_cell(cell, data_root=str(tmp_path))
+    assert res.status == "ok", res.row["error"]
+    assert 0 <= res.row["acc_top1"] <= 100 and res.row["measured_steps"] >= 0
+
+
+@pytest.mark.parametrize("name,what", [("cifar10_dvs", "CIFAR10-DVS/ with airplane"), ("nmnist", "NMNIST/ with Train, Test")])
+def test_missing_event_data_message(tmp_path, name, what):
+    with pytest.raises(UsageError, match=f"expected .*{what}.*snnbench never downloads"):
+        check_dataset(name, tmp_path)
+    # folders present but a class folder without recordings
+    (write_cifar10_dvs if name == "cifar10_dvs" else write_nmnist)(tmp_path)
+    victim = tmp_path / ("CIFAR10-DVS/ship" if name == "cifar10_dvs" else "NMNIST/Test/7")
+    for f in victim.iterdir():
+        f.unlink()
+    with pytest.raises(UsageError, match=f"no \\*\\.(aedat|bin) files in .*{victim.name}.*never downloads"):
+        check_dataset(name, tmp_path)
