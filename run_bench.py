@@ -5,6 +5,8 @@
     python run_bench.py run GRID [--filter method=rate_m,bptt_m --filter T=1,2,4] [--set epochs=3]
                                  [--data-root DIR] [--out DIR] [--in-process | --slurm]
     python run_bench.py list                  # methods, architectures, datasets, grids
+    python run_bench.py check --baseline B --results R [--tolerance METRIC=PCT] [--invariants R] [--report FILE]
+    python run_bench.py baseline R OUT.parquet  # record R's cells as a baseline, on purpose
 
 Errors a user can cause end with one message and exit code 2.
 """
@@ -125,6 +127,45 @@ def cmd_list(a) -> int:
     return 0
 
 
+def cmd_check(a) -> int:
+    from bench import check
+    from bench.errors import UsageError
+
+    if not a.invariants and not (a.baseline and a.results):
+        raise UsageError("check needs --baseline B and --results R, or --invariants R (or both)")
+    if bool(a.baseline) != bool(a.results):
+        raise UsageError("--baseline and --results go together")
+    failed, parts = False, []
+    if a.baseline:
+        tol = check.parse_tolerances(a.tolerance)
+        table, summary = check.compare(check.read_cells(a.baseline, "baseline"), check.read_cells(a.results, "results"), tol)
+        print(check.format_comparison(table, summary))
+        parts.append(f"## Against the baseline\n\nbaseline `{a.baseline}`, results `{a.results}`\n\n"
+                     + check.format_comparison(table, summary, "github"))
+        failed |= summary["regressions"] > 0
+    if a.invariants:
+        inv = check.invariants(check.read_cells(a.invariants, "results"), a.max_time_ratio, a.flat_tol)
+        if inv.empty:
+            raise UsageError(f"no invariant applies to {a.invariants!r}: it needs rate-BP, online or bptt_m cells at two or more T")
+        print(("\n" if a.baseline else "") + check.format_invariants(inv))
+        parts.append(f"## Invariants\n\nresults `{a.invariants}`\n\n" + check.format_invariants(inv, "github"))
+        failed |= bool((inv["verdict"] != "ok").any())
+    verdict = "FAILED: a regression or a broken invariant" if failed else "passed"
+    print(f"\ngate {verdict}")
+    if a.report:
+        Path(a.report).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.report).write_text(f"# snnbench regression gate: {verdict}\n\n" + "\n\n".join(parts) + "\n")
+    return 1 if failed else 0
+
+
+def cmd_baseline(a) -> int:
+    from bench.check import write_baseline
+
+    n = write_baseline(a.results, a.out)
+    print(f"baseline {a.out}: {n} cell(s) from {a.results}")
+    return 0
+
+
 def cmd_default(a) -> int:
     a.grid, a.filter, a.set, a.out, a.data_root, a.in_process, a.slurm, a.device = "default", [], [], None, None, False, False, "auto"
     a.quiet_summary = True
@@ -155,6 +196,20 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("dir")
     rp.add_argument("--out", help="report folder (default DIR/report)")
     sub.add_parser("list", help="methods, architectures, datasets and grids")
+    c = sub.add_parser("check", help="the regression gate: results against a baseline, and invariants")
+    c.add_argument("--baseline", help="baseline: a parquet file (see `baseline`) or a results folder")
+    c.add_argument("--results", help="results folder to check")
+    c.add_argument("--tolerance", action="append", default=[], metavar="[METHOD:]METRIC=PCT",
+                   help="tolerance in percent, or 'off' (defaults: saved_for_backward_mib 1, peak_*_mib 5, "
+                        "step_time_ms_median 10, num_params 0)")
+    c.add_argument("--invariants", metavar="R", help="check the machine-independent invariants on results R")
+    c.add_argument("--max-time-ratio", type=float, default=0.8,
+                   help="invariant: rate_m step time at the largest T <= this x bptt_m's (default 0.8)")
+    c.add_argument("--flat-tol", type=float, default=2.0, help="invariant: flat in T within this percent (default 2)")
+    c.add_argument("--report", metavar="FILE", help="write the comparison as markdown")
+    b = sub.add_parser("baseline", help="record a results folder's ok cells as one baseline parquet file")
+    b.add_argument("results")
+    b.add_argument("out")
     return p
 
 
@@ -170,6 +225,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_report(args)
         if args.cmd == "list":
             return cmd_list(args)
+        if args.cmd == "check":
+            return cmd_check(args)
+        if args.cmd == "baseline":
+            return cmd_baseline(args)
         return cmd_default(args)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)

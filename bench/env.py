@@ -55,3 +55,27 @@ def environment(device) -> dict:
         env["gpu_name"] = torch.cuda.get_device_name(device)
         env["cudnn_version"] = torch.backends.cudnn.version()
     return env
+
+
+def device_slug(name: str) -> str:
+    """A file-name form of a device name: 'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
+    import re
+
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.env --device-slug``: the slug of cuda:0's name (``cpu`` without a GPU), for baseline names."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m bench.env")
+    p.add_argument("--device-slug", action="store_true", required=True)
+    p.parse_args(argv)
+    import torch
+
+    print(device_slug(torch.cuda.get_device_name(0)) if torch.cuda.is_available() else "cpu")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,5 +1,18 @@
 """Small helpers shared by the tests."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli(*args, env=None, timeout=300):
+    """run_bench.py in a fresh interpreter, as a user runs it."""
+    return subprocess.run([sys.executable, str(REPO / "run_bench.py"), *args], capture_output=True, text=True,
+                          cwd=REPO, env={**os.environ, **(env or {})}, timeout=timeout)
+
 
 class NoOpOptimizer:
     """Stands in for an optimizer so that a test can read the gradients a step produced."""

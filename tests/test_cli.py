@@ -14,6 +14,8 @@ import run_bench
 from bench.store import load_results
 from methods import METHODS, Method
 
+from .helpers import cli
+
 REPO = Path(__file__).resolve().parents[1]
 
 TINY = """
@@ -30,11 +32,6 @@ train_subset = 256
 warmup_steps = 0
 arch_options = { widths = [16] }
 """
-
-
-def cli(*args, env=None, timeout=300):
-    return subprocess.run([sys.executable, str(REPO / "run_bench.py"), *args], capture_output=True, text=True,
-                          cwd=REPO, env={**os.environ, **(env or {})}, timeout=timeout)
 
 
 @pytest.fixture

@@ -62,13 +62,13 @@ def test_malformed_and_missing_grid_file(tmp_path):
     bad.write_text("[axes\nmethod = ")
     with pytest.raises(UsageError, match="not valid TOML"):
         load_grid(bad)
-    with pytest.raises(UsageError, match="not found; grids here: default"):
+    with pytest.raises(UsageError, match="not found; grids here: ci_cpu, ci_gpu, default"):
         load_grid("no_such_grid")
 
 
 def test_shipped_grids_expand():
     for name, n in (("default", 20 + 5 * 2), ("profile_cpu", 36), ("paper_cifar", 9 * 3 * 2 * 3 * 3), ("paper_cost", 16),
-                    ("paper_imagenet", 6), ("paper_dvs", 27)):
+                    ("paper_imagenet", 6), ("paper_dvs", 27), ("ci_cpu", 20), ("ci_gpu", 20)):
         gname, spec = load_grid(name)
         cells = expand(spec, gname)
         assert len(cells) == n

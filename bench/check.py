@@ -1,0 +1,300 @@
+"""The regression gate: a results folder against a baseline, and invariants that need no baseline.
+
+``compare`` matches cells of the results to cells of the baseline by their configuration (method, architecture,
+dataset, T, seed, batch, optimizer settings, options, precision and the device *type*; never the host, the time
+or the grid name), and compares each metric with a tolerance in percent: above ``baseline * (1 + tol)`` is a
+regression, below ``baseline * (1 - tol)`` an improvement, anything between holds. A cell that failed where the
+baseline's succeeded, and a metric the baseline has but the results lack, are regressions too (the gate cannot
+hold what it cannot see). ``invariants`` checks what must hold on any machine: memory flat in T for rate-BP and
+the online methods, growing in T for BPTT, and rate_m's step time a fraction of bptt_m's at the largest T.
+
+pandas only (no torch): the gate runs in a second and can run where the project is not installed with torch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from .errors import UsageError
+
+# columns that define a cell's configuration (what it measures), for matching results to a baseline
+CONFIG_COLUMNS = ("method", "arch", "dataset", "T", "seed", "kind", "batch_size", "epochs", "warmup_steps", "steps",
+                  "optimizer", "lr", "momentum", "weight_decay", "schedule", "neuron", "method_options",
+                  "arch_options", "train_subset", "precision", "device_type")
+ID_COLUMNS = ("method", "arch", "dataset", "T", "seed")
+
+# metric -> tolerance in percent (a larger value is worse for all of them)
+DEFAULT_TOLERANCES: dict[str, float] = {
+    "saved_for_backward_mib": 1.0,
+    "peak_alloc_mib": 5.0,
+    "peak_reserved_mib": 5.0,
+    "peak_nvml_mib": 5.0,
+    "peak_rss_mib": 5.0,
+    "step_time_ms_median": 10.0,
+    "num_params": 0.0,
+}
+
+FLAT_METHODS = ("rate_m", "rate_s", "ottt_a", "ottt_o", "sltt", "sltt_k", "os")
+GROWING_METHODS = ("bptt_m",)
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    """Percent tolerance per metric, optionally per method; ``None`` switches a metric off."""
+
+    default: dict[str, float | None]
+    per_method: dict[tuple[str, str], float | None]
+
+    def get(self, method: str, metric: str) -> float | None:
+        if (method, metric) in self.per_method:
+            return self.per_method[(method, metric)]
+        return self.default.get(metric)
+
+    def metrics(self) -> list[str]:
+        names = {m for m, v in self.default.items() if v is not None} | {m for (_, m), v in self.per_method.items()
+                                                                          if v is not None}
+        return sorted(names)
+
+
+def parse_tolerances(specs: list[str]) -> Tolerances:
+    """``METRIC=PCT`` or ``METHOD:METRIC=PCT``; PCT a number >= 0 or ``off``."""
+    default: dict[str, float | None] = dict(DEFAULT_TOLERANCES)
+    per_method: dict[tuple[str, str], float | None] = {}
+    for spec in specs:
+        key, sep, value = spec.partition("=")
+        if not sep or not key or not value:
+            raise UsageError(f"--tolerance {spec!r}: expected METRIC=PCT or METHOD:METRIC=PCT (PCT a number or 'off')")
+        if value.strip().lower() == "off":
+            pct = None
+        else:
+            try:
+                pct = float(value.rstrip("%"))
+            except ValueError:
+                raise UsageError(f"--tolerance {spec!r}: {value!r} is not a percentage (a number or 'off')") from None
+            if not math.isfinite(pct) or pct < 0:
+                raise UsageError(f"--tolerance {spec!r}: the percentage must be >= 0")
+        method, _, metric = key.rpartition(":")
+        if method:
+            per_method[(method, metric)] = pct
+        else:
+            default[metric] = pct
+    return Tolerances(default, per_method)
+
+
+def read_cells(path: str | Path, what: str) -> pd.DataFrame:
+    """Cell rows from a results folder (as ``run`` writes it) or one parquet file (a baseline)."""
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"{what} {str(path)!r} does not exist")
+    try:
+        if path.is_file():
+            df = pd.read_parquet(path)
+        else:
+            from reports.io import load_results
+
+            df = load_results(path)
+    except Exception as e:  # unreadable parquet, not parquet at all
+        raise UsageError(f"{what} {str(path)!r} cannot be read: {type(e).__name__}: {e}") from None
+    missing = [c for c in ("method", "arch", "dataset", "T", "status") if c not in df.columns]
+    if df.empty or missing:
+        raise UsageError(f"{what} {str(path)!r} holds no result rows"
+                         + (f" (columns missing: {', '.join(missing)})" if missing and not df.empty else ""))
+    return _with_config(df)
+
+
+def _with_config(df: pd.DataFrame) -> pd.DataFrame:
+    df = df.copy()
+    dev = df["device"] if "device" in df.columns else pd.Series("cpu", index=df.index)
+    df["device_type"] = dev.astype(str).str.split(":").str[0]
+    for col in ("method_options", "arch_options"):  # canonical JSON so that key order never splits a match
+        if col in df.columns:
+            df[col] = df[col].map(_canonical_json)
+    return df
+
+
+def _canonical_json(v) -> str:
+    if isinstance(v, str):
+        try:
+            return json.dumps(json.loads(v), sort_keys=True)
+        except ValueError:
+            return v
+    return json.dumps(v or {}, sort_keys=True)
+
+
+def _config_key(df: pd.DataFrame, cols: list[str]) -> pd.Series:
+    return df[cols].astype(str).agg("|".join, axis=1)
+
+
+def compare(baseline: pd.DataFrame, results: pd.DataFrame, tol: Tolerances) -> tuple[pd.DataFrame, dict]:
+    """One row per (matched cell, metric) with baseline, result, ratio, tolerance and verdict, and a summary."""
+    cols = [c for c in CONFIG_COLUMNS if c in baseline.columns and c in results.columns]
+    b, r = baseline.copy(), results.copy()
+    b["_k"], r["_k"] = _config_key(b, cols), _config_key(r, cols)
+    matched = sorted(set(b["_k"]) & set(r["_k"]))
+    summary = {"matched_cells": len(matched), "only_in_results": int((~r["_k"].isin(b["_k"])).sum()),
+               "only_in_baseline": int((~b["_k"].isin(r["_k"])).sum())}
+    if not matched:
+        raise UsageError("no cell of the results matches a cell of the baseline by configuration "
+                         f"({', '.join(cols)}); was the baseline recorded from the same grid?")
+    rows = []
+    for k in matched:
+        bc, rc = b[b["_k"] == k], r[r["_k"] == k]
+        ident = {c: bc.iloc[0][c] for c in ID_COLUMNS}
+        b_ok, r_ok = (bc["status"] == "ok").any(), (rc["status"] == "ok").any()
+        if b_ok and not r_ok:
+            rows.append({**ident, "metric": "status", "baseline": "ok", "result": str(rc.iloc[-1]["status"]),
+                         "ratio": math.nan, "tolerance_pct": math.nan, "verdict": "REGRESSION"})
+            continue
+        if not b_ok:
+            rows.append({**ident, "metric": "status", "baseline": str(bc.iloc[-1]["status"]),
+                         "result": str(rc.iloc[-1]["status"]), "ratio": math.nan, "tolerance_pct": math.nan,
+                         "verdict": "no baseline"})
+            continue
+        bc, rc = bc[bc["status"] == "ok"], rc[rc["status"] == "ok"]
+        for metric in tol.metrics():
+            pct = tol.get(ident["method"], metric)
+            if pct is None:
+                continue
+            bv = _median(bc, metric)
+            rv = _median(rc, metric)
+            if bv is None:
+                continue  # the baseline does not measure it (a GPU column on a CPU baseline): nothing to hold
+            if rv is None:
+                verdict, ratio = "REGRESSION (not measured)", math.nan
+            else:
+                ratio = rv / bv if bv else (1.0 if rv == bv else math.inf)
+                verdict = _verdict(ratio, pct)
+            rows.append({**ident, "metric": metric, "baseline": bv, "result": rv, "ratio": ratio,
+                         "tolerance_pct": pct, "verdict": verdict})
+    table = pd.DataFrame(rows)
+    summary["baseline_device"], summary["results_device"] = _device_names(b), _device_names(r)
+    summary["comparisons"] = len(table)
+    summary["regressions"] = int(table["verdict"].str.startswith("REGRESSION").sum()) if len(table) else 0
+    summary["improvements"] = int((table["verdict"] == "improved").sum()) if len(table) else 0
+    return table, summary
+
+
+def _device_names(df: pd.DataFrame) -> str:
+    """Where a frame was measured: GPU names where there are any, else CPU models."""
+    for col in ("gpu_name", "cpu_model"):
+        if col in df.columns and df[col].notna().any():
+            return ", ".join(sorted(df[col].dropna().astype(str).unique()))
+    return "unknown"
+
+
+def _median(df: pd.DataFrame, metric: str) -> float | None:
+    if metric not in df.columns:
+        return None
+    v = pd.to_numeric(df[metric], errors="coerce").dropna()
+    return float(v.median()) if len(v) else None
+
+
+def _verdict(ratio: float, pct: float) -> str:
+    eps = 1e-12  # a ratio of exactly 1 + tol holds
+    if ratio > 1 + pct / 100 + eps:
+        return "REGRESSION"
+    if ratio < 1 - pct / 100 - eps:
+        return "improved"
+    return "ok"
+
+
+# ---------------------------------------------------------------- invariants
+
+GROUP_COLUMNS = ("arch", "dataset", "kind", "batch_size", "neuron", "arch_options", "precision", "device_type")
+
+
+def invariants(results: pd.DataFrame, max_time_ratio: float = 0.8, flat_tol_pct: float = 2.0,
+               min_growth: float = 0.5) -> pd.DataFrame:
+    """Checks that hold on any machine, each with its measured value and limit:
+
+    - ``flat``: for rate_m, rate_s and the online methods, max/min of ``saved_for_backward_mib`` over T is at
+      most ``1 + flat_tol_pct/100``;
+    - ``grows``: for bptt_m, ``saved_for_backward_mib`` never falls as T grows and saved(T_max)/saved(T_min) is
+      at least ``min_growth * T_max/T_min`` (linear growth gives 1 x that);
+    - ``time``: rate_m's median step time at the largest T both ran is at most ``max_time_ratio`` x bptt_m's.
+    """
+    df = results[results["status"] == "ok"]
+    if "method_options" in df.columns:  # the invariants are stated for the methods as published
+        df = df[df["method_options"] == "{}"]
+    gcols = [c for c in GROUP_COLUMNS if c in df.columns]
+    rows = []
+    for gkey, g in df.groupby(gcols, dropna=False, sort=True):
+        where = " ".join(f"{c}={v}" for c, v in zip(gcols, gkey) if c in ("arch", "dataset", "batch_size", "device_type"))
+        for method, m in g.groupby("method"):
+            saved = m.groupby("T")["saved_for_backward_mib"].median().dropna()
+            if len(saved) < 2:
+                continue
+            label = f"{method} over T={','.join(str(t) for t in saved.index)}"
+            if method in FLAT_METHODS:
+                measured = saved.max() / saved.min()
+                limit = 1 + flat_tol_pct / 100
+                rows.append({"invariant": "saved_for_backward flat in T", "subject": label, "where": where,
+                             "measured": measured, "limit": f"<= {limit:.3f}",
+                             "verdict": "ok" if measured <= limit + 1e-12 else "FAIL"})
+            elif method in GROWING_METHODS:
+                t0, t1 = saved.index.min(), saved.index.max()
+                measured = saved[t1] / saved[t0]
+                limit = min_growth * t1 / t0
+                monotone = bool((saved.diff().dropna() >= 0).all())
+                rows.append({"invariant": "saved_for_backward grows in T", "subject": label, "where": where,
+                             "measured": measured, "limit": f">= {limit:.3f}, non-decreasing",
+                             "verdict": "ok" if (measured >= limit and monotone) else "FAIL"})
+        times = {meth: g[g["method"] == meth].groupby("T")["step_time_ms_median"].median().dropna()
+                 for meth in ("rate_m", "bptt_m")}
+        common = sorted(set(times["rate_m"].index) & set(times["bptt_m"].index))
+        if common:
+            t = common[-1]
+            measured = times["rate_m"][t] / times["bptt_m"][t]
+            rows.append({"invariant": "rate_m step time vs bptt_m", "subject": f"T={t}", "where": where,
+                         "measured": measured, "limit": f"<= {max_time_ratio:.3f}",
+                         "verdict": "ok" if measured <= max_time_ratio else "FAIL"})
+    return pd.DataFrame(rows, columns=["invariant", "subject", "where", "measured", "limit", "verdict"])
+
+
+# ---------------------------------------------------------------- output
+
+def format_comparison(table: pd.DataFrame, summary: dict, fmt: str = "simple") -> str:
+    from tabulate import tabulate
+
+    shown = table.copy()
+    for c in ("baseline", "result"):
+        shown[c] = shown[c].map(lambda v: f"{v:.4g}" if isinstance(v, float) else v)
+    shown["ratio"] = shown["ratio"].map(lambda v: "" if pd.isna(v) else f"{v:.3f}")
+    shown["tolerance_pct"] = shown["tolerance_pct"].map(lambda v: "" if pd.isna(v) else f"+-{v:g}%")
+    head = (f"{summary['matched_cells']} matched cells, {summary['comparisons']} comparisons: "
+            f"{summary['regressions']} regression(s), {summary['improvements']} improvement(s)"
+            + (f"; {summary['only_in_results']} result cell(s) without a baseline" if summary["only_in_results"] else "")
+            + (f"; {summary['only_in_baseline']} baseline cell(s) not run" if summary["only_in_baseline"] else "")
+            + f"\nbaseline measured on: {summary['baseline_device']}; results on: {summary['results_device']}"
+            + ("  (different devices: absolute figures may not compare)"
+               if summary["baseline_device"] != summary["results_device"] else ""))
+    return head + "\n\n" + tabulate(shown, headers="keys", tablefmt=fmt, showindex=False, disable_numparse=True)
+
+
+def format_invariants(table: pd.DataFrame, fmt: str = "simple") -> str:
+    from tabulate import tabulate
+
+    shown = table.copy()
+    shown["measured"] = shown["measured"].map(lambda v: f"{v:.3f}")
+    n_fail = int((table["verdict"] != "ok").sum())
+    return (f"{len(table)} invariant(s), {n_fail} failed\n\n"
+            + tabulate(shown, headers="keys", tablefmt=fmt, showindex=False, disable_numparse=True))
+
+
+def write_baseline(results: str | Path, out: str | Path) -> int:
+    """The ok cells of a results folder as one parquet file: a baseline recorded on purpose."""
+    df = read_cells(results, "results").drop(columns=["device_type"])
+    df = df[df["status"] == "ok"]
+    if df.empty:
+        raise UsageError(f"results {str(results)!r} have no successful cell to record as a baseline")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    from .store import atomic_write_parquet
+
+    atomic_write_parquet(df.reset_index(drop=True), out)
+    return len(df)

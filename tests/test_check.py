@@ -1,0 +1,241 @@
+"""The regression gate (`run_bench.py check`): exit 1 on a regression past tolerance, 0 when all hold, 2 on
+unusable input; invariants with their measured values; a deliberate regression in a real run is caught."""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from bench.check import compare, invariants, parse_tolerances, read_cells
+from bench.errors import UsageError
+from bench.store import atomic_write_parquet, load_results
+
+from .helpers import REPO, cli
+
+
+def cell_row(method="bptt_m", T=4, **metrics):
+    row = {"key": f"{method}-{T}", "status": "ok", "method": method, "arch": "cnn_digits", "dataset": "synthetic:cifar10",
+           "T": T, "seed": 0, "kind": "profile", "batch_size": 32, "epochs": 1, "warmup_steps": 2, "steps": 5,
+           "optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "schedule": "cosine",
+           "neuron": "rbp", "method_options": "{}", "arch_options": "{}", "train_subset": 0, "precision": "fp32",
+           "device": "cpu", "host": "machine-a", "start_time": "2026-01-01T00:00:00",
+           "saved_for_backward_mib": 100.0, "peak_rss_mib": 900.0, "step_time_ms_median": 50.0, "num_params": 1000}
+    row.update(metrics)
+    return row
+
+
+def write(path: Path, rows) -> Path:
+    atomic_write_parquet(pd.DataFrame(rows), path)
+    return path
+
+
+@pytest.fixture
+def baseline(tmp_path):
+    return write(tmp_path / "base.parquet", [cell_row("bptt_m", 4), cell_row("rate_m", 4, saved_for_backward_mib=25.0)])
+
+
+def results_dir(tmp_path, rows, name="res") -> Path:
+    """A results folder as `run` writes it: one parquet per cell under cells/."""
+    d = tmp_path / name / "cells"
+    d.mkdir(parents=True)
+    for r in rows:
+        write(d / f"{r['key']}.parquet", [r])
+    return tmp_path / name
+
+
+def test_equal_results_pass(tmp_path, baseline):
+    res = results_dir(tmp_path, [cell_row("bptt_m", 4, host="machine-b", start_time="2026-02-02"),
+                                 cell_row("rate_m", 4, saved_for_backward_mib=25.0)])
+    r = cli("check", "--baseline", str(baseline), "--results", str(res))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "2 matched cells, 8 comparisons: 0 regression(s)" in r.stdout and "gate passed" in r.stdout
+
+
+@pytest.mark.parametrize("metric,factor,tol_default", [("saved_for_backward_mib", 1.02, 1), ("peak_rss_mib", 1.06, 5),
+                                                       ("step_time_ms_median", 1.11, 10), ("num_params", 1.001, 0)])
+def test_raised_past_tolerance_fails(tmp_path, baseline, metric, factor, tol_default):
+    base = {"saved_for_backward_mib": 100.0, "peak_rss_mib": 900.0, "step_time_ms_median": 50.0, "num_params": 1000}
+    res = results_dir(tmp_path, [cell_row("bptt_m", 4, **{metric: base[metric] * factor}),
+                                 cell_row("rate_m", 4, saved_for_backward_mib=25.0)])
+    r = cli("check", "--baseline", str(baseline), "--results", str(res), "--report", str(tmp_path / "gate.md"))
+    assert r.returncode == 1, r.stdout + r.stderr
+    line = next(ln for ln in r.stdout.splitlines() if metric in ln and "REGRESSION" in ln)
+    assert f"{factor:.3f}" in line and f"+-{tol_default}%" in line and "bptt_m" in line
+    md = (tmp_path / "gate.md").read_text()
+    assert md.startswith("# snnbench regression gate: FAILED") and "| bptt_m" in md and "REGRESSION" in md
+    # just inside the tolerance holds
+    res2 = results_dir(tmp_path, [cell_row("bptt_m", 4, **{metric: base[metric] * (1 + tol_default / 100)}),
+                                  cell_row("rate_m", 4, saved_for_backward_mib=25.0)], "res2")
+    assert cli("check", "--baseline", str(baseline), "--results", str(res2)).returncode == 0
+
+
+def test_improvement_is_reported_not_failed(tmp_path, baseline):
+    res = results_dir(tmp_path, [cell_row("bptt_m", 4, step_time_ms_median=30.0), cell_row("rate_m", 4, saved_for_backward_mib=20.0)])
+    r = cli("check", "--baseline", str(baseline), "--results", str(res))
+    assert r.returncode == 0
+    assert "2 improvement(s)" in r.stdout
+    assert sum("improved" in ln for ln in r.stdout.splitlines()) == 2
+
+
+def test_tolerances_per_metric_and_method(tmp_path, baseline):
+    rows = [cell_row("bptt_m", 4, step_time_ms_median=60.0), cell_row("rate_m", 4, saved_for_backward_mib=25.0, step_time_ms_median=60.0)]
+    res = results_dir(tmp_path, rows)
+    args = ["check", "--baseline", str(baseline), "--results", str(res)]
+    assert cli(*args).returncode == 1  # +20% time on both
+    assert cli(*args, "--tolerance", "step_time_ms_median=25").returncode == 0
+    r = cli(*args, "--tolerance", "rate_m:step_time_ms_median=off")
+    assert r.returncode == 1 and sum("REGRESSION" in ln for ln in r.stdout.splitlines()) == 1
+    assert cli(*args, "--tolerance", "rate_m:step_time_ms_median=off", "--tolerance", "bptt_m:step_time_ms_median=20").returncode == 0
+
+
+def test_failed_cell_and_unmeasured_metric_are_regressions(baseline, tmp_path):
+    b = read_cells(baseline, "baseline")
+    r = read_cells(results_dir(tmp_path, [cell_row("bptt_m", 4, status="oom"), cell_row("rate_m", 4, saved_for_backward_mib=None)]), "r")
+    table, summary = compare(b, r, parse_tolerances([]))
+    assert summary["regressions"] == 2
+    assert set(table.loc[table["verdict"].str.startswith("REGRESSION"), "metric"]) == {"status", "saved_for_backward_mib"}
+
+
+def test_cells_match_by_configuration_not_by_key_or_option_order(tmp_path):
+    b = pd.DataFrame([cell_row("bptt_m", 4, method_options='{"a": 1, "b": 2}', key="x")])
+    r = pd.DataFrame([cell_row("bptt_m", 4, method_options='{"b": 2, "a": 1}', key="y", device="cpu")])
+    from bench.check import _with_config
+
+    table, summary = compare(_with_config(b), _with_config(r), parse_tolerances([]))
+    assert summary["matched_cells"] == 1 and (table["verdict"] == "ok").all()
+
+
+@pytest.mark.parametrize("case", ["unmatched", "unreadable", "missing", "bad_tolerance", "nothing"])
+def test_unusable_input_exits_2(tmp_path, baseline, case):
+    res = results_dir(tmp_path, [cell_row("bptt_m", 8)])  # T=8 is not in the baseline
+    args = ["check", "--baseline", str(baseline), "--results", str(res)]
+    if case == "unreadable":
+        bad = tmp_path / "bad.parquet"
+        bad.write_bytes(b"PAR1 this is not parquet")
+        args[2] = str(bad)
+    elif case == "missing":
+        args[2] = str(tmp_path / "nope.parquet")
+    elif case == "bad_tolerance":
+        args += ["--tolerance", "step_time_ms_median=fast"]
+    elif case == "nothing":
+        args = ["check"]
+    r = cli(*args)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    want = {"unmatched": "no cell of the results matches", "unreadable": "cannot be read", "missing": "does not exist",
+            "bad_tolerance": "not a percentage", "nothing": "needs --baseline"}[case]
+    assert want in r.stderr
+
+
+def test_parse_tolerances():
+    tol = parse_tolerances(["peak_rss_mib=off", "rate_m:step_time_ms_median=25", "forward_ms=15%"])
+    assert tol.get("bptt_m", "peak_rss_mib") is None and tol.get("rate_m", "step_time_ms_median") == 25
+    assert tol.get("bptt_m", "step_time_ms_median") == 10 and tol.get("os", "forward_ms") == 15
+    assert "peak_rss_mib" not in tol.metrics() and "forward_ms" in tol.metrics()
+    for bad in ("x", "=3", "a=-1", "a=nan"):
+        with pytest.raises(UsageError):
+            parse_tolerances([bad])
+
+
+# ---------------------------------------------------------------- invariants
+
+def inv_rows(bptt_saved, rate_saved, online_saved, bptt_time8, rate_time8):
+    rows = []
+    for i, T in enumerate((1, 4, 8)):
+        rows.append(cell_row("bptt_m", T, saved_for_backward_mib=bptt_saved[i], step_time_ms_median=10.0 * T if T < 8 else bptt_time8))
+        rows.append(cell_row("rate_m", T, saved_for_backward_mib=rate_saved[i], step_time_ms_median=5.0 * T if T < 8 else rate_time8))
+        rows.append(cell_row("sltt", T, saved_for_backward_mib=online_saved[i]))
+    return read_cells_df(rows)
+
+
+def read_cells_df(rows):
+    from bench.check import _with_config
+
+    return _with_config(pd.DataFrame(rows))
+
+
+def test_invariants_hold_and_report_measured_values():
+    t = invariants(inv_rows((10, 40, 80), (10, 10, 10.1), (10, 10, 10), 100.0, 50.0), max_time_ratio=0.6)
+    assert (t["verdict"] == "ok").all() and len(t) == 4
+    by = dict(zip(t["invariant"] + " " + t["subject"], t["measured"]))
+    assert by["saved_for_backward grows in T bptt_m over T=1,4,8"] == pytest.approx(8.0)
+    assert by["saved_for_backward flat in T rate_m over T=1,4,8"] == pytest.approx(1.01)
+    assert by["rate_m step time vs bptt_m T=8"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("broken,which", [
+    (dict(rate_saved=(10, 20, 40)), "saved_for_backward flat in T"),
+    (dict(online_saved=(10, 10, 10.5)), "saved_for_backward flat in T"),
+    (dict(bptt_saved=(10, 12, 14)), "saved_for_backward grows in T"),   # grows, but far slower than T
+    (dict(bptt_saved=(10, 50, 40)), "saved_for_backward grows in T"),   # falls from T=4 to 8
+    (dict(rate_time8=90.0), "rate_m step time vs bptt_m"),
+])
+def test_broken_invariant_fails(broken, which):
+    args = dict(bptt_saved=(10, 40, 80), rate_saved=(10, 10, 10), online_saved=(10, 10, 10), bptt_time8=100.0, rate_time8=50.0)
+    args.update(broken)
+    t = invariants(inv_rows(**args), max_time_ratio=0.6)
+    failed = t[t["verdict"] != "ok"]
+    assert len(failed) == 1 and failed["invariant"].iloc[0] == which
+
+
+def test_invariants_cli(tmp_path):
+    res = results_dir(tmp_path, [cell_row("rate_m", 1), cell_row("rate_m", 8, saved_for_backward_mib=300.0)])
+    r = cli("check", "--invariants", str(res))
+    assert r.returncode == 1 and "FAIL" in r.stdout and "3.000" in r.stdout
+    none = results_dir(tmp_path, [cell_row("rate_m", 1)], "one_T")
+    r = cli("check", "--invariants", str(none))
+    assert r.returncode == 2 and "no invariant applies" in r.stderr
+
+
+# ---------------------------------------------------------------- end to end
+
+GRID = """
+name = "gate_e2e"
+[axes]
+method = ["bptt_m", "rate_m"]
+arch = ["cnn_digits"]
+dataset = ["synthetic:cifar10"]
+T = [1, 2]
+[fixed]
+kind = "profile"
+batch_size = 8
+warmup_steps = 1
+steps = 2
+arch_options = { widths = [8, 8, 8] }
+"""
+
+# a code change, not a configuration change: every worker started with this on its path runs bptt_m with an
+# extra activation kept alive, while the cells' configuration (and so their match to the baseline) is unchanged
+REGRESSION = (f"import sys\nsys.path.insert(0, {str(REPO)!r})\nimport methods.bptt\n"
+              "methods.bptt.BPTTMulti.OPTIONS = {**methods.bptt.BPTTMulti.OPTIONS, 'keep_extra_activation': True}\n")
+
+
+def test_deliberate_regression_is_caught_end_to_end(tmp_path):
+    grid = tmp_path / "g.toml"
+    grid.write_text(GRID)
+    r = cli("run", str(grid), "--out", str(tmp_path / "base"), "--device", "cpu", "--in-process")
+    assert r.returncode == 0, r.stderr
+    r = cli("baseline", str(tmp_path / "base"), str(tmp_path / "baseline.parquet"))
+    assert r.returncode == 0 and "4 cell(s)" in r.stdout
+    # an unchanged rerun passes on the deterministic metrics
+    r = cli("run", str(grid), "--out", str(tmp_path / "same"), "--device", "cpu", "--in-process")
+    gate = ["check", "--baseline", str(tmp_path / "baseline.parquet"), "--tolerance", "step_time_ms_median=off",
+            "--tolerance", "peak_rss_mib=off"]
+    ok = cli(*gate, "--results", str(tmp_path / "same"))
+    assert ok.returncode == 0, ok.stdout
+    # the same grid with the regression injected into the workers
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(REGRESSION)
+    r = cli("run", str(grid), "--out", str(tmp_path / "regressed"), "--device", "cpu", "--in-process", env={"PYTHONPATH": str(hook)})
+    assert r.returncode == 0, r.stderr
+    bad = cli(*gate, "--results", str(tmp_path / "regressed"))
+    assert bad.returncode == 1, bad.stdout
+    regressions = [ln for ln in bad.stdout.splitlines() if "REGRESSION" in ln]
+    assert len(regressions) == 2 and all("bptt_m" in ln and "saved_for_backward_mib" in ln for ln in regressions)
+    base, regressed = load_results(tmp_path / "base"), load_results(tmp_path / "regressed")
+    assert json.loads(regressed["method_options"].iloc[0]) == {}  # configuration unchanged: the code regressed
+    b = base.set_index(["method", "T"])["saved_for_backward_mib"]
+    g = regressed.set_index(["method", "T"])["saved_for_backward_mib"]
+    assert (g.loc["bptt_m"] > b.loc["bptt_m"] * 1.01).all() and (g.loc["rate_m"] == b.loc["rate_m"]).all()
