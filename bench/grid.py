@@ -67,7 +67,7 @@ class Cell:
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4  # conv/linear weights only
-    schedule: str = "cosine"  # "cosine" | "constant"
+    schedule: str = "cosine"  # "cosine" | "constant" | "invsqrt" (lr / sqrt(epoch + 1))
     neuron: str = "rbp"
     method_options: dict = field(default_factory=dict, hash=False)
     arch_options: dict = field(default_factory=dict, hash=False)
@@ -263,8 +263,8 @@ def validate(cell: Cell) -> None:
         raise UsageError("epochs, warmup_steps and train_subset must be >= 0")
     if cell.optimizer not in ("sgd", "adam"):
         raise UsageError(f"optimizer must be 'sgd' or 'adam', got {cell.optimizer!r}")
-    if cell.schedule not in ("cosine", "constant"):
-        raise UsageError(f"schedule must be 'cosine' or 'constant', got {cell.schedule!r}")
+    if cell.schedule not in ("cosine", "constant", "invsqrt"):
+        raise UsageError(f"schedule must be 'cosine', 'constant' or 'invsqrt', got {cell.schedule!r}")
     if cell.precision not in ("fp32",):
         raise UsageError(f"precision must be 'fp32' (the only one implemented), got {cell.precision!r}")
     if not (cell.device == "cpu" or cell.device.startswith("cuda")):

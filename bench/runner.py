@@ -92,6 +92,15 @@ def make_optimizer(cell: Cell, model: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(groups, lr=cell.lr, momentum=cell.momentum)
 
 
+def make_schedule(cell: Cell, opt: torch.optim.Optimizer, n_epochs: int):
+    """Per-epoch lr schedule: cosine to 0 over the epochs, invsqrt (lr / sqrt(epoch + 1), HM2-BP's), or none."""
+    if not n_epochs or cell.schedule == "constant":
+        return None
+    if cell.schedule == "invsqrt":
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1.0 / math.sqrt(epoch + 1))
+    return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(n_epochs, 1))
+
+
 def _pct(xs: list[float], q: float) -> float | None:
     if not xs:
         return None
@@ -182,11 +191,12 @@ def _train_or_profile(cell: Cell, device: torch.device, data_root, row: dict, ep
     _seed(cell.seed)
     info = dataset_info(cell.dataset)
     method = METHODS[cell.method](MethodConfig(T=cell.T, neuron=cell.neuron, options=dict(cell.method_options)))
-    model = method.build(cell.arch, num_classes=info.num_classes, in_channels=info.shape[0], **cell.arch_options).to(device)
+    model = method.build(cell.arch, num_classes=info.num_classes, in_channels=info.shape[0], input_shape=info.shape,
+                         **cell.arch_options).to(device)
     row["num_params"] = count_parameters(model)
     opt = make_optimizer(cell, model)
     n_epochs = cell.epochs if cell.kind == "train" else 0
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(n_epochs, 1)) if (cell.schedule == "cosine" and n_epochs) else None
+    sched = make_schedule(cell, opt, n_epochs)
     train, test = get_loaders(cell.dataset, cell.batch_size, cell.eval_batch_size, cell.seed, str(device), data_root,
                               cell.train_subset, cell.T, method.event_encoding)
     probe = TimingProbe(device)

@@ -10,6 +10,7 @@ from typing import Callable
 
 from .base import NULL_PROBE, Method, MethodConfig, NullProbe, StepOutput
 from .bptt import BPTTMulti, BPTTSingle
+from .hm2bp import HM2BP
 from .models import ARCHS
 from .neuron import PRESETS, NeuronConfig, get_preset
 from .online import OS, OTTTA, OTTTO, SLTT, SLTTK
@@ -18,7 +19,7 @@ from .rate import RateMulti, RateSingle
 __version__ = "0.1.0"
 
 METHODS: dict[str, Callable[..., Method]] = {
-    cls.name: cls for cls in (BPTTMulti, BPTTSingle, RateMulti, RateSingle, OTTTA, OTTTO, SLTT, SLTTK, OS)
+    cls.name: cls for cls in (BPTTMulti, BPTTSingle, RateMulti, RateSingle, OTTTA, OTTTO, SLTT, SLTTK, OS, HM2BP)
 }
 
 __all__ = [

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import configure, reset_state
-from .models import ARCHS
+from .models import ARCHS, LIF_ARCHS
 from .neuron import NeuronConfig, get_preset
 
 
@@ -81,7 +81,7 @@ class Method:
 
     # ---- interface
     def supports(self, arch: str) -> bool:
-        return arch in ARCHS
+        return arch in LIF_ARCHS
 
     def build(self, arch: str, num_classes: int, in_channels: int | None = None, **arch_kw) -> nn.Module:
         if not self.supports(arch):

@@ -7,6 +7,7 @@ from typing import Callable
 from torch import nn
 
 from ..neuron import NeuronConfig, get_preset
+from .hm2 import HM2_ARCHS, hm2_cnn, hm2_mlp
 from .preact_resnet import preact_resnet34
 from .resnet import resnet18, resnet19
 from .sew_resnet import sew_resnet34
@@ -14,10 +15,17 @@ from .small import cnn_digits, mlp
 from .vgg import vgg11, vgg13, vggsnn_cifar, vggsnn_dvs
 
 
+# builders whose input size is an ``input_hw`` argument: the harness fills it from the dataset's shape
+TAKES_INPUT_HW = {"mlp", "hm2_mlp", "hm2_cnn"}
+
+
 def _with_default_neuron(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    def build(num_classes: int = 10, in_channels: int | None = None, neuron: str | NeuronConfig | None = None, **kw) -> nn.Module:
+    def build(num_classes: int = 10, in_channels: int | None = None, neuron: str | NeuronConfig | None = None,
+              input_shape: tuple[int, ...] | None = None, **kw) -> nn.Module:
         if in_channels is not None:
             kw["in_channels"] = in_channels
+        if input_shape is not None and builder.__name__ in TAKES_INPUT_HW and "input_hw" not in kw:
+            kw["input_hw"] = tuple(input_shape[-2:])
         return builder(num_classes=num_classes, neuron=get_preset(neuron), **kw)
 
     build.__name__ = builder.__name__
@@ -27,7 +35,9 @@ def _with_default_neuron(builder: Callable[..., nn.Module]) -> Callable[..., nn.
 
 ARCHS: dict[str, Callable[..., nn.Module]] = {
     f.__name__: _with_default_neuron(f)
-    for f in (resnet18, resnet19, vgg11, vgg13, vggsnn_cifar, vggsnn_dvs, sew_resnet34, preact_resnet34, cnn_digits, mlp)
+    for f in (resnet18, resnet19, vgg11, vgg13, vggsnn_cifar, vggsnn_dvs, sew_resnet34, preact_resnet34, cnn_digits, mlp,
+              hm2_mlp, hm2_cnn)
 }
+LIF_ARCHS = set(ARCHS) - set(HM2_ARCHS)  # the architectures of LIF/BN layers every surrogate-gradient method trains
 
-__all__ = ["ARCHS"]
+__all__ = ["ARCHS", "HM2_ARCHS", "LIF_ARCHS"]

@@ -1,0 +1,233 @@
+"""HM2-BP: hybrid macro/micro backpropagation (Jin, Zhang, Li, NeurIPS 2018), batched and vectorised over time.
+
+The network is simulated forward with no autograd; the gradient is computed once per batch from whole spike
+trains (shared/research/methods.md §6):
+
+- neuron, per step: v <- v(1 - 1/tau_m); c <- c(1 - 1/tau_s); c += I(t-1) (the layer's input response one step
+  earlier); v += c/tau_s; during the refractory period (2 steps after a spike) v = 0; a spike when
+  v > V_th - 1e-6, then v = 0. tau_m = 64, tau_s = 8. The input responses of all steps come from one op
+  (matmul or convolution) over [T*B, ...].
+- loss (macro level) on output spike counts o: target 35 for the label, 5 for the others, delta = o - y where
+  |o - y| > margin 5, else 0. A silent label neuron gets 35 evenly spaced spikes for the S-PSP and the counts
+  the gradient divides by (not for delta), so that its S-PSP is not zero and learning can start.
+- S-PSP (micro level) e_{i|j}: for post spikes t_1 < t_2 < ... of i, r_k = t_{k-1} + 2 (r_1 = 0), s_k = t_k - r_k;
+  each pre spike of j at t_p arrives at q = t_p + 2; when q <= t_k, u = t_k - q, it contributes K(u) if u <= s_k
+  and exp(-(u - s_k)/tau_s) K(s_k) otherwise, K(u) = (exp(-u/tau_m) - exp(-u/tau_s)) / (1 - tau_s/tau_m).
+  e = 0.1 where i never fires and j does. (The CUDA code also drops pre spikes older than 4 tau_m before t_k;
+  this port does not: it only matters after > 256 silent steps.)
+- gradients: delta~_i = delta_i / V_th; dE/dw_ij = delta~_i e_{i|j} (1 + sigma_i), sigma_i = sum_j w_ij e_{i|j} /
+  (V_th o_i) (0.5 where o_i = 0); the error of the layer below delta_j = sum_i delta~_i w_ij e_{i|j} / o_j
+  (sum_i delta~_i w_ij where o_j = 0). Adam with lr/sqrt(epoch + 1) (grid: optimizer = "adam",
+  schedule = "invsqrt").
+
+Vectorised S-PSP: with pre traces A^x_j(tau) = sum_{q_p <= tau} exp(-(tau - q_p)/tau_x) (x in {m, s}, one
+[T, T] decay matrix times the shifted spike trains) and post coefficients P^x_i(t) built from each post
+neuron's spike times by one scatter over time, e_{i|j} = sum_t P^m_i(t) A^m_j(t) + P^s_i(t) A^s_j(t) (+ the 0.1
+floor). Every quantity the gradient needs is then a contraction over (batch, time) done with the layer's own
+op and its vector-Jacobian products: e is never materialised and nothing loops over spikes or synapses.
+
+Not ported: the output layer's lateral inhibition and its gradient factor, the weight regulariser (lambda,
+beta, limit 8), the bias injected every ``dummyFreq`` steps and N-MNIST's saccade stabilisation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .base import NULL_PROBE, Method, Probe, StepOutput
+from .models.hm2 import HM2_ARCHS, HM2Net, HM2Neuron, simulate  # noqa: F401  (simulate: the forward, re-exported)
+
+TARGET_LABEL, TARGET_OTHER, MARGIN = 35.0, 5.0, 5.0
+ARRIVAL_DELAY = 2  # a pre spike at t_p enters the S-PSP at q = t_p + 2
+SILENT_PSP = 0.1  # e_{i|j} where i never fires and j does
+POISSON_DIVISOR = 5.5  # per-step spike probability = intensity / 5.5 (<= 0.18)
+
+
+def psp_kernel(u: torch.Tensor, n: HM2Neuron) -> torch.Tensor:
+    return (torch.exp(-u / n.tau_m) - torch.exp(-u / n.tau_s)) / (1.0 - n.tau_s / n.tau_m)
+
+
+# ---------------------------------------------------------------- S-PSP in matmul form
+
+def decay_matrix(T: int, tau: float, dtype=torch.float32, device=None) -> torch.Tensor:
+    """D[tau, q] = exp(-(tau - q)/tau_x) for q <= tau, else 0."""
+    t = torch.arange(T, device=device, dtype=torch.float64)
+    d = t[:, None] - t[None, :]
+    return torch.where(d >= 0, torch.exp(-d.clamp(min=0) / tau), torch.zeros((), dtype=torch.float64, device=device)).to(dtype)
+
+
+def pre_traces(spikes: torch.Tensor, n: HM2Neuron = HM2Neuron()) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A^m, A^s), each [T, B, ...]: the decayed sums of the pre spikes that have arrived (q = t_p + 2 <= tau)."""
+    T = spikes.shape[0]
+    shifted = torch.zeros_like(spikes)
+    if T > ARRIVAL_DELAY:
+        shifted[ARRIVAL_DELAY:] = spikes[:-ARRIVAL_DELAY]
+    flat = shifted.reshape(T, -1)
+    return tuple(
+        (decay_matrix(T, tau, spikes.dtype, spikes.device) @ flat).reshape(spikes.shape) for tau in (n.tau_m, n.tau_s)
+    )
+
+
+def post_coefficients(spikes: torch.Tensor, n: HM2Neuron = HM2Neuron()) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P^m, P^s), each [T, B, ...], such that e_{i|j} = sum_t P^m_i(t) A^m_j(t) + P^s_i(t) A^s_j(t)."""
+    T = spikes.shape[0]
+    dtype = spikes.dtype
+    idx = torch.arange(T, device=spikes.device).view(T, *([1] * (spikes.dim() - 1))).expand_as(spikes)
+    last = torch.where(spikes > 0, idx, torch.full_like(idx, -1)).cummax(0).values  # last spike time <= t
+    prev = torch.cat([torch.full_like(last[:1], -1), last[:-1]])  # last spike time < t
+    r = torch.where(prev >= 0, prev + 2, torch.zeros_like(prev))
+    s = (idx - r).to(dtype)
+    c = 1.0 - n.tau_s / n.tau_m
+    pm = spikes / c
+    ps = -spikes / c
+    has_before = (r - 1 >= 0).to(dtype) * spikes  # pre spikes that arrived before the reset window
+    at = (r - 1).clamp(min=0)
+    pm = pm.scatter_add(0, at, -has_before * torch.exp(-(s + 1) / n.tau_m) / c)
+    ps = ps.scatter_add(0, at, has_before * (torch.exp(-(s + 1) / n.tau_s) / c
+                                              + psp_kernel(s, n) * math.exp(-1.0 / n.tau_s)))
+    return pm, ps
+
+
+def spsp_dense(pre: torch.Tensor, post: torch.Tensor, n: HM2Neuron = HM2Neuron()) -> torch.Tensor:
+    """e [B, N_post, N_pre] for flat trains pre [T, B, N_pre], post [T, B, N_post] (tests and small layers)."""
+    am, as_ = pre_traces(pre, n)
+    pm, ps = post_coefficients(post, n)
+    e = torch.einsum("tbi,tbj->bij", pm, am) + torch.einsum("tbi,tbj->bij", ps, as_)
+    silent = (post.sum(0) == 0).to(pre.dtype)
+    active = (pre.sum(0) > 0).to(pre.dtype)
+    return e + SILENT_PSP * silent[:, :, None] * active[:, None, :]
+
+
+# ---------------------------------------------------------------- gradients
+
+def count_errors(counts: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """delta = o - target outside the margin, 0 inside it."""
+    target = torch.full_like(counts, TARGET_OTHER)
+    target.scatter_(1, y[:, None], TARGET_LABEL)
+    d = counts - target
+    return torch.where(d.abs() > MARGIN, d, torch.zeros_like(d))
+
+
+def inject_label_spikes(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Where a sample's label neuron is silent, 35 evenly spaced spikes in its train (a copy)."""
+    T, B = out.shape[:2]
+    silent = out[:, torch.arange(B), y].sum(0) == 0
+    if not silent.any():
+        return out
+    out = out.clone()
+    k = min(int(TARGET_LABEL), T)
+    times = torch.linspace(0, T - 1, k, device=out.device).round().long()
+    for b in torch.nonzero(silent).flatten().tolist():
+        out[times, b, y[b]] = 1.0
+    return out
+
+
+def _vjp(op: nn.Module, x: torch.Tensor, g: torch.Tensor, wrt_input: bool) -> tuple[torch.Tensor | None, list]:
+    """(g^T d op/d x, [g^T d op/d w for each trainable weight]) for a linear op at input x."""
+    params = [p for p in op.parameters() if p.requires_grad]
+    with torch.enable_grad():
+        xi = x.detach().requires_grad_(wrt_input)
+        out = op(xi)
+        inputs = ([xi] if wrt_input else []) + params
+        if not inputs:
+            return None, []
+        grads = torch.autograd.grad(out, inputs, g, allow_unused=True)
+    if wrt_input:
+        return grads[0], list(grads[1:])
+    return None, list(grads)
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:  # [T, B, ...] -> [T*B, ...]
+    return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
+
+
+def layer_gradient(op: nn.Module, pre: torch.Tensor, post: torch.Tensor, counts_post: torch.Tensor,
+                   delta: torch.Tensor, threshold: float, n: HM2Neuron, need_input_error: bool):
+    """Weight gradients (summed over the batch) of one layer and the error of the layer below.
+
+    pre [T, B, ...in], post [T, B, ...out] spike trains; counts_post [B, ...out] the counts the S-PSP divides by;
+    delta [B, ...out] the count error of this layer.
+    """
+    T, B = pre.shape[:2]
+    am, as_ = pre_traces(pre, n)
+    pm, ps = post_coefficients(post, n)
+    o_pre = pre.sum(0)
+    active = (o_pre > 0).to(pre.dtype)
+    silent = (post.sum(0) == 0).to(pre.dtype)
+    dt = delta / threshold  # delta~
+    with torch.no_grad():
+        # sum_j w_ij e_{i|j}: the op applied to the traces, contracted with the post coefficients
+        a = (pm * op(_flat(am)).reshape(post.shape)).sum(0) + (ps * op(_flat(as_)).reshape(post.shape)).sum(0)
+        a = a + SILENT_PSP * silent * op(active)
+        sigma = torch.where(counts_post > 0, a / (threshold * counts_post.clamp(min=1e-12)), torch.full_like(a, 0.5))
+        gw = dt * (1.0 + sigma)
+    x_all = torch.cat([_flat(am), _flat(as_), active])
+    g_w = torch.cat([_flat(gw * pm), _flat(gw * ps), gw * silent * SILENT_PSP])
+    _, wgrads = _vjp(op, x_all, g_w, wrt_input=False)
+    delta_below = None
+    if need_input_error:
+        g_in = torch.cat([_flat(dt * pm), _flat(dt * ps), dt * silent, dt])
+        x_in = torch.cat([_flat(am), _flat(as_), active, active])  # the input value does not enter a linear vjp
+        back, _ = _vjp(op, x_in, g_in, wrt_input=True)
+        bm, bs = back[:T * B].reshape(pre.shape), back[T * B:2 * T * B].reshape(pre.shape)
+        b_silent, b_plain = back[2 * T * B:2 * T * B + B], back[2 * T * B + B:]
+        weighted = (am * bm).sum(0) + (as_ * bs).sum(0) + SILENT_PSP * active * b_silent  # sum_i dt_i w_ij e_ij
+        delta_below = torch.where(o_pre > 0, weighted / o_pre.clamp(min=1e-12), b_plain)
+    return wgrads, delta_below
+
+
+def encode(x: torch.Tensor, T: int, model: nn.Module) -> torch.Tensor:
+    """Spike trains [T, B, ...]: event input is used as it is (binary bins), static intensities in [0, 1]
+    become Poisson (Bernoulli per step) spikes with probability intensity / 5.5."""
+    if x.dim() == getattr(model, "sample_ndim", 3) + 2:
+        return (x > 0).to(torch.float32)
+    p = (x.clamp(0, 1) / POISSON_DIVISOR).unsqueeze(0).expand(T, *x.shape)
+    return torch.bernoulli(p)
+
+
+class HM2BP(Method):
+    """HM2-BP on ``hm2_mlp`` / ``hm2_cnn``; any batch size (1 reproduces the paper)."""
+
+    name = "hm2bp"
+    OPTIONS: dict = {}
+    event_encoding = "spikes"
+
+    def supports(self, arch: str) -> bool:
+        return arch in HM2_ARCHS
+
+    def build(self, arch: str, num_classes: int, in_channels: int | None = None, **arch_kw) -> nn.Module:
+        if not self.supports(arch):
+            raise ValueError(f"method {self.name} does not support arch {arch!r}; it supports: {', '.join(sorted(HM2_ARCHS))}")
+        from .models import ARCHS
+
+        return ARCHS[arch](num_classes=num_classes, in_channels=in_channels, **arch_kw)
+
+    def train_step(self, model: HM2Net, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,
+                   probe: Probe = NULL_PROBE) -> StepOutput:
+        n = model.neuron
+        with probe.phase("forward"), torch.no_grad():
+            trains = model.run(encode(x, self.T, model))
+            counts = trains[-1].sum(0)
+            delta = count_errors(counts, y)
+            loss = 0.5 * (delta ** 2).sum(1).mean()
+        with probe.phase("backward"), torch.no_grad():
+            optimizer.zero_grad(set_to_none=True)
+            B = x.shape[1] if x.dim() == model.sample_ndim + 2 else x.shape[0]
+            post = inject_label_spikes(trains[-1], y)
+            for layer in range(len(model.ops) - 1, -1, -1):
+                op, pre = model.ops[layer], trains[layer]
+                wgrads, delta_below = layer_gradient(op, pre, post, post.sum(0), delta, model.thresholds[layer], n,
+                                                     need_input_error=layer > 0)
+                for p, g in zip([p for p in op.parameters() if p.requires_grad], wgrads):
+                    p.grad = g / B
+                delta, post = delta_below, pre
+        with probe.phase("optimizer"):
+            optimizer.step()
+        return StepOutput(loss.detach(), counts.detach())
+
+    @torch.no_grad()
+    def infer(self, model: HM2Net, x: torch.Tensor) -> torch.Tensor:
+        return model(encode(x, self.T, model))
