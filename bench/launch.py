@@ -104,9 +104,13 @@ class ProgressDisplay:
 
 
 def cell_cost(cell: Cell) -> float:
-    """A rough relative cost of a cell for the ETA: steps x T (plus a fixed start-up)."""
+    """A rough relative cost of a cell for the ETA: steps x T x the method's cost of a timestep (plus a fixed
+    start-up)."""
+    from methods import METHODS
+
     steps = cell.epochs * 50 if cell.kind == "train" else cell.warmup_steps + 1 + cell.steps
-    return 10.0 + cell.T * steps
+    per_t = getattr(METHODS.get(cell.method), "eta_timestep_cost", 1.0)
+    return 10.0 + cell.T * steps * per_t
 
 
 def _set_pdeathsig() -> None:  # pragma: no cover - runs in the child

@@ -64,6 +64,7 @@ class Method:
 
     name = "method"
     OPTIONS: dict[str, Any] = {}  # option name -> default; anything else is refused
+    eta_timestep_cost = 1.0  # relative cost of one timestep, only for a grid's ETA
     event_encoding = "frames"  # how event datasets reach this method: "frames" (event counts) or "spikes" (binary bins)
 
     def __init__(self, cfg: MethodConfig | None = None, **kw) -> None:

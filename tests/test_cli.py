@@ -42,7 +42,11 @@ def tiny(tmp_path):
 
 
 @pytest.mark.parametrize("args,msg", [
-    (["run", "default", "--filter", "method=sgd"], "unknown method 'sgd'; valid: bptt_m, bptt_s, os, ottt_a, ottt_o, rate_m, rate_s, sltt, sltt_k"),
+    (["run", "default", "--filter", "method=sgd"], "unknown method 'sgd'; valid: bptt_m, bptt_s, hm2bp, os, ottt_a, ottt_o, rate_m, rate_s, sltt, sltt_k"),
+    (["run", "default", "--filter", "method=hm2bp", "--set", "arch=resnet18"],
+     "method hm2bp does not support arch 'resnet18'; it supports: hm2_cnn, hm2_mlp"),
+    (["run", "default", "--filter", "method=bptt_m", "--set", "arch=hm2_mlp"],
+     "method bptt_m does not support arch 'hm2_mlp'; it supports: cnn_digits, mlp, preact_resnet34"),
     (["run", "default", "--filter", "arch=resnet7"], "unknown arch 'resnet7'; valid:"),
     (["run", "default", "--set", "dataset=cifar11"], "unknown dataset 'cifar11'; valid: cifar10, cifar100, cifar10_dvs, digits, imagenet, mnist, nmnist"),
     (["run", "default", "--filter", "T=0"], "T must be a positive integer"),

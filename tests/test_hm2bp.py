@@ -267,3 +267,21 @@ def test_encoding_poisson_and_events():
     ev = torch.zeros(7, 2, 2, 3, 3)
     ev[3, 1, 0, 1, 1] = 1
     assert torch.equal(encode(ev, 7, net), ev)
+
+
+@pytest.mark.parametrize("dataset", ["digits", "nmnist"])
+def test_train_cell_end_to_end(tmp_path, dataset):
+    """Through the harness: Poisson spikes from digits, binary 600 us bins from miniature N-MNIST files."""
+    from bench.grid import Cell
+    from bench.runner import run_cell
+
+    from .test_realdata import write_nmnist
+
+    if dataset == "nmnist":
+        write_nmnist(tmp_path)
+    cell = Cell(method="hm2bp", arch="hm2_mlp", dataset=dataset, T=30, epochs=1, batch_size=8, eval_batch_size=64,
+                optimizer="adam", lr=0.01, schedule="invsqrt", weight_decay=0.0, warmup_steps=0, train_subset=64,
+                arch_options={"widths": [16], "thresholds": [3.0, 3.0]})
+    res = run_cell(cell, data_root=str(tmp_path))
+    assert res.status == "ok", res.row["error"]
+    assert 0 <= res.row["acc_top1"] <= 100 and res.row["num_params"] == (64 if dataset == "digits" else 2312) * 16 + 16 * 10

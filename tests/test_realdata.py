@@ -300,3 +300,24 @@ def test_missing_event_data_message(tmp_path, name, what):
         f.unlink()
     with pytest.raises(UsageError, match=f"no \\*\\.(aedat|bin) files in .*{victim.name}.*never downloads"):
         check_dataset(name, tmp_path)
+
+
+def test_digits_split_cache_equals_scikit_learn(tmp_path, monkeypatch):
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    from bench.data import _digits_cache_path, load_digits_split
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    d = load_digits()
+    tr, te = train_test_split(range(1797), test_size=360, random_state=0, stratify=d.target)
+    first = load_digits_split()
+    assert _digits_cache_path().exists()
+    second = load_digits_split()  # from the cache
+    for got in (first, second):
+        xtr, ytr, xte, yte = got
+        assert np.allclose(xtr.squeeze(1).numpy(), d.images[tr] / 16.0) and np.array_equal(ytr.numpy(), d.target[tr])
+        assert np.allclose(xte.squeeze(1).numpy(), d.images[te] / 16.0) and np.array_equal(yte.numpy(), d.target[te])
+        assert xtr.dtype == torch.float32 and ytr.dtype == torch.long
+    _digits_cache_path().write_bytes(b"damaged")
+    assert torch.equal(load_digits_split()[1], first[1])  # a damaged cache is rebuilt
