@@ -125,21 +125,6 @@ def inject_label_spikes(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _vjp(op: nn.Module, x: torch.Tensor, g: torch.Tensor, wrt_input: bool) -> tuple[torch.Tensor | None, list]:
-    """(g^T d op/d x, [g^T d op/d w for each trainable weight]) for a linear op at input x."""
-    params = [p for p in op.parameters() if p.requires_grad]
-    with torch.enable_grad():
-        xi = x.detach().requires_grad_(wrt_input)
-        out = op(xi)
-        inputs = ([xi] if wrt_input else []) + params
-        if not inputs:
-            return None, []
-        grads = torch.autograd.grad(out, inputs, g, allow_unused=True)
-    if wrt_input:
-        return grads[0], list(grads[1:])
-    return None, list(grads)
-
-
 def _flat(t: torch.Tensor) -> torch.Tensor:  # [T, B, ...] -> [T*B, ...]
     return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
 
@@ -149,7 +134,8 @@ def layer_gradient(op: nn.Module, pre: torch.Tensor, post: torch.Tensor, counts_
     """Weight gradients (summed over the batch) of one layer and the error of the layer below.
 
     pre [T, B, ...in], post [T, B, ...out] spike trains; counts_post [B, ...out] the counts the S-PSP divides by;
-    delta [B, ...out] the count error of this layer.
+    delta [B, ...out] the count error of this layer. The op runs forward once on each trace (the same outputs
+    give sum_j w_ij e_{i|j} and the graph for the vector-Jacobian products: dW = g^T A, W^T g').
     """
     T, B = pre.shape[:2]
     am, as_ = pre_traces(pre, n)
@@ -158,24 +144,28 @@ def layer_gradient(op: nn.Module, pre: torch.Tensor, post: torch.Tensor, counts_
     active = (o_pre > 0).to(pre.dtype)
     silent = (post.sum(0) == 0).to(pre.dtype)
     dt = delta / threshold  # delta~
-    with torch.no_grad():
-        # sum_j w_ij e_{i|j}: the op applied to the traces, contracted with the post coefficients
-        a = (pm * op(_flat(am)).reshape(post.shape)).sum(0) + (ps * op(_flat(as_)).reshape(post.shape)).sum(0)
-        a = a + SILENT_PSP * silent * op(active)
-        sigma = torch.where(counts_post > 0, a / (threshold * counts_post.clamp(min=1e-12)), torch.full_like(a, 0.5))
-        gw = dt * (1.0 + sigma)
-    x_all = torch.cat([_flat(am), _flat(as_), active])
-    g_w = torch.cat([_flat(gw * pm), _flat(gw * ps), gw * silent * SILENT_PSP])
-    _, wgrads = _vjp(op, x_all, g_w, wrt_input=False)
+    params = [p for p in op.parameters() if p.requires_grad]
+    with torch.enable_grad():
+        ins = [x.detach().requires_grad_(need_input_error) for x in (_flat(am), _flat(as_), active)]
+        outs = [op(x) for x in ins]
+    zm, zs, za = (o.detach() for o in outs)
+    # sum_j w_ij e_{i|j}: the op applied to the traces, contracted with the post coefficients over time
+    a = (pm * zm.reshape(post.shape)).sum(0) + (ps * zs.reshape(post.shape)).sum(0) + SILENT_PSP * silent * za
+    sigma = torch.where(counts_post > 0, a / (threshold * counts_post.clamp(min=1e-12)), torch.full_like(a, 0.5))
+    gw = dt * (1.0 + sigma)
     delta_below = None
     if need_input_error:
-        g_in = torch.cat([_flat(dt * pm), _flat(dt * ps), dt * silent, dt])
-        x_in = torch.cat([_flat(am), _flat(as_), active, active])  # the input value does not enter a linear vjp
-        back, _ = _vjp(op, x_in, g_in, wrt_input=True)
-        bm, bs = back[:T * B].reshape(pre.shape), back[T * B:2 * T * B].reshape(pre.shape)
-        b_silent, b_plain = back[2 * T * B:2 * T * B + B], back[2 * T * B + B:]
-        weighted = (am * bm).sum(0) + (as_ * bs).sum(0) + SILENT_PSP * active * b_silent  # sum_i dt_i w_ij e_ij
+        (b_plain,) = torch.autograd.grad(outs[2], ins[2], dt, retain_graph=True)  # sum_i dt_i w_ij
+        g_in = (_flat(dt * pm), _flat(dt * ps), dt * silent)
+        bm, bs, b_silent = (torch.autograd.grad(o, x, g, retain_graph=bool(params))[0] for o, x, g in zip(outs, ins, g_in))
+        weighted = ((am * bm.reshape(pre.shape)).sum(0) + (as_ * bs.reshape(pre.shape)).sum(0)
+                    + SILENT_PSP * active * b_silent)  # sum_i dt_i w_ij e_{i|j}
         delta_below = torch.where(o_pre > 0, weighted / o_pre.clamp(min=1e-12), b_plain)
+    wgrads: list[torch.Tensor] = []
+    if params:
+        g_w = (_flat(gw * pm), _flat(gw * ps), gw * silent * SILENT_PSP)
+        per = [torch.autograd.grad(o, params, g) for o, g in zip(outs, g_w)]
+        wgrads = [sum(gs) for gs in zip(*per)]
     return wgrads, delta_below
 
 
