@@ -67,12 +67,13 @@ def test_malformed_and_missing_grid_file(tmp_path):
 
 
 def test_shipped_grids_expand():
-    for name, n in (("default", 20 + 5 * 2), ("profile_cpu", 36), ("paper_cifar", 9 * 3 * 2 * 3 * 3), ("paper_cost", 16),
-                    ("paper_imagenet", 6), ("paper_dvs", 27), ("ci_cpu", 20), ("ci_gpu", 20)):
+    for name, n in (("default", 20 + 5 * 2 + 1), ("profile_cpu", 36), ("paper_cifar", 9 * 3 * 2 * 3 * 3), ("paper_cost", 16),
+                    ("paper_imagenet", 6), ("paper_dvs", 27), ("ci_cpu", 20), ("ci_gpu", 20), ("paper_hm2bp", 15), ("hm2bp_cost", 12)):
         gname, spec = load_grid(name)
         cells = expand(spec, gname)
         assert len(cells) == n
     _, spec = load_grid("default")
     cells = expand(spec, "default")
-    assert {c.method for c in cells} == {"bptt_m", "bptt_s", "rate_m", "rate_s", "ottt_a", "ottt_o", "sltt", "sltt_k", "os"}
+    assert {c.method for c in cells} == {"bptt_m", "bptt_s", "rate_m", "rate_s", "ottt_a", "ottt_o", "sltt", "sltt_k", "os", "hm2bp"}
+    assert [(c.arch, c.T, c.optimizer, c.schedule) for c in cells if c.method == "hm2bp"] == [("hm2_mlp", 100, "adam", "invsqrt")]
     assert {c.T for c in cells if c.method in ("bptt_m", "rate_m")} == {1, 2, 4, 6, 8}
