@@ -4,7 +4,8 @@
     pytest benchmarks/ --benchmark-compare --benchmark-compare-fail=median:15%  # fail on a 15% slower median
     pytest benchmarks/ --bench-device cuda                                    # on a GPU (synchronised)
 
-Size: cnn_digits (16/32/32 channels) on 8x8 digits-shaped input, batch 32, T=4, SGD. On a GPU each timed call
+Size: cnn_digits (16/32/32 channels) on 8x8 digits-shaped input, batch 32, T=4, SGD; hm2bp, which trains only
+its own networks, the default grid's 64-200-10 hm2_mlp at T=100 (its window there). On a GPU each timed call
 ends with ``torch.cuda.synchronize`` so the time is the step's, not its launch's.
 """
 
@@ -19,8 +20,10 @@ T, BATCH = 4, 32
 @pytest.mark.parametrize("method_name", sorted(METHODS))
 def test_step(benchmark, method_name, bench_device):
     torch.manual_seed(0)
-    method = METHODS[method_name](MethodConfig(T=T))
-    model = method.build("cnn_digits", num_classes=10, in_channels=1).to(bench_device)
+    hm2 = not METHODS[method_name](MethodConfig(T=T)).supports("cnn_digits")
+    method = METHODS[method_name](MethodConfig(T=100 if hm2 else T))
+    arch, kw = ("hm2_mlp", {"widths": [200], "thresholds": [5.0, 5.0]}) if hm2 else ("cnn_digits", {})
+    model = method.build(arch, num_classes=10, in_channels=1, input_shape=(1, 8, 8), **kw).to(bench_device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x = torch.rand(BATCH, 1, 8, 8, device=bench_device)
     y = torch.randint(0, 10, (BATCH,), device=bench_device)
