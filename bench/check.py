@@ -139,8 +139,12 @@ def compare(baseline: pd.DataFrame, results: pd.DataFrame, tol: Tolerances) -> t
     summary = {"matched_cells": len(matched), "only_in_results": int((~r["_k"].isin(b["_k"])).sum()),
                "only_in_baseline": int((~b["_k"].isin(r["_k"])).sum())}
     if not matched:
-        raise UsageError("no cell of the results matches a cell of the baseline by configuration "
-                         f"({', '.join(cols)}); was the baseline recorded from the same grid?")
+        hint = "was the baseline recorded from the same grid?"
+        other = [c for c in cols if c != "device_type"]
+        if "device_type" in cols and set(_config_key(b, other)) & set(_config_key(r, other)):
+            hint = (f"the cells differ only in device type (baseline: {', '.join(sorted(b['device_type'].unique()))}; "
+                    f"results: {', '.join(sorted(r['device_type'].unique()))}): compare against a baseline of this device")
+        raise UsageError(f"no cell of the results matches a cell of the baseline by configuration ({', '.join(cols)}); {hint}")
     rows = []
     for k in matched:
         bc, rc = b[b["_k"] == k], r[r["_k"] == k]

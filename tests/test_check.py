@@ -128,6 +128,12 @@ def test_unusable_input_exits_2(tmp_path, baseline, case):
     assert want in r.stderr
 
 
+def test_a_cpu_baseline_against_gpu_results_says_why_nothing_matches(tmp_path, baseline):
+    res = results_dir(tmp_path, [cell_row("bptt_m", 4, device="cuda:0")])
+    with pytest.raises(UsageError, match="differ only in device type \\(baseline: cpu; results: cuda\\)"):
+        compare(read_cells(baseline, "baseline"), read_cells(res, "results"), parse_tolerances([]))
+
+
 def test_parse_tolerances():
     tol = parse_tolerances(["peak_rss_mib=off", "rate_m:step_time_ms_median=25", "forward_ms=15%"])
     assert tol.get("bptt_m", "peak_rss_mib") is None and tol.get("rate_m", "step_time_ms_median") == 25
