@@ -32,3 +32,24 @@ def kaiming_init(model: nn.Module) -> None:
         elif isinstance(m, BatchNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+
+class StagedResNet(SNN):
+    """The ImageNet ResNet layout the SEW and PreAct nets share: ``stem`` (64 channels out), stages of ``blocks``
+    blocks of widths 64/128/256/512 (stride 2 from the second stage), global average pool, Linear."""
+
+    def __init__(self, stem: nn.Module, block, blocks: list[int], num_classes: int, neuron: NeuronConfig) -> None:
+        super().__init__()
+        self.stem = stem
+        layers, cin = [], 64
+        for n, width, stride in zip(blocks, [64, 128, 256, 512], [1, 2, 2, 2]):
+            for i in range(n):
+                layers.append(block(cin, width, stride if i == 0 else 1, neuron))
+                cin = width
+        self.layers = nn.Sequential(*layers)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+        self.classifier = nn.Linear(cin, num_classes)
+        kaiming_init(self)
+
+    def forward(self, x):
+        return self.classifier(self.pool(self.layers(self.stem(x))))

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..layers import LIF
 from ..neuron import NeuronConfig
-from .common import SNN, conv_bn, kaiming_init
+from .common import StagedResNet, conv_bn
 
 
 class PreActBlock(nn.Module):
@@ -25,22 +25,9 @@ class PreActBlock(nn.Module):
         return self.branch(x) + self.downsample(x)
 
 
-class PreActResNet(SNN):
+class PreActResNet(StagedResNet):
     def __init__(self, blocks: list[int], num_classes: int, in_channels: int, neuron: NeuronConfig) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(conv_bn(in_channels, 64, 7, 2, bias=True), nn.MaxPool2d(3, 2, 1))
-        layers, cin = [], 64
-        for n, width, stride in zip(blocks, [64, 128, 256, 512], [1, 2, 2, 2]):
-            for i in range(n):
-                layers.append(PreActBlock(cin, width, stride if i == 0 else 1, neuron))
-                cin = width
-        self.layers = nn.Sequential(*layers)
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
-        self.classifier = nn.Linear(cin, num_classes)
-        kaiming_init(self)
-
-    def forward(self, x):
-        return self.classifier(self.pool(self.layers(self.stem(x))))
+        super().__init__(nn.Sequential(conv_bn(in_channels, 64, 7, 2, bias=True), nn.MaxPool2d(3, 2, 1)), PreActBlock, blocks, num_classes, neuron)
 
 
 def preact_resnet34(num_classes: int = 1000, in_channels: int = 3, neuron: NeuronConfig | None = None) -> PreActResNet:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..neuron import NeuronConfig
-from .common import SNN, conv_bn_lif, kaiming_init
+from .common import StagedResNet, conv_bn_lif
 
 
 class SEWBlock(nn.Module):
@@ -24,22 +24,9 @@ class SEWBlock(nn.Module):
         return self.branch(x) + self.downsample(x)
 
 
-class SEWResNet(SNN):
+class SEWResNet(StagedResNet):
     def __init__(self, blocks: list[int], num_classes: int, in_channels: int, neuron: NeuronConfig) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(*conv_bn_lif(in_channels, 64, neuron, 7, 2), nn.MaxPool2d(3, 2, 1))
-        layers, cin = [], 64
-        for n, width, stride in zip(blocks, [64, 128, 256, 512], [1, 2, 2, 2]):
-            for i in range(n):
-                layers.append(SEWBlock(cin, width, stride if i == 0 else 1, neuron))
-                cin = width
-        self.layers = nn.Sequential(*layers)
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
-        self.classifier = nn.Linear(cin, num_classes)
-        kaiming_init(self)
-
-    def forward(self, x):
-        return self.classifier(self.pool(self.layers(self.stem(x))))
+        super().__init__(nn.Sequential(*conv_bn_lif(in_channels, 64, neuron, 7, 2), nn.MaxPool2d(3, 2, 1)), SEWBlock, blocks, num_classes, neuron)
 
 
 def sew_resnet34(num_classes: int = 1000, in_channels: int = 3, neuron: NeuronConfig | None = None) -> SEWResNet:
