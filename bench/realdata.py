@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import pickle
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -269,11 +270,11 @@ def event_dataset(name: str, root, train: bool, T: int, encoding: str = "frames"
         files = _class_files(folder, CIFAR10_CLASSES, ".aedat", name)
         tr, te = dvs_split(len(files))
         files = [files[i] for i in (tr if train else te)]
-        return EventFolder(files, read_cifar10_dvs, lambda ev: count_frames(ev, T, 128, 128), 48,
+        return EventFolder(files, read_cifar10_dvs, partial(count_frames, T=T, H=128, W=128), 48,
                            DVSAugment(5) if train else None)
     files = _class_files(folder / ("Train" if train else "Test"), [str(d) for d in range(10)], ".bin", name)
-    to_frames = (lambda ev: spike_bins(ev, T, 34, 34)) if encoding == "spikes" else (lambda ev: count_frames(ev, T, 34, 34))
-    return EventFolder(files, read_nmnist, to_frames)
+    to_frames = partial(spike_bins if encoding == "spikes" else count_frames, T=T, H=34, W=34)
+    return EventFolder(files, read_nmnist, to_frames)  # picklable: DataLoader workers may be spawned
 
 
 def time_major(batch):

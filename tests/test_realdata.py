@@ -268,6 +268,17 @@ def test_nmnist_bin_files_frames_and_spikes(tmp_path):
     assert xs.shape == (30, 2, 34, 34) and np.array_equal(xs.numpy(), want) and 0 < want.sum() < len(ev) + 1
 
 
+def test_event_datasets_pickle_for_spawned_workers(tmp_path):
+    write_nmnist(tmp_path)
+    write_cifar10_dvs(tmp_path)
+    for ds in (dataset_events("nmnist", tmp_path, True, 4, "spikes"), dataset_events("cifar10_dvs", tmp_path, True, 4)):
+        clone = pickle.loads(pickle.dumps(ds))
+        torch.manual_seed(0)
+        a = ds[0][0]
+        torch.manual_seed(0)
+        assert torch.equal(clone[0][0], a)
+
+
 def test_event_batches_are_time_major(tmp_path):
     from bench.data import get_loaders
 
