@@ -148,18 +148,20 @@ def layer_gradient(op: nn.Module, pre: torch.Tensor, post: torch.Tensor, counts_
     with torch.enable_grad():
         ins = [x.detach().requires_grad_(need_input_error) for x in (_flat(am), _flat(as_), active)]
         outs = [op(x) for x in ins]
-    zm, zs, za = (o.detach() for o in outs)
     # sum_j w_ij e_{i|j}: the op applied to the traces, contracted with the post coefficients over time
-    a = (pm * zm.reshape(post.shape)).sum(0) + (ps * zs.reshape(post.shape)).sum(0) + SILENT_PSP * silent * za
+    a = ((pm * outs[0].detach().reshape(post.shape)).sum(0) + (ps * outs[1].detach().reshape(post.shape)).sum(0)
+         + SILENT_PSP * silent * outs[2].detach())
     sigma = torch.where(counts_post > 0, a / (threshold * counts_post.clamp(min=1e-12)), torch.full_like(a, 0.5))
     gw = dt * (1.0 + sigma)
     delta_below = None
     if need_input_error:
         (b_plain,) = torch.autograd.grad(outs[2], ins[2], dt, retain_graph=True)  # sum_i dt_i w_ij
-        g_in = (_flat(dt * pm), _flat(dt * ps), dt * silent)
-        bm, bs, b_silent = (torch.autograd.grad(o, x, g, retain_graph=bool(params))[0] for o, x, g in zip(outs, ins, g_in))
-        weighted = ((am * bm.reshape(pre.shape)).sum(0) + (as_ * bs.reshape(pre.shape)).sum(0)
-                    + SILENT_PSP * active * b_silent)  # sum_i dt_i w_ij e_{i|j}
+        # sum_i dt_i w_ij e_{i|j}, one trace at a time so that one [T, B, ...in] input gradient lives at once
+        weighted = torch.zeros_like(o_pre)
+        for o, x, g, trace in zip(outs, ins, (_flat(dt * pm), _flat(dt * ps), dt * silent), (am, as_, None)):
+            (back,) = torch.autograd.grad(o, x, g, retain_graph=bool(params))
+            weighted += (trace * back.reshape(pre.shape)).sum(0) if trace is not None else SILENT_PSP * active * back
+            del back
         delta_below = torch.where(o_pre > 0, weighted / o_pre.clamp(min=1e-12), b_plain)
     wgrads: list[torch.Tensor] = []
     if params:
