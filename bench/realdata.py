@@ -68,7 +68,15 @@ EVENT_DATASETS = ("cifar10_dvs", "nmnist")
 
 
 def check_dataset(name: str, root: str | os.PathLike | None) -> Path:
-    """The dataset's folder, or a UsageError saying what was expected, where, and how to get it."""
+    """The dataset's folder, or a UsageError saying what was expected, where, and how to get it (for event
+    datasets also when a class folder holds no recordings)."""
+    folder = _check_layout(name, root)
+    if name in EVENT_DATASETS:
+        event_files(name, folder)
+    return folder
+
+
+def _check_layout(name: str, root) -> Path:
     if name not in LAYOUT:
         raise UsageError(f"no on-disk layout for dataset {name!r}")
     sub, files, how = LAYOUT[name]
@@ -79,11 +87,6 @@ def check_dataset(name: str, root: str | os.PathLike | None) -> Path:
     if missing:
         raise UsageError(f"dataset {name}: expected {folder}/ with {', '.join(files)}; missing: {', '.join(missing)}. "
                          f"Get {how} on a machine with internet and copy it there (snnbench never downloads).")
-    if name == "cifar10_dvs":
-        _class_files(folder, CIFAR10_CLASSES, ".aedat", name)
-    elif name == "nmnist":
-        for split in ("Train", "Test"):
-            _class_files(folder / split, [str(d) for d in range(10)], ".bin", name)
     return folder
 
 
@@ -264,17 +267,26 @@ def dvs_split(n: int, seed: int = 42, test_fraction: float = 0.1) -> tuple[np.nd
     return np.sort(perm[:n - n_test]), np.sort(perm[n - n_test:])
 
 
-def event_dataset(name: str, root, train: bool, T: int, encoding: str = "frames") -> torch.utils.data.Dataset:
-    folder = check_dataset(name, root)  # also lists the recordings once; cheap next to reading them
+def event_files(name: str, folder: Path) -> dict[bool, list[tuple[Path, int]]]:
+    """(path, label) of every recording, by split (True: train), from one listing of the folder."""
     if name == "cifar10_dvs":
         files = _class_files(folder, CIFAR10_CLASSES, ".aedat", name)
         tr, te = dvs_split(len(files))
-        files = [files[i] for i in (tr if train else te)]
+        return {True: [files[i] for i in tr], False: [files[i] for i in te]}
+    return {train: _class_files(folder / ("Train" if train else "Test"), [str(d) for d in range(10)], ".bin", name)
+            for train in (True, False)}
+
+
+def _event_folder(name: str, files, train: bool, T: int, encoding: str) -> EventFolder:
+    if name == "cifar10_dvs":
         return EventFolder(files, read_cifar10_dvs, partial(count_frames, T=T, H=128, W=128), 48,
                            DVSAugment(5) if train else None)
-    files = _class_files(folder / ("Train" if train else "Test"), [str(d) for d in range(10)], ".bin", name)
     to_frames = partial(spike_bins if encoding == "spikes" else count_frames, T=T, H=34, W=34)
     return EventFolder(files, read_nmnist, to_frames)  # picklable: DataLoader workers may be spawned
+
+
+def event_dataset(name: str, root, train: bool, T: int, encoding: str = "frames") -> torch.utils.data.Dataset:
+    return _event_folder(name, event_files(name, _check_layout(name, root))[train], train, T, encoding)
 
 
 def time_major(batch):
@@ -314,7 +326,8 @@ def loader_settings(device: str) -> dict:
 def loaders(name: str, root, batch_size: int, eval_batch_size: int, seed: int, device: str, train_subset: int = 0,
             T: int = 1, encoding: str = "frames"):
     if name in EVENT_DATASETS:
-        train_ds, test_ds = (event_dataset(name, root, tr, T, encoding) for tr in (True, False))
+        splits = event_files(name, _check_layout(name, root))
+        train_ds, test_ds = (_event_folder(name, splits[tr], tr, T, encoding) for tr in (True, False))
         collate = time_major
     else:
         train_ds, test_ds = dataset(name, root, True), dataset(name, root, False)
