@@ -275,8 +275,8 @@ def validate(cell: Cell) -> None:
     except ValueError as e:
         raise UsageError(str(e)) from None
     if not m.supports(cell.arch):
-        raise UsageError(f"method {cell.method} does not support arch {cell.arch!r}"
-                         + (f"; it supports: {', '.join(sorted(a for a in ARCHS if m.supports(a)))}"))
+        raise UsageError(f"method {cell.method} does not support arch {cell.arch!r}; it supports: "
+                         + ", ".join(m.supported_archs()))
 
 
 __all__ = ["Cell", "expand", "load_grid", "list_grids", "parse_filters", "parse_sets", "validate", "DATASETS"]

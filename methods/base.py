@@ -84,9 +84,13 @@ class Method:
     def supports(self, arch: str) -> bool:
         return arch in LIF_ARCHS
 
+    def supported_archs(self) -> list[str]:
+        return sorted(a for a in ARCHS if self.supports(a))
+
     def build(self, arch: str, num_classes: int, in_channels: int | None = None, **arch_kw) -> nn.Module:
         if not self.supports(arch):
-            raise ValueError(f"method {self.name} does not support arch {arch!r}")
+            raise ValueError(f"method {self.name} does not support arch {arch!r}; it supports: "
+                             + ", ".join(self.supported_archs()))
         return self.prepare(ARCHS[arch](num_classes=num_classes, in_channels=in_channels, neuron=self.neuron, **arch_kw))
 
     def prepare(self, model: nn.Module) -> nn.Module:

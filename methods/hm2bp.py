@@ -191,13 +191,6 @@ class HM2BP(Method):
     def supports(self, arch: str) -> bool:
         return arch in HM2_ARCHS
 
-    def build(self, arch: str, num_classes: int, in_channels: int | None = None, **arch_kw) -> nn.Module:
-        if not self.supports(arch):
-            raise ValueError(f"method {self.name} does not support arch {arch!r}; it supports: {', '.join(sorted(HM2_ARCHS))}")
-        from .models import ARCHS
-
-        return ARCHS[arch](num_classes=num_classes, in_channels=in_channels, **arch_kw)
-
     def train_step(self, model: HM2Net, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,
                    probe: Probe = NULL_PROBE) -> StepOutput:
         n = model.neuron
