@@ -120,8 +120,8 @@ def inject_label_spikes(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     out = out.clone()
     k = min(int(TARGET_LABEL), T)
     times = torch.linspace(0, T - 1, k, device=out.device).round().long()
-    for b in torch.nonzero(silent).flatten().tolist():
-        out[times, b, y[b]] = 1.0
+    b = torch.nonzero(silent).flatten()
+    out[times[:, None], b[None, :], y[b][None, :]] = 1.0
     return out
 
 
@@ -129,20 +129,20 @@ def _flat(t: torch.Tensor) -> torch.Tensor:  # [T, B, ...] -> [T*B, ...]
     return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
 
 
-def layer_gradient(op: nn.Module, pre: torch.Tensor, post: torch.Tensor, counts_post: torch.Tensor,
-                   delta: torch.Tensor, threshold: float, n: HM2Neuron, need_input_error: bool):
+def layer_gradient(op: nn.Module, pre: torch.Tensor, post: torch.Tensor, delta: torch.Tensor, threshold: float,
+                   n: HM2Neuron, need_input_error: bool):
     """Weight gradients (summed over the batch) of one layer and the error of the layer below.
 
-    pre [T, B, ...in], post [T, B, ...out] spike trains; counts_post [B, ...out] the counts the S-PSP divides by;
+    pre [T, B, ...in], post [T, B, ...out] spike trains (post's counts are the ones sigma divides by);
     delta [B, ...out] the count error of this layer. The op runs forward once on each trace (the same outputs
     give sum_j w_ij e_{i|j} and the graph for the vector-Jacobian products: dW = g^T A, W^T g').
     """
     T, B = pre.shape[:2]
     am, as_ = pre_traces(pre, n)
     pm, ps = post_coefficients(post, n)
-    o_pre = pre.sum(0)
+    o_pre, counts_post = pre.sum(0), post.sum(0)
     active = (o_pre > 0).to(pre.dtype)
-    silent = (post.sum(0) == 0).to(pre.dtype)
+    silent = (counts_post == 0).to(pre.dtype)
     dt = delta / threshold  # delta~
     params = [p for p in op.parameters() if p.requires_grad]
     with torch.enable_grad():
@@ -205,7 +205,7 @@ class HM2BP(Method):
             post = inject_label_spikes(trains[-1], y)
             for layer in range(len(model.ops) - 1, -1, -1):
                 op, pre = model.ops[layer], trains[layer]
-                wgrads, delta_below = layer_gradient(op, pre, post, post.sum(0), delta, model.thresholds[layer], n,
+                wgrads, delta_below = layer_gradient(op, pre, post, delta, model.thresholds[layer], n,
                                                      need_input_error=layer > 0)
                 for p, g in zip([p for p in op.parameters() if p.requires_grad], wgrads):
                     p.grad = g / B
