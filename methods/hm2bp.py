@@ -201,7 +201,7 @@ class HM2BP(Method):
             loss = 0.5 * (delta ** 2).sum(1).mean()
         with probe.phase("backward"), torch.no_grad():
             optimizer.zero_grad(set_to_none=True)
-            B = x.shape[1] if x.dim() == model.sample_ndim + 2 else x.shape[0]
+            B = len(y)
             post = inject_label_spikes(trains[-1], y)
             for layer in range(len(model.ops) - 1, -1, -1):
                 op, pre = model.ops[layer], trains[layer]
