@@ -1,4 +1,4 @@
-"""The one interface every training method implements (DESIGN.md "Methods").
+"""The one interface every training method implements.
 
     method = METHODS[name](cfg)
     method.supports(arch) -> bool

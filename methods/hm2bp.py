@@ -1,7 +1,7 @@
 """HM2-BP: hybrid macro/micro backpropagation (Jin, Zhang, Li, NeurIPS 2018), batched and vectorised over time.
 
 The network is simulated forward with no autograd; the gradient is computed once per batch from whole spike
-trains (shared/research/methods.md §6):
+trains (Jin et al., NeurIPS 2018):
 
 - neuron, per step: v <- v(1 - 1/tau_m); c <- c(1 - 1/tau_s); c += I(t-1) (the layer's input response one step
   earlier); v += c/tau_s; during the refractory period (2 steps after a spike) v = 0; a spike when

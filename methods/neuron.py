@@ -1,6 +1,6 @@
 """LIF dynamics, surrogate derivatives and neuron presets.
 
-Notation (shared/research/methods.md §0), one neuron layer, time step t:
+Notation, one neuron layer, time step t:
 
     charge   H_t = lambda * V_{t-1} + I_t            (+ (1 - lambda) * V_reset for a non-zero hard reset)
     fire     S_t = Heaviside(H_t - theta)             (fires at equality, as SpikingJelly)
@@ -175,7 +175,7 @@ def lif_step(v: torch.Tensor | None, x: torch.Tensor, cfg: NeuronConfig) -> tupl
 
 
 def dv_dh(h: torch.Tensor, s: torch.Tensor, sg: torch.Tensor, cfg: NeuronConfig) -> torch.Tensor | float:
-    """dV_t/dH_t along the path autograd takes (methods.md §0).
+    """dV_t/dH_t along the path autograd takes.
 
     soft, detached: 1; soft: 1 - theta g'; hard, detached: 1 - S; hard: (1 - S) + (V_reset - H) g'.
     """

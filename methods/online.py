@@ -1,4 +1,4 @@
-"""Online training methods: OTTT (ottt_a, ottt_o) and SLTT (sltt, sltt_k). methods.md §2, §3, §7.
+"""Online training methods: OTTT (ottt_a, ottt_o) and SLTT (sltt, sltt_k).
 
 All of them run the model one time step per call with the membrane potential detached before every
 charge (no gradient through time), compute a per-step loss

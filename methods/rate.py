@@ -1,6 +1,6 @@
 """Rate-based backpropagation (Yu et al., NeurIPS 2024): ``rate_m`` and ``rate_s``.
 
-An explicit two-phase step, no global grad-mode hooks (methods.md §5, DESIGN.md "Methods"):
+An explicit two-phase step, no global grad-mode hooks (Yu et al., NeurIPS 2024):
 
 1. spike pass under ``torch.no_grad()``: the spiking network runs T steps (multi-step for rate_m,
    T single-step calls for rate_s); every LIF records its firing rate r and eligibility e, every BN

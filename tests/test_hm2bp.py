@@ -23,7 +23,7 @@ def K(u):
 
 
 def brute_spsp(pre_times: list[int], post_times: list[int]) -> float:
-    """The S-PSP rule of shared/research/methods.md §6, one post and one pre neuron, loops over spikes."""
+    """The S-PSP rule of HM2-BP (Jin et al., NeurIPS 2018), one post and one pre neuron, loops over spikes."""
     if not post_times:
         return 0.1 if pre_times else 0.0
     e = 0.0
@@ -207,7 +207,7 @@ def test_loss_targets_margin_and_label_injection():
 
 
 def reference_neuron(currents: list[float], th: float, n=N) -> list[int]:
-    """One neuron, step by step, float64, from the rule in methods.md §6."""
+    """One neuron, step by step, float64, from the S-PSP rule of HM2-BP."""
     v = c = 0.0
     ref = 0
     out = []

@@ -1,4 +1,4 @@
-"""Pre-activation ResNet-34 for ImageNet with the structure of the official rate-BP code (paper.md §5).
+"""Pre-activation ResNet-34 for ImageNet with the structure of the official rate-BP code (Yu et al., NeurIPS 2024).
 
 Stem conv7x7/2 (bias) + BN (no LIF) + maxpool. Block: LIF -> conv3x3 -> BN -> LIF -> conv3x3 -> BN,
 plus the identity (or conv1x1+BN on the raw block input); no neuron after the last block.

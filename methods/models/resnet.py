@@ -1,4 +1,4 @@
-"""CIFAR ResNet-18 and ResNet-19 with the structure of the official rate-BP code (paper.md §5).
+"""CIFAR ResNet-18 and ResNet-19 with the structure of the official rate-BP code (Yu et al., NeurIPS 2024).
 
 BasicBlock: conv3x3-BN-LIF-conv3x3-BN, add the shortcut (identity, or conv1x1+BN when the shape
 changes), then a LIF after the add. Convs have no bias. Stem conv3x3 stride 1 + BN + LIF.

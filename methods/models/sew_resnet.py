@@ -1,4 +1,4 @@
-"""SEW-ResNet-34 for ImageNet with the structure of the official rate-BP code (paper.md §5).
+"""SEW-ResNet-34 for ImageNet with the structure of the official rate-BP code (Yu et al., NeurIPS 2024).
 
 Stem conv7x7/2 (bias) + BN + LIF, maxpool 3x3/2. Block: (conv3x3+BN+LIF) -> (conv3x3+BN+LIF); the
 downsample branch is conv1x1+BN+LIF; output = branch + identity (SEW "ADD", no neuron after the add).

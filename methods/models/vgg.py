@@ -1,4 +1,4 @@
-"""VGG-11, VGG-13 and VGG-SNN with the structure of the official rate-BP code (paper.md §5).
+"""VGG-11, VGG-13 and VGG-SNN with the structure of the official rate-BP code (Yu et al., NeurIPS 2024).
 
 Each conv is Conv3x3 (bias) -> BN -> LIF; 'A' is AvgPool2d(2) after the LIF. Weights ~ N(0, 0.5^2),
 biases 0, BN gamma 1 beta 0, as the official VGG init.
