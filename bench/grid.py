@@ -34,18 +34,23 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import math
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from methods import ARCHS, METHODS, __version__
+from methods.models import arch_options
 from methods.neuron import PRESETS
 
 from .data import DATASETS, dataset_info
 from .errors import UsageError
 
 GRIDS_DIR = Path(__file__).resolve().parents[1] / "grids"
+T_MAX = 4096  # the largest T a cell may ask for (the papers use <= 540)
+GRID_NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")
 
 
 @dataclass(frozen=True)
@@ -144,23 +149,49 @@ def _matches(cell: dict, rule: dict) -> bool:
 
 
 def load_grid(path_or_name: str | Path) -> tuple[str, dict]:
-    """Read a grid file (a path, or a name in grids/). Returns (name, spec)."""
+    """Read a grid file (a path, or a name in grids/). Returns (name, spec), the spec's structure checked."""
     p = Path(path_or_name)
     if not p.exists() and not p.suffix:
         p = GRIDS_DIR / f"{path_or_name}.toml"
     if not p.exists():
         raise UsageError(f"grid file {path_or_name!r} not found; grids here: {', '.join(list_grids())}")
+    if p.is_dir():
+        raise UsageError(f"grid {str(path_or_name)!r} is a directory, not a grid file (a TOML file, or a name in grids/)")
     try:
         spec = tomllib.loads(p.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise UsageError(f"grid file {p} is not valid TOML: {e}") from None
+    except OSError as e:
+        raise UsageError(f"grid file {p} cannot be read: {e.strerror}") from None
     known = {"name", "description", "axes", "fixed", "exclude", "override"}
     unknown = set(spec) - known
     if unknown:
         raise UsageError(f"grid file {p}: unknown section(s) {sorted(unknown)}; valid: {sorted(known)}")
     if not isinstance(spec.get("axes"), dict):
         raise UsageError(f"grid file {p} has no [axes] table")
-    return str(spec.get("name") or p.stem), spec
+    if not isinstance(spec.get("fixed", {}), dict):
+        raise UsageError(f"grid file {p}: 'fixed' must be a table ([fixed] with field = value lines)")
+    for section in ("exclude", "override"):
+        rules = spec.get(section, [])
+        if not isinstance(rules, list) or not all(isinstance(r, dict) for r in rules):
+            raise UsageError(f"grid file {p}: '{section}' must be a list of tables ([[{section}]] blocks)")
+    for o in spec.get("override", []):
+        if not isinstance(o.get("set"), dict) or not isinstance(o.get("match", {}), dict):
+            raise UsageError(f"grid file {p}: each [[override]] needs a 'set' table (and optionally a 'match' table)")
+    for k in ("name", "description"):
+        if k in spec and not isinstance(spec[k], str):
+            raise UsageError(f"grid file {p}: '{k}' must be a string")
+    name = str(spec.get("name") or p.stem)
+    check_grid_name(name, p)
+    return name, spec
+
+
+def check_grid_name(name: str, where: Path | str = "") -> str:
+    """A grid's name names its results folder: a plain file name (letters, digits, '.', '_', '-'), never a path."""
+    if not GRID_NAME.fullmatch(name) or name in (".", ".."):
+        raise UsageError(f"grid {where or name}: name {name!r} must be a plain file name of letters, digits, "
+                         "'.', '_' and '-' (it names the results folder)")
+    return name
 
 
 def list_grids() -> list[str]:
@@ -177,8 +208,8 @@ def check_value(name: str, value: Any) -> Any:
         dataset_info(value)
     if name == "neuron" and value not in PRESETS:
         raise UsageError(f"unknown neuron preset {value!r}; valid: {', '.join(sorted(PRESETS))}")
-    if name == "T" and value <= 0:
-        raise UsageError(f"T must be a positive integer, got {value}")
+    if name == "T" and not 0 < value <= T_MAX:
+        raise UsageError(f"T must be a positive integer up to {T_MAX}, got {value}")
     return value
 
 
@@ -204,8 +235,9 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
 
 
 def expand(spec: dict, name: str = "", filters: dict | None = None, sets: dict | None = None,
-           device: str | None = None) -> list[Cell]:
-    """The cells of a grid spec, validated: an unknown name or a bad value raises UsageError."""
+           device: str | None = None, default_device: str = "cpu") -> list[Cell]:
+    """The cells of a grid spec, validated: an unknown name or a bad value raises UsageError. ``device`` (the
+    command line's) overrides every cell's; ``default_device`` is used where the grid names none."""
     axes = spec["axes"]
     for a in AXES_REQUIRED:
         if a not in axes and a not in spec.get("fixed", {}):
@@ -217,9 +249,6 @@ def expand(spec: dict, name: str = "", filters: dict | None = None, sets: dict |
             raise UsageError(f"grid {name!r}: axis {k!r} is empty")
     excludes = spec.get("exclude", [])
     overrides = spec.get("override", [])
-    for o in overrides:
-        if not isinstance(o, dict) or "set" not in o:
-            raise UsageError(f"grid {name!r}: each [[override]] needs a 'set' table (and optionally 'match')")
     keys = list(axis_values)
     cells, seen = [], set()
     for combo in itertools.product(*(axis_values[k] for k in keys)):
@@ -235,6 +264,7 @@ def expand(spec: dict, name: str = "", filters: dict | None = None, sets: dict |
             d.update(sets)
         if device:
             d["device"] = device
+        d.setdefault("device", default_device)
         d["grid"] = name
         cell = Cell(**d)
         validate(cell)
@@ -250,8 +280,7 @@ def validate(cell: Cell) -> None:
     if cell.arch not in ARCHS:
         raise UsageError(f"unknown arch {cell.arch!r}; valid: {', '.join(sorted(ARCHS))}")
     dataset_info(cell.dataset)  # raises UsageError naming the valid datasets
-    if cell.T <= 0:
-        raise UsageError(f"T must be a positive integer, got {cell.T}")
+    check_value("T", cell.T)
     if cell.kind not in ("train", "profile"):
         raise UsageError(f"kind must be 'train' or 'profile', got {cell.kind!r}")
     if cell.neuron not in PRESETS:
@@ -259,8 +288,15 @@ def validate(cell: Cell) -> None:
     for f in ("batch_size", "eval_batch_size", "steps"):
         if getattr(cell, f) <= 0:
             raise UsageError(f"{f} must be > 0, got {getattr(cell, f)}")
-    if cell.epochs < 0 or cell.warmup_steps < 0 or cell.train_subset < 0:
-        raise UsageError("epochs, warmup_steps and train_subset must be >= 0")
+    if cell.epochs < 0 or cell.warmup_steps < 0 or cell.train_subset < 0 or cell.seed < 0:
+        raise UsageError("epochs, warmup_steps, train_subset and seed must be >= 0, got "
+                         f"{cell.epochs}, {cell.warmup_steps}, {cell.train_subset}, {cell.seed}")
+    if not (math.isfinite(cell.lr) and cell.lr > 0):
+        raise UsageError(f"lr must be a finite number > 0, got {cell.lr}")
+    if not (math.isfinite(cell.momentum) and 0 <= cell.momentum < 1):
+        raise UsageError(f"momentum must be in [0, 1), got {cell.momentum}")
+    if not (math.isfinite(cell.weight_decay) and cell.weight_decay >= 0):
+        raise UsageError(f"weight_decay must be a finite number >= 0, got {cell.weight_decay}")
     if cell.optimizer not in ("sgd", "adam"):
         raise UsageError(f"optimizer must be 'sgd' or 'adam', got {cell.optimizer!r}")
     if cell.schedule not in ("cosine", "constant", "invsqrt"):
@@ -277,6 +313,11 @@ def validate(cell: Cell) -> None:
     if not m.supports(cell.arch):
         raise UsageError(f"method {cell.method} does not support arch {cell.arch!r}; it supports: "
                          + ", ".join(m.supported_archs()))
+    valid_opts = arch_options(cell.arch)
+    unknown = sorted(set(cell.arch_options) - set(valid_opts))
+    if unknown:
+        raise UsageError(f"arch {cell.arch} has no option(s) {', '.join(map(repr, unknown))}; valid: "
+                         + (", ".join(valid_opts) or "none"))
 
 
-__all__ = ["Cell", "expand", "load_grid", "list_grids", "parse_filters", "parse_sets", "validate", "DATASETS"]
+__all__ = ["Cell", "T_MAX", "check_grid_name", "expand", "load_grid", "list_grids", "parse_filters", "parse_sets", "validate", "DATASETS"]

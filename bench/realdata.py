@@ -7,11 +7,11 @@
     cifar10_dvs <root>/CIFAR10-DVS/<class>/cifar10_<class>_<i>.aedat         (the figshare zips, extracted)
     nmnist     <root>/NMNIST/{Train,Test}/<digit>/<id>.bin                   (Train.zip / Test.zip, extracted)
 
-Preprocessing as the rate-BP paper (shared/research/paper.md §3): CIFAR training: random crop 32 with
+Preprocessing as the rate-BP paper (Yu et al., NeurIPS 2024) and its official code: CIFAR training: random crop 32 with
 padding 4, horizontal flip, AutoAugment (CIFAR-10 policy), ToTensor, Cutout 16, Normalize; test: ToTensor,
 Normalize. ImageNet: RandomResizedCrop 224 + flip / Resize 256 + CenterCrop 224, ImageNet mean and std.
 
-Event data (paper.md §7). CIFAR10-DVS: the jAER AEDAT-2 files (``#`` header lines, then big-endian
+Event data, as the rate-BP paper. CIFAR10-DVS: the jAER AEDAT-2 files (``#`` header lines, then big-endian
 (address, timestamp) uint32 pairs; x = bits 1-7, y = bits 8-14, polarity = bit 0), oriented as SpikingJelly
 does (x' = 127 - y, y' = 127 - x, p' = 1 - p) so frames match the ones the paper trained on; integrated into
 T frames of equal event count (SpikingJelly's ``split_by='number'``: T-1 chunks of N//T events, the rest in the
@@ -90,6 +90,21 @@ def _check_layout(name: str, root) -> Path:
     return folder
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles what a CIFAR python batch holds (dicts, lists, bytes, numbers and numpy arrays) and nothing
+    else: a pickle can name any callable, and a crafted batch file would otherwise run code when read."""
+
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}: a CIFAR batch holds only arrays, lists "
+                                         "and bytes (is this file what it claims to be?)")
+        return super().find_class(module, name)
+
+
 def read_cifar(name: str, root, train: bool) -> tuple[np.ndarray, np.ndarray]:
     """Images [N, 32, 32, 3] uint8 and labels [N] int64 from the python pickle batches."""
     folder = check_dataset(name, root)
@@ -101,8 +116,13 @@ def read_cifar(name: str, root, train: bool) -> tuple[np.ndarray, np.ndarray]:
         key = b"fine_labels"
     xs, ys = [], []
     for f in files:
-        with open(folder / f, "rb") as fh:
-            d = pickle.load(fh, encoding="bytes")
+        try:
+            with open(folder / f, "rb") as fh:
+                d = _CifarUnpickler(fh, encoding="bytes").load()
+        except (pickle.UnpicklingError, EOFError) as e:
+            raise UsageError(f"{folder / f}: {e}") from None
+        if not isinstance(d, dict) or b"data" not in d or key not in d:
+            raise UsageError(f"{folder / f} is not a CIFAR python batch (a dict with {b'data'!r} and {key!r})")
         xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
         ys.append(np.asarray(d[key], dtype=np.int64))
     return np.concatenate(xs), np.concatenate(ys)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 from torch import nn
@@ -38,6 +39,23 @@ ARCHS: dict[str, Callable[..., nn.Module]] = {
     for f in (resnet18, resnet19, vgg11, vgg13, vggsnn_cifar, vggsnn_dvs, sew_resnet34, preact_resnet34, cnn_digits, mlp,
               hm2_mlp, hm2_cnn)
 }
+_BUILDERS = {f.__name__: f for f in (resnet18, resnet19, vgg11, vgg13, vggsnn_cifar, vggsnn_dvs, sew_resnet34,
+                                     preact_resnet34, cnn_digits, mlp, hm2_mlp, hm2_cnn)}
+_HARNESS_ARGS = {"num_classes", "in_channels", "neuron", "self"}
+
+
+def arch_options(name: str) -> list[str]:
+    """The keyword options an architecture takes beyond what the harness passes (num_classes, in_channels,
+    neuron): its builder's parameters, and those of the class it forwards ``**kw`` to."""
+    builder = _BUILDERS[name]
+    sig = inspect.signature(builder, eval_str=True)
+    names = [p for p in sig.parameters.values() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    if any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()) and inspect.isclass(sig.return_annotation):
+        cls = inspect.signature(sig.return_annotation.__init__)
+        names += [p for p in cls.parameters.values() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    return sorted({p.name for p in names} - _HARNESS_ARGS)
+
+
 LIF_ARCHS = set(ARCHS) - set(HM2_ARCHS)  # the architectures of LIF/BN layers every surrogate-gradient method trains
 
-__all__ = ["ARCHS", "HM2_ARCHS", "LIF_ARCHS"]
+__all__ = ["ARCHS", "HM2_ARCHS", "LIF_ARCHS", "arch_options"]
