@@ -7,6 +7,7 @@
     python run_bench.py list                  # methods, architectures, datasets, grids
     python run_bench.py check --baseline B --results R [--tolerance METRIC=PCT] [--invariants R] [--report FILE]
     python run_bench.py baseline R OUT.parquet  # record R's cells as a baseline, on purpose
+    python run_bench.py status DIR            # ok / stale / failed / missing / running cells of a results folder
 
 Errors a user can cause end with one message and exit code 2.
 """
@@ -29,37 +30,64 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def _device(name: str | None) -> str:
+def _auto_device() -> str:
     import torch
 
-    if name in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        from bench.errors import UsageError
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
-        raise UsageError(f"--device {name}: no CUDA device is available here")
-    return name
+
+def _check_devices(cells) -> None:
+    """A cell on a CUDA device where there is none is bad input, not a failed cell."""
+    from bench.errors import UsageError
+
+    wanted = sorted({c.device for c in cells if c.device.startswith("cuda")})
+    if wanted:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError(f"device {', '.join(wanted)}: no CUDA device is available here (use --device cpu)")
+        n = torch.cuda.device_count()
+        bad = [d for d in wanted if ":" in d and (not d.split(":")[1].isdigit() or int(d.split(":")[1]) >= n)]
+        if bad:
+            raise UsageError(f"device {', '.join(bad)}: this machine has {n} CUDA device(s), cuda:0..cuda:{n - 1}")
+
+
+def check_out_dir(path: Path) -> Path:
+    """A results folder that can be written: created if need be, and proven writable by a probe file."""
+    from bench.errors import UsageError
+
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".snnbench-write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except FileExistsError:
+        raise UsageError(f"--out {str(path)!r} is a file, not a folder") from None
+    except NotADirectoryError:
+        raise UsageError(f"--out {str(path)!r} lies under a file, not a folder") from None
+    except OSError as e:
+        raise UsageError(f"--out {str(path)!r} cannot be used as a results folder: {e.strerror}") from None
+    return path
 
 
 def cmd_run(a) -> int:
+    from bench.errors import UsageError
     from bench.grid import expand, load_grid, parse_filters, parse_sets
     from bench.launch import run_grid
 
     if a.data_root and not Path(a.data_root).is_dir():
-        from bench.errors import UsageError
-
         raise UsageError(f"data folder {a.data_root!r} does not exist")
     name, spec = load_grid(a.grid)
-    cells = expand(spec, name, parse_filters(a.filter), parse_sets(a.set), device=_device(a.device))
+    device = None if a.device in (None, "auto") else a.device
+    cells = expand(spec, name, parse_filters(a.filter), parse_sets(a.set), device=device, default_device=_auto_device())
     if not cells:
-        from bench.errors import UsageError
-
         raise UsageError(f"grid {name!r} has no cells left after the filters")
+    _check_devices(cells)
     from bench.realdata import LAYOUT, check_dataset
 
     for ds in sorted({c.dataset for c in cells} & set(LAYOUT)):  # missing data: one message before any cell runs
         check_dataset(ds, a.data_root)
-    out = Path(a.out) if a.out else REPO / "results" / name
+    out = check_out_dir(Path(a.out) if a.out else REPO / "results" / name)
     launcher = "inprocess" if a.in_process else ("slurm" if a.slurm else "subprocess")
     slurm = {}
     if a.slurm:
@@ -67,7 +95,7 @@ def cmd_run(a) -> int:
         if a.slurm_partition:
             slurm["slurm_partition"] = a.slurm_partition
     print(f"grid {name}: {len(cells)} cell(s) -> {out}", file=sys.stderr)
-    outcome = run_grid(cells, out, a.data_root, launcher, slurm)
+    outcome = run_grid(cells, out, a.data_root, launcher, slurm, reuse_stale=a.reuse_stale)
     if not getattr(a, "quiet_summary", False):
         summarize(out)
     if outcome.failed:
@@ -84,7 +112,7 @@ def summarize(out: Path) -> None:
     import pandas as pd
     from tabulate import tabulate
 
-    from bench.store import load_results
+    from reports.results import load_results
 
     df = load_results(out)
     if df.empty:
@@ -98,14 +126,34 @@ def summarize(out: Path) -> None:
     pd.set_option("display.width", 200)
 
 
+def cmd_status(a) -> int:
+    from bench.status import cell_states, format_states
+
+    states = cell_states(_results_dir(a.dir))
+    print(format_states(states))
+    return 0
+
+
+def _results_dir(d) -> Path:
+    from bench.errors import UsageError
+
+    d = Path(d)
+    if not (d / "cells").is_dir() and not (d / "manifest.json").is_file():
+        raise UsageError(f"{d} is not a results folder (it has no cells/ folder); results are under results/<grid>/")
+    return d
+
+
 def cmd_report(a) -> int:
     from bench.errors import UsageError
     from reports import render_report
 
-    d = Path(a.dir)
-    if not (d / "cells").is_dir():
-        raise UsageError(f"{d} is not a results folder (it has no cells/ folder); results are under results/<grid>/")
-    r = render_report(d, a.out)
+    d = _results_dir(a.dir)
+    if a.out and Path(a.out).exists() and not Path(a.out).is_dir():
+        raise UsageError(f"--out {a.out!r} is a file, not a folder")
+    try:
+        r = render_report(d, a.out)
+    except OSError as e:
+        raise UsageError(f"cannot write the report: {e}") from None
     print(Path(r["summary"]).read_text())
     print(f"report: {r['index']}", file=sys.stderr)
     return 0
@@ -135,6 +183,8 @@ def cmd_check(a) -> int:
         raise UsageError("check needs --baseline B and --results R, or --invariants R (or both)")
     if bool(a.baseline) != bool(a.results):
         raise UsageError("--baseline and --results go together")
+    if a.report and Path(a.report).is_dir():
+        raise UsageError(f"--report {a.report!r} is a folder; give the markdown file to write, e.g. {Path(a.report) / 'gate.md'}")
     failed, parts = False, []
     if a.baseline:
         tol = check.parse_tolerances(a.tolerance)
@@ -153,8 +203,11 @@ def cmd_check(a) -> int:
     verdict = "FAILED: a regression or a broken invariant" if failed else "passed"
     print(f"\ngate {verdict}")
     if a.report:
-        Path(a.report).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.report).write_text(f"# snnbench regression gate: {verdict}\n\n" + "\n\n".join(parts) + "\n")
+        try:
+            Path(a.report).parent.mkdir(parents=True, exist_ok=True)
+            Path(a.report).write_text(f"# snnbench regression gate: {verdict}\n\n" + "\n\n".join(parts) + "\n")
+        except OSError as e:
+            raise UsageError(f"--report {a.report!r} cannot be written: {e.strerror}") from None
     return 1 if failed else 0
 
 
@@ -167,7 +220,8 @@ def cmd_baseline(a) -> int:
 
 
 def cmd_default(a) -> int:
-    a.grid, a.filter, a.set, a.out, a.data_root, a.in_process, a.slurm, a.device = "default", [], [], None, None, False, False, "auto"
+    a.grid, a.filter, a.set, a.out, a.data_root, a.in_process, a.slurm, a.device = "default", [], [], None, None, False, False, None
+    a.reuse_stale = False
     a.quiet_summary = True
     rc = cmd_run(a)
     a.dir, a.out = REPO / "results" / "default", None
@@ -185,7 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a field of every cell")
     r.add_argument("--data-root", help="folder that holds the datasets")
     r.add_argument("--out", help="results folder (default results/<grid>)")
-    r.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    r.add_argument("--device", help="cpu, cuda, cuda:N, or auto (cuda if available); overrides the grid's own "
+                                     "device (default: the grid's, else auto)")
+    r.add_argument("--reuse-stale", action="store_true",
+                   help="keep cells stored ok by other code (stale) instead of rerunning them; report and check mark them")
     g = r.add_mutually_exclusive_group()
     g.add_argument("--in-process", action="store_true", help="run cells in this process (no fresh worker per cell)")
     g.add_argument("--slurm", action="store_true", help="submit cells as a Slurm job array (needs the slurm extra)")
@@ -210,14 +267,26 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("baseline", help="record a results folder's ok cells as one baseline parquet file")
     b.add_argument("results")
     b.add_argument("out")
+    st = sub.add_parser("status", help="ok / stale / failed / missing / running cells of a results folder")
+    st.add_argument("dir")
     return p
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """Warnings (a skipped results file, say) as one line each, without the source location."""
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from bench.errors import UsageError
+    import warnings
 
+    from bench.errors import UsageError
+    from bench.launch import StoreFailed
+    from reports.results import FolderBusy
+
+    warnings.showwarning = _show_warning
     try:
         if args.cmd == "run":
             return cmd_run(args)
@@ -229,10 +298,15 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_check(args)
         if args.cmd == "baseline":
             return cmd_baseline(args)
+        if args.cmd == "status":
+            return cmd_status(args)
         return cmd_default(args)
-    except UsageError as e:
+    except (UsageError, FolderBusy) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except StoreFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except BrokenPipeError:  # e.g. `run_bench.py list | head`: the reader left, nothing to report
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

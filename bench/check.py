@@ -62,7 +62,9 @@ class Tolerances:
 
 
 def parse_tolerances(specs: list[str]) -> Tolerances:
-    """``METRIC=PCT`` or ``METHOD:METRIC=PCT``; PCT a number >= 0 or ``off``."""
+    """``METRIC=PCT`` or ``METHOD:METRIC=PCT``; PCT a number >= 0 or ``off``; METRIC a measured column."""
+    from reports.results import MEASURE_COLUMNS
+
     default: dict[str, float | None] = dict(DEFAULT_TOLERANCES)
     per_method: dict[tuple[str, str], float | None] = {}
     for spec in specs:
@@ -79,6 +81,8 @@ def parse_tolerances(specs: list[str]) -> Tolerances:
             if not math.isfinite(pct) or pct < 0:
                 raise UsageError(f"--tolerance {spec!r}: the percentage must be >= 0")
         method, _, metric = key.rpartition(":")
+        if metric not in MEASURE_COLUMNS:
+            raise UsageError(f"--tolerance {spec!r}: no metric {metric!r}; valid: {', '.join(sorted(MEASURE_COLUMNS))}")
         if method:
             per_method[(method, metric)] = pct
         else:
@@ -91,15 +95,14 @@ def read_cells(path: str | Path, what: str) -> pd.DataFrame:
     path = Path(path)
     if not path.exists():
         raise UsageError(f"{what} {str(path)!r} does not exist")
-    try:
-        if path.is_file():
-            df = pd.read_parquet(path)
-        else:
-            from reports.io import load_results
+    from reports.results import ResultsFileProblem, load_results, read_table
 
-            df = load_results(path)
-    except Exception as e:  # unreadable parquet, not parquet at all
-        raise UsageError(f"{what} {str(path)!r} cannot be read: {type(e).__name__}: {e}") from None
+    try:
+        df = read_table(path) if path.is_file() else load_results(path)
+    except ResultsFileProblem as e:
+        raise UsageError(f"{what} {e}") from None
+    except OSError as e:
+        raise UsageError(f"{what} {str(path)!r} cannot be read: {e}") from None
     missing = [c for c in ("method", "arch", "dataset", "T", "status") if c not in df.columns]
     if df.empty or missing:
         raise UsageError(f"{what} {str(path)!r} holds no result rows"
@@ -146,6 +149,12 @@ def compare(baseline: pd.DataFrame, results: pd.DataFrame, tol: Tolerances) -> t
                     f"results: {', '.join(sorted(r['device_type'].unique()))}): compare against a baseline of this device")
         raise UsageError(f"no cell of the results matches a cell of the baseline by configuration ({', '.join(cols)}); {hint}")
     rows = []
+    for k in sorted(set(b["_k"]) - set(r["_k"])):  # the gate cannot hold what it cannot see
+        bc = b[b["_k"] == k]
+        if (bc["status"] == "ok").any():
+            rows.append({**{c: bc.iloc[0][c] for c in ID_COLUMNS}, "metric": "status", "baseline": "ok",
+                         "result": "missing", "ratio": math.nan, "tolerance_pct": math.nan,
+                         "verdict": "REGRESSION (not in results)"})
     for k in matched:
         bc, rc = b[b["_k"] == k], r[r["_k"] == k]
         ident = {c: bc.iloc[0][c] for c in ID_COLUMNS}
@@ -160,6 +169,8 @@ def compare(baseline: pd.DataFrame, results: pd.DataFrame, tol: Tolerances) -> t
                          "verdict": "no baseline"})
             continue
         bc, rc = bc[bc["status"] == "ok"], rc[rc["status"] == "ok"]
+        if "stale" in rc and rc["stale"].any():
+            ident = {**ident, "note": "stale: measured by older code (--reuse-stale)"}
         for metric in tol.metrics():
             pct = tol.get(ident["method"], metric)
             if pct is None:
@@ -176,6 +187,9 @@ def compare(baseline: pd.DataFrame, results: pd.DataFrame, tol: Tolerances) -> t
             rows.append({**ident, "metric": metric, "baseline": bv, "result": rv, "ratio": ratio,
                          "tolerance_pct": pct, "verdict": verdict})
     table = pd.DataFrame(rows)
+    if "note" in table:
+        table["note"] = table["note"].fillna("")
+    summary["stale_results"] = int(r.loc[r["_k"].isin(matched), "stale"].sum()) if "stale" in r else 0
     summary["baseline_device"], summary["results_device"] = _device_names(b), _device_names(r)
     summary["comparisons"] = len(table)
     summary["regressions"] = int(table["verdict"].str.startswith("REGRESSION").sum()) if len(table) else 0
@@ -273,7 +287,9 @@ def format_comparison(table: pd.DataFrame, summary: dict, fmt: str = "simple") -
     head = (f"{summary['matched_cells']} matched cells, {summary['comparisons']} comparisons: "
             f"{summary['regressions']} regression(s), {summary['improvements']} improvement(s)"
             + (f"; {summary['only_in_results']} result cell(s) without a baseline" if summary["only_in_results"] else "")
-            + (f"; {summary['only_in_baseline']} baseline cell(s) not run" if summary["only_in_baseline"] else "")
+            + (f"; {summary['only_in_baseline']} baseline cell(s) missing from the results" if summary["only_in_baseline"] else "")
+            + (f"; {summary['stale_results']} result cell(s) stale (measured by older code, kept with --reuse-stale)"
+               if summary.get("stale_results") else "")
             + f"\nbaseline measured on: {summary['baseline_device']}; results on: {summary['results_device']}"
             + ("  (different devices: absolute figures may not compare)"
                if summary["baseline_device"] != summary["results_device"] else ""))
@@ -292,13 +308,18 @@ def format_invariants(table: pd.DataFrame, fmt: str = "simple") -> str:
 
 def write_baseline(results: str | Path, out: str | Path) -> int:
     """The ok cells of a results folder as one parquet file: a baseline recorded on purpose."""
-    df = read_cells(results, "results").drop(columns=["device_type"])
+    out = Path(out)
+    if out.is_dir():
+        raise UsageError(f"baseline {str(out)!r} is a folder; give the parquet file to write, e.g. {out / 'cpu.parquet'}")
+    df = read_cells(results, "results").drop(columns=["device_type", "stale"], errors="ignore")
     df = df[df["status"] == "ok"]
     if df.empty:
         raise UsageError(f"results {str(results)!r} have no successful cell to record as a baseline")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    from .store import atomic_write_parquet
+    from reports.results import atomic_write_parquet
 
-    atomic_write_parquet(df.reset_index(drop=True), out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_parquet(df.reset_index(drop=True), out)
+    except OSError as e:
+        raise UsageError(f"baseline {str(out)!r} cannot be written: {e}") from None
     return len(df)

@@ -2,7 +2,7 @@
 
 A fresh worker per cell gives each cell its own peak memory, and turns a crash or an out-of-memory
 kill into a stored row (status ``oom`` or ``error``) while the grid goes on. A rerun skips cells whose
-key is stored with status ok.
+key is stored with status ok by the same code (see bench/fingerprint.py), and reruns stale ones.
 """
 
 from __future__ import annotations
@@ -17,17 +17,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from reports.results import FolderLock, load_results, remove_stray_temp_files, update_manifest, write_cell
+
+from .fingerprint import fingerprint
 from .grid import Cell
-from .store import stored_ok_keys, write_cell
 
 REPO = Path(__file__).resolve().parents[1]
 PROGRESS_PREFIX = "@snnbench-progress "
+
+
+class StoreFailed(Exception):
+    """A result could not be stored (a full disk, a folder gone): the grid stops. The message names the cause,
+    the cell and the cells left."""
 
 
 @dataclass
 class GridOutcome:
     ran: list[tuple[Cell, str, str | None]] = field(default_factory=list)  # (cell, status, error)
     skipped: list[Cell] = field(default_factory=list)
+    stale_kept: list[Cell] = field(default_factory=list)
 
     @property
     def failed(self) -> list[tuple[Cell, str, str | None]]:
@@ -123,9 +131,18 @@ def _set_pdeathsig() -> None:  # pragma: no cover - runs in the child
         pass
 
 
+STORE_FAILED_EXIT = 3  # the worker's exit code when it could not store its row
+
+
+def _store(out: Path, cell: Cell, row: dict, epochs=None, samples=None) -> None:
+    try:
+        write_cell(out, cell.key, row, epochs, samples)
+    except OSError as e:
+        raise StoreFailed(f"cannot store the result of {cell.label} in {out}: {e}") from None
+
+
 def run_in_subprocess(cell: Cell, out: Path, data_root: str | None, on_progress: Callable[[dict], None]) -> tuple[str, str | None]:
     logs = out / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
     log_path = logs / f"{cell.key}.log"
     cmd = [sys.executable, "-m", "bench.worker", "--out", str(out), "--cell", json.dumps(cell.config())]
     if data_root:
@@ -133,20 +150,26 @@ def run_in_subprocess(cell: Cell, out: Path, data_root: str | None, on_progress:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     status: dict = {}
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, cwd=REPO, env=env,
-                                preexec_fn=_set_pdeathsig if sys.platform.startswith("linux") else None)
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if line.startswith(PROGRESS_PREFIX):
-                msg = json.loads(line[len(PROGRESS_PREFIX):])
-                if "status" in msg:
-                    status = msg
+    try:
+        logs.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, cwd=REPO, env=env,
+                                    preexec_fn=_set_pdeathsig if sys.platform.startswith("linux") else None)
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                if line.startswith(PROGRESS_PREFIX):
+                    msg = json.loads(line[len(PROGRESS_PREFIX):])
+                    if "status" in msg:
+                        status = msg
+                    else:
+                        on_progress(msg)
                 else:
-                    on_progress(msg)
-            else:
-                log.write(line)
-        rc = proc.wait()
+                    log.write(line)
+            rc = proc.wait()
+    except OSError as e:  # the log could not be written: the folder is no place to store results either
+        raise StoreFailed(f"cannot write the log of {cell.label} in {logs}: {e}") from None
+    if status.get("store_error"):
+        raise StoreFailed(status["store_error"])
     if status:
         return status["status"], status.get("error")
     # the worker died before it could store its row: store one for it
@@ -157,7 +180,7 @@ def run_in_subprocess(cell: Cell, out: Path, data_root: str | None, on_progress:
         st, msg = "oom", f"worker killed by SIGKILL (most likely the out-of-memory killer); log tail:\n{tail}"
     else:
         st, msg = "error", f"worker exited with code {rc} without storing a result; log tail:\n{tail}"
-    write_cell(out, cell.key, failure_row(cell, st, msg))
+    _store(out, cell, failure_row(cell, st, msg))
     return st, msg
 
 
@@ -165,7 +188,7 @@ def run_in_process(cell: Cell, out: Path, data_root: str | None, on_progress: Ca
     from .runner import run_cell
 
     res = run_cell(cell, data_root, on_progress)
-    write_cell(out, cell.key, res.row, res.epochs, res.samples)
+    _store(out, cell, res.row, res.epochs, res.samples)
     return res.status, res.row.get("error")
 
 
@@ -192,32 +215,75 @@ def run_on_slurm(cells: list[Cell], out: Path, data_root: str | None, slurm: dic
             from .runner import failure_row
 
             st, err = "error", f"Slurm job {job.job_id} failed: {e}"
-            write_cell(out, cell.key, failure_row(cell, st, err))
+            _store(out, cell, failure_row(cell, st, err))
         outcome.ran.append((cell, st, err))
         display.end_cell(st)
+
+
+def _stored_ok(out: Path) -> dict[str, str | None]:
+    """key -> code fingerprint of every cell stored with status ok."""
+    df = load_results(out, "cells")
+    if df.empty:
+        return {}
+    fps = df["code_fingerprint"] if "code_fingerprint" in df else [None] * len(df)
+    return {k: (None if not isinstance(fp, str) else fp) for k, st, fp in zip(df["key"], df["status"], fps) if st == "ok"}
 
 
 def run_grid(cells: list[Cell], out: Path, data_root: str | None = None, launcher: str = "subprocess",
-             slurm: dict | None = None, stream=None) -> GridOutcome:
+             slurm: dict | None = None, stream=None, reuse_stale: bool = False) -> GridOutcome:
+    """Run the cells not yet stored ok with the current code. Cells stored ok by other code (stale) are rerun,
+    or kept with ``reuse_stale``. Holds the folder's lock while it runs; raises StoreFailed when a result
+    cannot be stored (the cells stored before stay as they are)."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    done = stored_ok_keys(out)
-    outcome = GridOutcome()
-    todo = []
-    for c in cells:
-        (outcome.skipped if c.key in done else todo).append(c)
-    display = ProgressDisplay(len(cells), stream, work_left=sum(cell_cost(c) for c in todo))
-    display.done = len(outcome.skipped)
-    if outcome.skipped:
-        (stream or sys.stderr).write(f"{len(outcome.skipped)} cell(s) already stored with status ok: skipped\n")
-    if launcher == "slurm":
-        run_on_slurm(todo, out, data_root, dict(slurm or {}), display, outcome)
-        return outcome
-    run = run_in_process if launcher == "inprocess" else run_in_subprocess
-    for cell in todo:
-        display.start_cell(cell)
-        st, err = run(cell, out, data_root, display.update)
-        outcome.ran.append((cell, st, err))
-        display.end_cell(st)
+    stream = stream or sys.stderr
+    with FolderLock(out) as lock:
+        if lock.taken_over:
+            stream.write(f"took over the lock of a run that is no longer alive (pid {lock.taken_over.get('pid')})\n")
+        remove_stray_temp_files(out)
+        current = {t: fingerprint(t) for t in sorted({c.device.split(":")[0] for c in cells})}
+        try:
+            update_manifest(out, cells[0].grid if cells else "", {c.key: c.config() for c in cells}, current)
+        except OSError as e:
+            raise StoreFailed(f"cannot write {out}: {e}") from None
+        stored = _stored_ok(out)
+        outcome = GridOutcome()
+        todo, stale = [], []
+        for c in cells:
+            if c.key not in stored:
+                todo.append(c)
+            elif stored[c.key] == current[c.device.split(":")[0]]:
+                outcome.skipped.append(c)
+            elif reuse_stale:
+                outcome.stale_kept.append(c)
+            else:
+                stale.append(c)
+                todo.append(c)
+        if outcome.skipped:
+            stream.write(f"{len(outcome.skipped)} cell(s) already stored with status ok: skipped\n")
+        if stale:
+            stream.write(f"{len(stale)} cell(s) stale (code changed since they ran): rerunning "
+                         "(--reuse-stale keeps them)\n")
+        if outcome.stale_kept:
+            stream.write(f"{len(outcome.stale_kept)} cell(s) stale (code changed since they ran): kept, as "
+                         "--reuse-stale asks; report and check mark them\n")
+        display = ProgressDisplay(len(cells), stream, work_left=sum(cell_cost(c) for c in todo))
+        display.done = len(cells) - len(todo)
+        if launcher == "slurm":
+            run_on_slurm(todo, out, data_root, dict(slurm or {}), display, outcome)
+            return outcome
+        run = run_in_process if launcher == "inprocess" else run_in_subprocess
+        for i, cell in enumerate(todo):
+            display.start_cell(cell)
+            lock.note_cell(cell.label)
+            try:
+                st, err = run(cell, out, data_root, display.update)
+            except StoreFailed as e:
+                left = todo[i:]
+                raise StoreFailed(f"{e}\nthe grid stopped: {len(left)} cell(s) not stored ("
+                                  + ", ".join(c.label for c in left[:5]) + (", ..." if len(left) > 5 else "")
+                                  + f"); the {len(outcome.ran) + len(outcome.skipped)} cell(s) stored before stay "
+                                  "readable. Free the space and run the same command again.") from None
+            outcome.ran.append((cell, st, err))
+            display.end_cell(st)
+        lock.note_cell(None)
     return outcome
-

@@ -12,10 +12,11 @@ import sys
 import time
 from pathlib import Path
 
+from reports.results import write_cell
+
 from .grid import Cell
-from .launch import PROGRESS_PREFIX
+from .launch import PROGRESS_PREFIX, STORE_FAILED_EXIT
 from .runner import run_cell
-from .store import write_cell
 
 
 def main(argv=None) -> int:
@@ -34,7 +35,12 @@ def main(argv=None) -> int:
             print(PROGRESS_PREFIX + json.dumps(d), flush=True)
 
     res = run_cell(cell, a.data_root, progress)
-    write_cell(a.out, cell.key, res.row, res.epochs, res.samples)
+    try:
+        write_cell(a.out, cell.key, res.row, res.epochs, res.samples)
+    except OSError as e:  # a full disk, say: the launcher stops the grid with this message
+        msg = f"cannot store the result of {cell.label} in {a.out}: {e}"
+        print(PROGRESS_PREFIX + json.dumps({"status": res.status, "store_error": msg}), flush=True)
+        return STORE_FAILED_EXIT
     if res.row.get("error"):
         print(res.row["error"], file=sys.stderr)
     print(PROGRESS_PREFIX + json.dumps({"status": res.status, "error": (res.row.get("error") or "")[:500] or None}), flush=True)

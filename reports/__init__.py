@@ -4,7 +4,7 @@
     render_report("results/default")      # -> results/default/report/{fig_*.png,pdf, table_*.tex, summary.md, index.html}
 """
 
-from .io import load_results
+from .results import load_results
 from .render import render_report
 
 __all__ = ["load_results", "render_report"]

@@ -1,0 +1,72 @@
+"""``run_bench.py status DIR``: every cell of a results folder as ok / stale / failed / missing / running.
+
+The cells a folder should hold are those its runs asked for (``manifest.json``) and those stored in it.
+A stored ok cell is stale when the code, torch version or device type that made it differs from this
+checkout's (its code fingerprint, bench/fingerprint.py); running is the cell the live run holding the
+folder's lock is on.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+
+from reports.results import device_type, load_results, lock_holder_alive, read_lock, read_manifest
+
+from .fingerprint import fingerprint
+
+STATES = ("ok", "stale", "failed", "missing", "running")
+
+
+def _label(cfg: dict) -> str:
+    return f"{cfg.get('method')} {cfg.get('arch')} {cfg.get('dataset')} T={cfg.get('T')} seed={cfg.get('seed', 0)}"
+
+
+def cell_states(folder: Path) -> pd.DataFrame:
+    """One row per cell: key, label, state, detail."""
+    folder = Path(folder)
+    expected = read_manifest(folder).get("cells") or {}
+    stored = load_results(folder, "cells")
+    rows: dict[str, dict] = {}
+    for key, cfg in expected.items():
+        if isinstance(cfg, dict):
+            rows[key] = {"key": key, "label": _label(cfg), "state": "missing", "detail": "not run yet"}
+    current: dict[str, str] = {}
+    for r in stored.to_dict("records"):
+        label = _label(r)
+        if r["status"] != "ok":
+            first = str(r.get("error") or "").strip().splitlines()
+            rows[r["key"]] = {"key": r["key"], "label": label, "state": "failed",
+                              "detail": r["status"] + (f": {first[0][:100]}" if first else "")}
+            continue
+        dt = device_type(r.get("device"))
+        if dt not in current:
+            current[dt] = fingerprint(dt)
+        fp = r.get("code_fingerprint")
+        if isinstance(fp, str) and fp == current[dt]:
+            rows[r["key"]] = {"key": r["key"], "label": label, "state": "ok", "detail": ""}
+        else:
+            why = "no code fingerprint (an older schema)" if not isinstance(fp, str) else \
+                "code, torch version or device type changed since it ran"
+            rows[r["key"]] = {"key": r["key"], "label": label, "state": "stale", "detail": why}
+    holder = read_lock(folder)
+    if lock_holder_alive(holder) and holder.get("cell"):
+        for row in rows.values():
+            if row["label"] == holder["cell"] and row["state"] != "ok":
+                row.update(state="running", detail=f"host {holder.get('host')}, pid {holder.get('pid')}")
+    df = pd.DataFrame(list(rows.values()), columns=["key", "label", "state", "detail"])
+    order = {s: i for i, s in enumerate(STATES)}
+    return df.sort_values(["state", "label"], key=lambda c: c.map(order) if c.name == "state" else c).reset_index(drop=True)
+
+
+def format_states(df: pd.DataFrame) -> str:
+    from tabulate import tabulate
+
+    n = Counter(df["state"])
+    head = f"{len(df)} cell(s): " + ", ".join(f"{n.get(s, 0)} {s}" for s in STATES)
+    if df.empty:
+        return head
+    return head + "\n\n" + tabulate(df[["state", "label", "detail", "key"]], headers="keys", tablefmt="simple",
+                                    showindex=False)

@@ -1,0 +1,409 @@
+"""The result format: schema, atomic writes, reading with upgrades, the folder's manifest and lock.
+
+One torch-free module, imported by bench/ to write rows and by reports/ to read them::
+
+    results/<grid>/cells/<key>.parquet     one row per cell: config, status, measurements, environment
+    results/<grid>/epochs/<key>.parquet    one row per epoch (train cells)
+    results/<grid>/samples/<key>.parquet   memory over time (RSS, NVML)
+    results/<grid>/manifest.json           the cells runs into this folder asked for, and the code fingerprint
+                                           of the last run (what "stale" is measured against)
+    results/<grid>/.lock                   host and pid of the run writing the folder now
+
+Every cell row carries ``schema_version``. Reading upgrades rows of an older schema where a rule exists
+(``UPGRADES``), and skips a file it cannot use with one warning that names the file and what is wrong
+(unreadable, a newer schema, a missing column, a value of the wrong type). Readers never raise on a
+results file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import socket
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 2
+KINDS = ("cells", "epochs", "samples")
+MANIFEST = "manifest.json"
+LOCK = ".lock"
+
+# columns a row of each kind must have to be used at all
+REQUIRED: dict[str, tuple[str, ...]] = {
+    "cells": ("key", "status", "method", "arch", "dataset", "T"),
+    "epochs": ("key", "epoch"),
+    "samples": ("key", "source", "t_s", "mib"),
+}
+
+# what the runner measures, per cell row; null where it cannot be measured (a GPU column on a CPU, say)
+MEASURE_COLUMNS = (
+    "step_time_ms_median", "step_time_ms_p10", "step_time_ms_p90", "forward_ms", "backward_ms", "optimizer_ms",
+    "epoch_time_s", "throughput_samples_per_s", "peak_alloc_mib", "peak_reserved_mib", "peak_nvml_mib",
+    "peak_nvml_process_mib", "nvml_baseline_mib", "peak_rss_mib", "footprint_mib", "saved_for_backward_mib",
+    "acc_top1", "acc_top1_best", "train_loss", "firing_rate_mean", "measured_steps", "num_params", "cell_wall_s",
+    "contention_cpu_s", "contention_cpu_frac", "contention_window_s", "contention_gpu_processes",
+)
+# configuration fields that are numbers (the rest of a cell's config is text)
+CONFIG_NUMERIC = ("T", "seed", "batch_size", "eval_batch_size", "epochs", "warmup_steps", "steps", "lr", "momentum",
+                  "weight_decay", "train_subset")
+NUMERIC: dict[str, tuple[str, ...]] = {
+    "cells": CONFIG_NUMERIC + MEASURE_COLUMNS + ("schema_version",),
+    "epochs": ("epoch", "train_loss", "test_acc", "epoch_time_s", "lr", "firing_rate_mean"),
+    "samples": ("t_s", "mib"),
+}
+# the cells' configuration columns whose values must be present for a row to mean anything
+IDENTITY = ("method", "arch", "dataset", "T")
+
+# a cell's timings count as measured under contention when other processes used more than this share of the CPUs
+CONTENTION_LIMIT = 0.10
+
+
+def _upgrade_1_to_2(df: pd.DataFrame) -> pd.DataFrame:
+    """Schema 1 (no ``schema_version``) had no code fingerprint: such a row's code is unknown, so it reads as stale."""
+    return df.assign(code_fingerprint=None, schema_version=2)
+
+
+# schema version N -> the function that turns a frame of version N into version N + 1
+UPGRADES: dict[int, Callable[[pd.DataFrame], pd.DataFrame]] = {1: _upgrade_1_to_2}
+
+
+class ResultsFileProblem(Exception):
+    """A results file that cannot be used as it is; the message names the file and the problem."""
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _file_mode() -> int:
+    """0o666 less the process umask: result files are created as any other file of the user's would be."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def atomic_write_parquet(df: pd.DataFrame, path: Path) -> None:
+    """Write to a temporary file in the same folder, fsync, rename, fsync the folder: a reader sees the
+    old file or the new one, never half of one."""
+    write_atomic(path, lambda f: df.to_parquet(f, index=False))
+
+
+def write_atomic(path: Path, write: Callable) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, _file_mode())  # mkstemp creates 0600
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def write_cell(out: Path, key: str, row: dict, epochs: list[dict] | None = None, samples: list[dict] | None = None) -> None:
+    """Store a cell. Epochs and samples first, the cell row last: a cell row marks a complete cell."""
+    out = Path(out)
+    if epochs:
+        atomic_write_parquet(pd.DataFrame(epochs).assign(key=key), out / "epochs" / f"{key}.parquet")
+    if samples:
+        atomic_write_parquet(pd.DataFrame(samples).assign(key=key), out / "samples" / f"{key}.parquet")
+    atomic_write_parquet(pd.DataFrame([{**row, "schema_version": SCHEMA_VERSION}]), out / "cells" / f"{key}.parquet")
+
+
+def remove_stray_temp_files(out: Path) -> list[Path]:
+    """Temporary files a killed writer left behind (only call it while holding the folder's lock)."""
+    gone = []
+    for kind in KINDS:
+        for p in (Path(out) / kind).glob(".*.tmp"):
+            try:
+                p.unlink()
+                gone.append(p)
+            except OSError:
+                pass
+    return gone
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _warn(msg: str) -> None:
+    log.warning(msg)
+    warnings.warn(msg, stacklevel=4)
+
+
+def upgrade(df: pd.DataFrame, source: str = "frame", kind: str = "cells") -> pd.DataFrame:
+    """A frame of any known schema as the current schema, its numeric columns as numbers.
+
+    Raises ResultsFileProblem (naming ``source``) when no rule reaches the current schema or a required
+    column is missing. A value of the wrong type (text where a number belongs) becomes null with a warning;
+    a row without its identity (a null method, arch, dataset or T) is dropped with a warning."""
+    missing = [c for c in REQUIRED[kind] if c not in df.columns]
+    if missing:
+        raise ResultsFileProblem(f"{source}: not a snnbench {kind} file of any known schema: column(s) "
+                                 f"{', '.join(missing)} missing")
+    if kind == "cells":
+        versions = pd.to_numeric(df["schema_version"], errors="coerce") if "schema_version" in df else None
+        v = 1 if versions is None or versions.isna().all() else int(versions.max())
+        if v > SCHEMA_VERSION:
+            raise ResultsFileProblem(f"{source}: schema version {v} is newer than this snnbench's ({SCHEMA_VERSION}); "
+                                     "upgrade snnbench to read it")
+        while v < SCHEMA_VERSION:
+            if v not in UPGRADES:
+                raise ResultsFileProblem(f"{source}: no upgrade from schema version {v} to {SCHEMA_VERSION}")
+            df = UPGRADES[v](df)
+            v += 1
+    df = df.copy()
+    for col in NUMERIC[kind]:
+        if col not in df.columns:
+            continue
+        raw = df[col]
+        num = pd.to_numeric(raw, errors="coerce")
+        bad = num.isna() & raw.notna()
+        if bad.any():
+            _warn(f"{source}: column {col!r} holds {int(bad.sum())} value(s) that are not numbers "
+                  f"(e.g. {raw[bad].iloc[0]!r}); read as missing")
+        df[col] = num
+    if kind == "cells":
+        for col in IDENTITY + ("key", "status"):
+            if col not in CONFIG_NUMERIC:
+                df[col] = df[col].map(lambda v: None if _isnull(v) else str(v))
+        lost = df[list(IDENTITY) + ["key", "status"]].isna().any(axis=1)
+        if lost.any():
+            _warn(f"{source}: {int(lost.sum())} row(s) without method, arch, dataset, T, key or status: skipped")
+            df = df[~lost]
+        if not df.empty:
+            df["T"] = df["T"].astype("int64")
+    return df
+
+
+def _isnull(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v)) or v is pd.NA
+
+
+def _read_file(p: Path, kind: str) -> pd.DataFrame | None:
+    try:
+        df = pd.read_parquet(p)
+    except Exception as e:  # a truncated or foreign file
+        _warn(f"skipping unreadable results file {p}: {type(e).__name__}: {e}")
+        return None
+    try:
+        return upgrade(df, str(p), kind)
+    except ResultsFileProblem as e:
+        _warn(f"skipping results file {e}")
+        return None
+
+
+def _read_folder(grid_dir: Path, kind: str) -> pd.DataFrame:
+    frames = [f for f in (_read_file(p, kind) for p in sorted((grid_dir / kind).glob("*.parquet")))
+              if f is not None and not f.empty]
+    frames = [f.dropna(axis=1, how="all") for f in frames]
+    if not frames:
+        return pd.DataFrame()
+    df = pd.concat(frames, ignore_index=True)
+    if kind == "cells":
+        df = mark_stale(df, read_manifest(grid_dir).get("code_fingerprints", {}))
+    return df
+
+
+def load_results(path: str | Path, kind: str = "cells") -> pd.DataFrame:
+    """One DataFrame of every stored ``kind`` row under ``path`` (a grid folder, or a folder of grid folders),
+    upgraded to the current schema. A file that cannot be used is skipped with a warning naming it.
+
+    Cell rows get a ``stale`` column: True where the row was measured by other code than the folder's last
+    run (its ``code_fingerprint`` differs from the one that run recorded, or it has none)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}")
+    path = Path(path)
+    if (path / kind).is_dir():
+        folders = [path]
+    elif path.is_dir():
+        folders = sorted(p for p in path.iterdir() if (p / kind).is_dir())
+    else:
+        folders = []
+    frames = [f for f in (_read_folder(d, kind) for d in folders) if not f.empty]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    """Cell rows from one parquet file (a baseline), upgraded; ResultsFileProblem if it cannot be used."""
+    try:
+        df = pd.read_parquet(path)
+    except Exception as e:
+        raise ResultsFileProblem(f"{path} cannot be read as parquet ({type(e).__name__}: {e})") from None
+    return upgrade(df, str(path), "cells")
+
+
+def device_type(device) -> str:
+    return str(device).split(":")[0] if not _isnull(device) else "cpu"
+
+
+def mark_stale(cells: pd.DataFrame, fingerprints: dict[str, str]) -> pd.DataFrame:
+    """``stale``: an ok row whose code fingerprint is not the current one for its device type (``fingerprints``:
+    device type -> fingerprint). Without fingerprints to compare with, nothing is marked."""
+    if cells.empty or not fingerprints:
+        return cells.assign(stale=False) if not cells.empty else cells
+    dev = cells["device"] if "device" in cells else pd.Series("cpu", index=cells.index)
+    fp = cells["code_fingerprint"] if "code_fingerprint" in cells else pd.Series(None, index=cells.index)
+    want = dev.map(lambda d: fingerprints.get(device_type(d)))
+    stale = want.notna() & (fp.isna() | (fp != want)) & (cells["status"] == "ok")
+    return cells.assign(stale=stale.astype(bool))
+
+
+# --------------------------------------------------------------------------- the manifest
+
+
+def read_manifest(grid_dir: Path) -> dict:
+    p = Path(grid_dir) / MANIFEST
+    try:
+        d = json.loads(p.read_text())
+        return d if isinstance(d, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def update_manifest(grid_dir: Path, grid: str, configs: dict[str, dict], fingerprints: dict[str, str]) -> None:
+    """Add the cells a run asks for (key -> config) and record the run's code fingerprints."""
+    m = read_manifest(grid_dir)
+    cells = m.get("cells") if isinstance(m.get("cells"), dict) else {}
+    cells.update(configs)
+    fps = m.get("code_fingerprints") if isinstance(m.get("code_fingerprints"), dict) else {}
+    fps.update(fingerprints)
+    body = json.dumps({"grid": grid, "schema_version": SCHEMA_VERSION, "code_fingerprints": fps, "cells": cells},
+                      indent=1, sort_keys=True, default=str)
+    write_atomic(Path(grid_dir) / MANIFEST, lambda f: f.write(body.encode()))
+
+
+# --------------------------------------------------------------------------- the lock
+
+
+class FolderBusy(Exception):
+    """Another live run holds the folder; the message names it."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass
+class FolderLock:
+    """One run writes a results folder at a time: ``.lock`` holds the host, pid, start time and current cell
+    of the run that writes it. A lock left by a dead process on this host is taken over; one from another
+    host is respected (its process cannot be checked from here)."""
+
+    folder: Path
+    taken_over: dict | None = None
+
+    @property
+    def path(self) -> Path:
+        return Path(self.folder) / LOCK
+
+    def acquire(self) -> "FolderLock":
+        Path(self.folder).mkdir(parents=True, exist_ok=True)
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, _file_mode())
+            except FileExistsError:
+                holder = read_lock(self.folder)
+                if holder and holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) \
+                        and not _pid_alive(holder["pid"]):
+                    self.taken_over = holder
+                    try:
+                        self.path.unlink()
+                    except FileNotFoundError:
+                        pass
+                    continue
+                if holder is None:  # being written right now, or garbage: look again
+                    time.sleep(0.2)
+                    holder = read_lock(self.folder) or {}
+                raise FolderBusy(f"results folder {self.folder} is being written by another run "
+                                 f"(host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, "
+                                 f"started {holder.get('started', '?')}); wait for it to end, or use another --out. "
+                                 f"If that run is dead, remove {self.path}") from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self._me = me
+            return self
+        raise FolderBusy(f"could not take the lock {self.path}")
+
+    def note_cell(self, label: str | None) -> None:
+        """Record the cell running now (``status`` shows it)."""
+        body = json.dumps({**self._me, "cell": label})
+        try:
+            write_atomic(self.path, lambda f: f.write(body.encode()))
+        except OSError:
+            pass  # the lock file itself still holds the folder
+
+    def release(self) -> None:
+        try:
+            holder = read_lock(self.folder)
+            if holder and holder.get("pid") == os.getpid() and holder.get("host") == self._me["host"]:
+                self.path.unlink()
+        except OSError:
+            pass
+
+    def __enter__(self) -> "FolderLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def read_lock(folder: Path) -> dict | None:
+    try:
+        d = json.loads((Path(folder) / LOCK).read_text())
+        return d if isinstance(d, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def lock_holder_alive(holder: dict | None) -> bool:
+    """Whether the run named in a lock is still running (assumed so for another host)."""
+    if not holder:
+        return False
+    if holder.get("host") != socket.gethostname():
+        return True
+    return isinstance(holder.get("pid"), int) and _pid_alive(holder["pid"])
+
+
+def method_options_label(row: pd.Series) -> str:
+    opts = row.get("method_options")
+    try:
+        d = json.loads(opts) if isinstance(opts, str) else (opts or {})
+    except ValueError:
+        d = {}
+    if not isinstance(d, dict):
+        return ""
+    return ",".join(f"{k}={v}" for k, v in sorted(d.items()) if v not in (False, None))
+
+
+__all__ = ["CONTENTION_LIMIT", "FolderBusy", "FolderLock", "KINDS", "MEASURE_COLUMNS", "ResultsFileProblem",
+           "SCHEMA_VERSION", "atomic_write_parquet", "load_results", "mark_stale", "read_lock", "read_manifest",
+           "read_table", "remove_stray_temp_files", "update_manifest", "upgrade", "write_cell"]
