@@ -215,6 +215,18 @@ class NvmlProcessSampler(PeakReadings):
         self.baseline = hello["baseline"]
         return self
 
+    def cpu_seconds(self) -> float:
+        """CPU time the sampler process used so far (it runs beside the cell: not contention)."""
+        if self._proc is None:
+            return 0.0
+        try:
+            import psutil
+
+            t = psutil.Process(self._proc.pid).cpu_times()
+            return t.user + t.system
+        except Exception:
+            return 0.0
+
     def stop(self) -> "NvmlProcessSampler":
         import json
 
@@ -233,6 +245,108 @@ class NvmlProcessSampler(PeakReadings):
                 self._proc.kill()
             self._proc = None
         return self
+
+
+def cpu_busy_seconds() -> float | None:
+    """CPU time all processes of the machine used since boot (/proc/stat: user, nice, system, irq, softirq and
+    steal, which a hypervisor gave to other guests); None where /proc/stat is not readable."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    v = [int(x) for x in fields[1:9]] + [0] * max(0, 8 - len(fields[1:9]))
+    user, nice, system, _idle, _iowait, irq, softirq, steal = v[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuContention:
+    """How much CPU other processes used while a cell was timed: the machine's busy CPU time over the window
+    minus this process's own (all its threads) and that of helper processes it started (``helper_cpu``).
+
+    ``contention_cpu_frac`` is that time over the window's wall time times the CPU count: 0 on a quiet
+    machine, 0.5 when another process kept one of two cores busy. Readers are injectable for tests."""
+
+    def __init__(self, read_busy: Callable[[], float | None] = cpu_busy_seconds,
+                 read_self: Callable[[], float] = time.process_time, helper_cpu: Callable[[], float] = lambda: 0.0,
+                 n_cpus: int | None = None, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.read_busy, self.read_self, self.helper_cpu, self.clock = read_busy, read_self, helper_cpu, clock
+        self.n_cpus = n_cpus or os.cpu_count() or 1
+        self._start: tuple | None = None
+
+    def start(self) -> "CpuContention":
+        self._start = (self.read_busy(), self.read_self(), self.helper_cpu(), self.clock())
+        return self
+
+    def stop(self) -> dict:
+        assert self._start is not None, "start() first"
+        b0, s0, h0, t0 = self._start
+        b1, s1, h1, t1 = self.read_busy(), self.read_self(), self.helper_cpu(), self.clock()
+        wall = t1 - t0
+        if b0 is None or b1 is None or wall <= 0:
+            return {"contention_cpu_s": None, "contention_cpu_frac": None, "contention_window_s": wall}
+        other = max(0.0, (b1 - b0) - (s1 - s0) - (h1 - h0))
+        return {"contention_cpu_s": other, "contention_cpu_frac": other / (wall * self.n_cpus),
+                "contention_window_s": wall}
+
+
+class RssFootprint:
+    """The memory a cell's training adds to its process: the resident high-water mark (VmHWM) over the training
+    steps, reset at the start through /proc/self/clear_refs, minus the resident memory at the start (after the
+    model and the data are set up). ``pause``/``resume`` leave a stretch out (evaluation, whose activations for a
+    large evaluation batch are not training memory). ``None`` where the kernel offers no reset of the
+    high-water mark (not Linux)."""
+
+    def __init__(self) -> None:
+        self.start_rss: int | None = None
+        self.peak_before: int = 0
+        self.resettable = False
+        self._seg_peak = 0
+        self._paused = False
+
+    def _reset(self) -> bool:
+        self.peak_before = max(self.peak_before, peak_rss_bytes())  # the process's peak so far; the reset forgets it
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset the peak resident set size to the current one (Linux >= 4.0)
+            return True
+        except OSError:
+            return False
+
+    def start(self) -> "RssFootprint":
+        self.resettable = self._reset()
+        self.start_rss = rss_reader()()
+        return self
+
+    def pause(self) -> None:
+        if self.resettable and not self._paused:
+            self._seg_peak = max(self._seg_peak, _vm_hwm_bytes() or 0)
+            self._paused = True
+
+    def resume(self) -> None:
+        if self.resettable and self._paused:
+            self._reset()
+            self._paused = False
+
+    def stop(self) -> tuple[float | None, float]:
+        """(footprint bytes or None, peak RSS bytes of the whole process)"""
+        self.pause()
+        peak = max(self.peak_before, self._seg_peak, peak_rss_bytes())
+        if not self.resettable or self.start_rss is None:
+            return None, peak
+        return max(0, self._seg_peak - self.start_rss), peak
+
+
+def _vm_hwm_bytes() -> int | None:
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def rss_reader() -> Callable[[], int]:
@@ -264,6 +378,15 @@ class NvmlDevice:
     driver: str
     mig_mode: str
     other_processes: list[int]
+
+    def other_pids(self) -> list[int]:
+        """Processes other than this one with a compute context on the GPU now."""
+        import pynvml
+
+        try:
+            return [p.pid for p in pynvml.nvmlDeviceGetComputeRunningProcesses(self.handle) if p.pid != os.getpid()]
+        except pynvml.NVMLError:
+            return []
 
     def process_used_bytes(self, pid: int) -> int | None:
         import pynvml

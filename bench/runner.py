@@ -19,11 +19,14 @@ import torch
 from methods import METHODS, MethodConfig
 from methods.layers import LIF, count_parameters
 
+from reports.results import MEASURE_COLUMNS
+
 from .data import dataset_info, get_loaders
 from .env import environment
+from .fingerprint import fingerprint
 from .grid import Cell
-from .profile import (MIB, NvmlProcessSampler, Sampler, SavedTensorsMeter, TimingProbe, nvml_device, peak_rss_bytes,
-                      rss_reader, sync)
+from .profile import (MIB, CpuContention, NvmlProcessSampler, RssFootprint, Sampler, SavedTensorsMeter, TimingProbe,
+                      nvml_device, rss_reader, sync)
 
 log = logging.getLogger(__name__)
 
@@ -51,16 +54,9 @@ def config_columns(cell: Cell) -> dict:
     return cfg
 
 
-MEASURE_COLUMNS = (
-    "step_time_ms_median", "step_time_ms_p10", "step_time_ms_p90", "forward_ms", "backward_ms", "optimizer_ms",
-    "epoch_time_s", "throughput_samples_per_s", "peak_alloc_mib", "peak_reserved_mib", "peak_nvml_mib",
-    "peak_nvml_process_mib", "nvml_baseline_mib", "peak_rss_mib", "saved_for_backward_mib", "acc_top1",
-    "acc_top1_best", "train_loss", "firing_rate_mean", "measured_steps", "num_params", "cell_wall_s",
-)
-
-
 def base_row(cell: Cell, status: str, error: str | None = None) -> dict:
-    row = {"key": cell.key, "status": status, "error": error, **config_columns(cell)}
+    row = {"key": cell.key, "status": status, "error": error, **config_columns(cell),
+           "code_fingerprint": fingerprint(cell.device)}
     for c in MEASURE_COLUMNS:
         row.setdefault(c, None)
     return row
@@ -154,6 +150,7 @@ def run_cell(cell: Cell, data_root: str | None = None, progress: Progress | None
         row.update(gpu_uuid=nvml.uuid, nvml_driver=nvml.driver, mig_mode=nvml.mig_mode,
                    gpu_other_processes=json.dumps(nvml.other_processes), gpu_name=nvml.name)
     epochs: list[dict] = []
+    window = MeasureWindow(nvml, nvml_sampler)
     rss.start()
     try:
         if nvml_sampler:  # its first reading, before this process allocates on the GPU, is the baseline
@@ -162,19 +159,26 @@ def run_cell(cell: Cell, data_root: str | None = None, progress: Progress | None
             except RuntimeError as e:
                 row["gpu_null_reason"] = f"NVML sampler: {e}"
                 nvml_sampler = None
-        _train_or_profile(cell, device, data_root, row, epochs, progress)
+        _train_or_profile(cell, device, data_root, row, epochs, progress, window)
     except torch.cuda.OutOfMemoryError as e:
         row.update(status="oom", error=f"CUDA out of memory: {str(e).splitlines()[0]}")
     except MemoryError as e:
         row.update(status="oom", error=f"host out of memory: {e}")
     except Exception as e:
-        tb = traceback.format_exc(limit=8)
-        row.update(status="error", error=f"{type(e).__name__}: {e}\n{tb}")
+        if is_host_oom(e):
+            row.update(status="oom", error=f"host out of memory: {str(e).strip().splitlines()[-1]}")
+        else:
+            tb = traceback.format_exc(limit=8)
+            row.update(status="error", error=f"{type(e).__name__}: {e}\n{tb}")
     finally:
         rss.stop()
         if nvml_sampler:
             nvml_sampler.stop()
-    row["peak_rss_mib"] = peak_rss_bytes() / MIB
+    footprint, peak_rss = window.footprint.stop()
+    row["peak_rss_mib"] = peak_rss / MIB
+    row["footprint_mib"] = footprint / MIB if footprint is not None else None
+    if footprint is None and window.footprint.start_rss is not None:
+        row["footprint_null_reason"] = "the kernel offers no reset of the resident high-water mark (/proc/self/clear_refs)"
     if nvml_sampler and nvml_sampler.peak is not None:
         row["peak_nvml_mib"] = nvml_sampler.peak_above_baseline / MIB
         row["nvml_baseline_mib"] = nvml_sampler.baseline / MIB
@@ -187,7 +191,37 @@ def run_cell(cell: Cell, data_root: str | None = None, progress: Progress | None
     return Result(row, epochs, samples)
 
 
-def _train_or_profile(cell: Cell, device: torch.device, data_root, row: dict, epochs: list[dict], progress: Progress) -> None:
+def is_host_oom(e: BaseException) -> bool:
+    """torch's CPU allocator reports a failed allocation as a RuntimeError ("DefaultCPUAllocator: can't allocate
+    memory: you tried to allocate ...")."""
+    return isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "Cannot allocate memory" in str(e))
+
+
+class MeasureWindow:
+    """What is measured over the training loop as a whole: the memory it adds to the process (footprint) and how
+    much CPU, and which GPU processes, other than this cell's were busy meanwhile (contention)."""
+
+    def __init__(self, nvml, nvml_sampler) -> None:
+        self.nvml = nvml
+        self.footprint = RssFootprint()
+        self.cpu = CpuContention(helper_cpu=nvml_sampler.cpu_seconds if nvml_sampler else (lambda: 0.0))
+        self.gpu_pids: set[int] = set()
+
+    def start(self) -> None:
+        self.footprint.start()
+        self.cpu.start()
+        if self.nvml:
+            self.gpu_pids.update(self.nvml.other_pids())
+
+    def stop(self, row: dict) -> None:
+        row.update(self.cpu.stop())
+        if self.nvml:
+            self.gpu_pids.update(self.nvml.other_pids())
+            row["contention_gpu_processes"] = len(self.gpu_pids)
+
+
+def _train_or_profile(cell: Cell, device: torch.device, data_root, row: dict, epochs: list[dict], progress: Progress,
+                      window: MeasureWindow) -> None:
     _seed(cell.seed)
     info = dataset_info(cell.dataset)
     method = METHODS[cell.method](MethodConfig(T=cell.T, neuron=cell.neuron, options=dict(cell.method_options)))
@@ -234,8 +268,9 @@ def _train_or_profile(cell: Cell, device: torch.device, data_root, row: dict, ep
         return out.loss
 
     model.train()
-    if cell.kind == "profile":
-        batches = list(train)
+    batches = list(train) if cell.kind == "profile" else None
+    window.start()  # model, optimizer and data are set up: what grows from here is the training's
+    if batches is not None:
         for i in range(total_steps):
             x, y = batches[i % len(batches)]
             one_step(x.to(device, non_blocking=True), y.to(device, non_blocking=True), 0)
@@ -254,7 +289,9 @@ def _train_or_profile(cell: Cell, device: torch.device, data_root, row: dict, ep
             if sched:
                 sched.step()
             train_loss = float(torch.stack(losses).mean()) if losses else None
+            window.footprint.pause()  # evaluation's memory is not training memory
             acc, rate = evaluate(method, model, test, device) if test is not None else (None, None)
+            window.footprint.resume()
             if acc is not None:
                 best = max(best, acc)
             epochs.append({"epoch": epoch + 1, "train_loss": train_loss, "test_acc": acc, "epoch_time_s": epoch_s,
@@ -266,6 +303,7 @@ def _train_or_profile(cell: Cell, device: torch.device, data_root, row: dict, ep
             row.update(acc_top1=last["test_acc"], acc_top1_best=best if best > -math.inf else None,
                        train_loss=last["train_loss"], firing_rate_mean=last["firing_rate_mean"],
                        epoch_time_s=statistics.median(e["epoch_time_s"] for e in epochs))
+    window.stop(row)
     row["measured_steps"] = len(step_ms)
     if step_ms:
         row.update(step_time_ms_median=statistics.median(step_ms), step_time_ms_p10=_pct(step_ms, 10),

@@ -6,10 +6,16 @@ import zlib
 
 import pandas as pd
 
-from .io import method_options_label
+from .results import method_options_label
 
-# the best available memory column, in order of preference, with its label
-MEMORY_COLUMNS = [("peak_nvml_mib", "NVML"), ("peak_alloc_mib", "torch allocator"), ("peak_rss_mib", "RSS")]
+from .results import CONTENTION_LIMIT
+
+# the best available memory column, in order of preference, with its label. On a CPU there is no device memory:
+# the bytes autograd saves for backward (deterministic) say what a method's memory scales with; the process's
+# RSS, most of it the torch import, would hide it
+MEMORY_COLUMNS = [("peak_nvml_mib", "NVML"), ("peak_alloc_mib", "torch allocator"),
+                  ("saved_for_backward_mib", "saved for backward"), ("footprint_mib", "RSS footprint above start"),
+                  ("peak_rss_mib", "RSS")]
 
 # fixed colour, marker and line style per method (Okabe-Ito palette, colour-blind safe), the same in every figure
 STYLE = {
@@ -63,6 +69,17 @@ def memory_column(df: pd.DataFrame) -> tuple[str | None, str | None]:
         if has(df, col):
             return col, label
     return None, None
+
+
+def contended(df: pd.DataFrame) -> pd.Series:
+    """True for rows whose timings were measured while other processes used more than CONTENTION_LIMIT of the
+    CPUs, or while other processes ran on their GPU."""
+    flag = pd.Series(False, index=df.index)
+    if "contention_cpu_frac" in df:
+        flag |= pd.to_numeric(df["contention_cpu_frac"], errors="coerce").fillna(0) > CONTENTION_LIMIT
+    if "contention_gpu_processes" in df:
+        flag |= pd.to_numeric(df["contention_gpu_processes"], errors="coerce").fillna(0) > 0
+    return flag
 
 
 def time_column(df: pd.DataFrame) -> tuple[str | None, str | None]:

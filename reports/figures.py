@@ -12,7 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .aggregate import has, memory_column, method_order, ok, over_seeds, style, time_column, with_labels  # noqa: E402
+from .aggregate import (contended, has, memory_column, method_order, ok, over_seeds, style, time_column,  # noqa: E402
+                        with_labels)
 
 RC = {
     "font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "xtick.labelsize": 7, "ytick.labelsize": 7,
@@ -37,17 +38,25 @@ def _missing(ax, text: str) -> None:
     ax.grid(False)
 
 
-def _lines(ax, d: pd.DataFrame, col: str) -> bool:
-    """One line per method over T: mean over seeds, error bars (std) where several seeds."""
+def _lines(ax, d: pd.DataFrame, col: str, flag: pd.Series | None = None) -> bool:
+    """One line per method over T: mean over seeds, error bars (std) where several seeds. Points where ``flag``
+    holds for any seed (timings under contention) are drawn hollow, over the line."""
     agg = over_seeds(d, ["label", "T"], col)
     if agg.empty:
         return False
+    flagged = set()
+    if flag is not None and flag.any():
+        flagged = set(map(tuple, d.loc[flag[flag].index, ["label", "T"]].itertuples(index=False)))
     for label in method_order(agg["label"]):
         a = agg[agg["label"] == label].sort_values("T")
         c, m, ls = style(label)
         yerr = a["std"].where(a["n"] > 1).to_numpy(dtype=float)
         ax.errorbar(a["T"], a["mean"], yerr=None if np.all(np.isnan(yerr)) else np.nan_to_num(yerr), color=c, marker=m,
                     linestyle=ls, label=label, capsize=2)
+        hollow = a[[(label, t) in flagged for t in a["T"]]]
+        if len(hollow):
+            ax.plot(hollow["T"], hollow["mean"], linestyle="none", marker=m, markerfacecolor="white",
+                    markeredgecolor=c, gid="contended")
     ax.set_xticks(sorted(agg["T"].unique()))
     return True
 
@@ -59,15 +68,17 @@ def fig_cost(df: pd.DataFrame, out: Path, name: str = "fig_cost"):
         fig, axes = plt.subplots(1, 3, figsize=(FULL_WIDTH, 2.3), constrained_layout=True)
         mem, mem_label = memory_column(d)
         tcol, tlabel = time_column(d)
-        panels = [  # (column, y label, title, what to say when there is nothing to draw)
+        busy = contended(d)
+        panels = [  # (column, y label, title, what to say when there is nothing to draw, points to draw hollow)
             ("acc_top1" if has(d, "acc_top1") else None, "test accuracy [%]", "accuracy",
-             "no accuracy\n(profile grid or no finished train cell)"),
-            (mem, f"peak memory, {mem_label} [MiB]",
-             "memory" + ("" if mem in (None, "peak_nvml_mib") else f" ({mem_label}: no NVML column)"), "no memory column"),
-            (tcol, tlabel, "time", "no time column"),
+             "no accuracy\n(profile grid or no finished train cell)", None),
+            (mem, ("bytes saved for backward [MiB]" if mem == "saved_for_backward_mib" else f"peak memory, {mem_label} [MiB]"),
+             "memory" + ("" if mem in (None, "peak_nvml_mib") else f" ({mem_label}: no NVML column)"), "no memory column",
+             None),
+            (tcol, tlabel, "time" + (" (hollow: other processes busy)" if busy.any() else ""), "no time column", busy),
         ]
-        for ax, (col, ylabel, title, missing) in zip(axes, panels):
-            if col and _lines(ax, d, col):
+        for ax, (col, ylabel, title, missing, flag) in zip(axes, panels):
+            if col and _lines(ax, d, col, flag):
                 ax.set_ylabel(ylabel)
             else:
                 _missing(ax, missing)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -11,12 +12,17 @@ import pandas as pd
 from tabulate import tabulate
 
 from . import figures, tables
-from .aggregate import has, memory_column, ok, time_column
-from .io import load_results
+from .aggregate import contended, has, memory_column, ok
+from .results import CONTENTION_LIMIT
+from .results import load_results
 
 ENV_COLUMNS = ["snnbench_version", "git_commit", "torch_version", "cuda_version", "python_version", "gpu_name",
                "nvml_driver", "mig_mode", "cpu_model", "cpu_threads", "host", "start_time"]
 GPU_COLUMNS = ["peak_alloc_mib", "peak_reserved_mib", "peak_nvml_mib"]
+
+
+def _label(r) -> str:
+    return f"{r['method']} {r['arch']} {r['dataset']} T={r['T']} seed={r.get('seed')}"
 
 
 def _notes(cells: pd.DataFrame) -> list[str]:
@@ -27,7 +33,7 @@ def _notes(cells: pd.DataFrame) -> list[str]:
     bad = cells[cells["status"] != "ok"] if "status" in cells else cells.iloc[0:0]
     for _, r in bad.iterrows():
         first = str(r.get("error") or "").strip().splitlines()[0] if r.get("error") else ""
-        notes.append(f"cell {r['method']} {r['arch']} {r['dataset']} T={r['T']} seed={r['seed']} is missing: status {r['status']}"
+        notes.append(f"cell {_label(r)} is missing: status {r['status']}"
                      + (f" ({first})" if first else ""))
     good = ok(cells)
     missing_gpu = [c for c in GPU_COLUMNS if not has(good, c)]
@@ -36,7 +42,25 @@ def _notes(cells: pd.DataFrame) -> list[str]:
         notes.append(f"no values for {', '.join(missing_gpu)}" + (f": {'; '.join(reasons)}" if reasons else ""))
     mem, label = memory_column(good)
     if mem:
-        notes.append(f"memory figures use {mem} ({label}), the best column with values")
+        notes.append(f"memory figures use {mem} ({label}), the best column with values"
+                     + ("; on a CPU the process's RSS is mostly the torch import, so the bytes autograd saves for "
+                        "backward show how a method's memory scales (footprint_mib, the RSS a cell added above its "
+                        "start, is in the cost table)" if mem == "saved_for_backward_mib" else ""))
+    if "stale" in good and good["stale"].any():
+        st = good[good["stale"].astype(bool)]
+        notes.append(f"{len(st)} cell(s) are stale: measured by older code than this folder's last run, kept with "
+                     "--reuse-stale (rerun without it to measure them again): "
+                     + "; ".join(_label(r) for _, r in st.head(10).iterrows()) + (" ..." if len(st) > 10 else ""))
+    busy = contended(good)
+    if busy.any():
+        b = good[busy]
+        worst = b.loc[pd.to_numeric(b.get("contention_cpu_frac"), errors="coerce").fillna(0).idxmax()] \
+            if "contention_cpu_frac" in b else b.iloc[0]
+        frac = worst.get("contention_cpu_frac")
+        notes.append(f"timings of {len(b)} cell(s) were measured while other processes used more than "
+                     f"{CONTENTION_LIMIT:.0%} of the CPUs or ran on the GPU (worst: {_label(worst)}"
+                     + (f", {float(frac):.0%} of the CPUs" if frac is not None and frac == frac else "")
+                     + "): hollow markers in the time panel, † in the cost table; rerun them on a quiet machine")
     if "seed" in good and not good.empty and good.groupby(["method", "arch", "dataset", "T"])["seed"].nunique().max() <= 1:
         notes.append("one seed per configuration: no error bars and no ± in the tables")
     return notes
@@ -69,7 +93,7 @@ def render_report(results: str | Path, out: str | Path | None = None, reference:
         multi = len(combos) > 1
         for arch, ds in combos or [(None, None)]:
             sel = cells if arch is None else cells[(cells["arch"] == arch) & (cells["dataset"] == ds)]
-            suffix = f"_{arch}_{ds}".replace(":", "-") if multi else ""
+            suffix = re.sub(r"[^A-Za-z0-9._-]+", "-", f"_{arch}_{ds}") if multi else ""  # a file name, whatever the names
             title = f"{arch} on {ds}" if arch else ""
             for fn, args, name in (
                 (figures.fig_cost, (sel,), "fig_cost"),

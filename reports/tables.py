@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 from tabulate import tabulate
 
-from .aggregate import has, memory_column, method_order, ok, over_seeds, with_labels
+from .aggregate import contended, has, memory_column, method_order, ok, over_seeds, with_labels
 
 REFERENCE_CSV = Path(__file__).with_name("reference.csv")
 _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
@@ -130,15 +130,18 @@ def cost_table(df: pd.DataFrame) -> tuple[pd.DataFrame, str | None]:
     d = with_labels(ok(df))
     mem, mem_label = memory_column(d)
     keys = ["label", "arch", "dataset", "T"]
-    cols = [("memory_mib", mem), ("saved_mib", "saved_for_backward_mib"), ("step_ms", "step_time_ms_median"),
-            ("epoch_s", "epoch_time_s")]
+    cols = [("memory_mib", mem), ("saved_mib", "saved_for_backward_mib" if mem != "saved_for_backward_mib" else None),
+            ("footprint_mib", "footprint_mib" if mem != "footprint_mib" else None),
+            ("step_ms", "step_time_ms_median"), ("epoch_s", "epoch_time_s")]
     parts = []
     for name, col in cols:
         if col and has(d, col):
             parts.append(over_seeds(d, keys, col).set_index(keys)["mean"].rename(name))
     if not parts:
         return pd.DataFrame(), mem_label
+    parts.append(d.assign(contended=contended(d)).groupby(keys)["contended"].any())
     t = pd.concat(parts, axis=1).reset_index()
+    t["contended"] = t["contended"].fillna(False).astype(bool)
     base = t[t["label"] == "bptt_m"].set_index(["arch", "dataset", "T"])
     for name, _ in cols:
         if name in t:
@@ -151,8 +154,9 @@ def cost_table(df: pd.DataFrame) -> tuple[pd.DataFrame, str | None]:
     return t.reset_index(drop=True), mem_label
 
 
-_COST_HEAD = {"memory_mib": "peak memory [MiB]", "saved_mib": "saved for backward [MiB]", "step_ms": "step [ms]",
-             "epoch_s": "epoch [s]"}
+_COST_HEAD = {"memory_mib": "peak memory [MiB]", "saved_mib": "saved for backward [MiB]",
+             "footprint_mib": "RSS footprint [MiB]", "step_ms": "step [ms]", "epoch_s": "epoch [s]"}
+CONTENDED_MARK = "†"  # a timing measured while other processes used the CPUs or the GPU
 _COST_METRICS = tuple(_COST_HEAD)
 
 
@@ -160,15 +164,18 @@ def _cost_cells(t: pd.DataFrame, mem_label: str | None) -> tuple[list[str], list
     metrics = [m for m in _COST_METRICS if m in t]
     header = ["Method", "Architecture", "Dataset", "T"]
     for m in metrics:
-        h = _COST_HEAD[m] + (f" ({mem_label})" if m == "memory_mib" and mem_label else "")
+        h = ("memory" if m == "memory_mib" and mem_label else _COST_HEAD[m]) + \
+            (f" ({mem_label}) [MiB]" if m == "memory_mib" and mem_label else "")
         header += [h, "x bptt_m"]
     body = []
     for _, r in t.iterrows():
         row = [r["label"], r["arch"], r["dataset"], str(int(r["T"]))]
+        mark = CONTENDED_MARK if r.get("contended", False) else ""
         for m in metrics:
             v, x = r[m], r[f"{m}_x_bptt_m"]
-            row += ["--" if pd.isna(v) else (f"{v:.3f}" if m == "epoch_s" else f"{v:.2f}" if m == "saved_mib" else f"{v:.1f}"),
-                    "--" if pd.isna(x) else f"{x:.2f}"]
+            digits = 3 if m == "epoch_s" else 2 if m == "saved_mib" or (m == "memory_mib" and mem_label == "saved for backward") else 1
+            s = "--" if pd.isna(v) else f"{v:.{digits}f}"
+            row += [s + (mark if m in ("step_ms", "epoch_s") and s != "--" else ""), "--" if pd.isna(x) else f"{x:.2f}"]
         body.append(row)
     return header, body
 
@@ -177,10 +184,12 @@ def cost_latex(t: pd.DataFrame, mem_label: str | None) -> str:
     if t.empty:
         return "% no finished cell with cost columns: no cost table\n"
     header, body = _cost_cells(t, mem_label)
-    lines = ["% training cost: means over seeds; x bptt_m = ratio to bptt_m at the same architecture, dataset and T",
+    lines = ["% training cost: means over seeds; x bptt_m = ratio to bptt_m at the same architecture, dataset and T; "
+             "dagger: timing measured while other processes were busy (see the report's notes)",
              r"\begin{tabular}{lll r" + "rr" * ((len(header) - 4) // 2) + "}", r"\toprule",
              " & ".join(tex_escape(h).replace("x bptt", r"$\times$ bptt") for h in header) + r" \\", r"\midrule"]
-    lines += [" & ".join(tex_escape(c) for c in row) + r" \\" for row in body]
+    lines += [" & ".join(tex_escape(c).replace(CONTENDED_MARK, r"\textsuperscript{\dag}") for c in row) + r" \\"
+              for row in body]
     lines += [r"\bottomrule", r"\end{tabular}", ""]
     return "\n".join(lines)
 
