@@ -31,3 +31,11 @@ def zero_grads(model):
 
 def grads(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def tiny_grid(name="tiny", methods=("bptt_m",), T=(1,), train_subset=128, dataset="digits", extra="") -> str:
+    """A train grid of a 16-unit MLP on a slice of the digits: the smallest cells the real CLI can run."""
+    q = lambda xs: "[" + ", ".join(f'"{x}"' if isinstance(x, str) else str(x) for x in xs) + "]"  # noqa: E731
+    return (f'name = "{name}"\n[axes]\nmethod = {q(methods)}\narch = ["mlp"]\ndataset = ["{dataset}"]\nT = {q(T)}\n'
+            f"[fixed]\nepochs = 1\nbatch_size = {min(128, train_subset)}\ntrain_subset = {train_subset}\n"
+            "warmup_steps = 0\narch_options = { widths = [16] }\n" + extra)

@@ -9,7 +9,7 @@ import pytest
 
 from bench.check import compare, invariants, parse_tolerances, read_cells
 from bench.errors import UsageError
-from bench.store import atomic_write_parquet, load_results
+from reports.results import atomic_write_parquet, load_results
 
 from .helpers import REPO, cli
 

@@ -11,27 +11,14 @@ import pandas as pd
 import pytest
 
 import run_bench
-from bench.store import load_results
+from reports.results import load_results
 from methods import METHODS, Method
 
-from .helpers import cli
+from .helpers import cli, tiny_grid
 
 REPO = Path(__file__).resolve().parents[1]
 
-TINY = """
-name = "tiny"
-[axes]
-method = ["bptt_m", "rate_m"]
-arch = ["mlp"]
-dataset = ["digits"]
-T = [1, 2]
-[fixed]
-epochs = 1
-batch_size = 128
-train_subset = 256
-warmup_steps = 0
-arch_options = { widths = [16] }
-"""
+TINY = tiny_grid(methods=("bptt_m", "rate_m"), T=(1, 2), train_subset=256)
 
 
 @pytest.fixture

@@ -100,3 +100,81 @@ def test_nvml_sampler_process_with_a_stub_nvml(tmp_path, monkeypatch):
     assert len(s.samples) >= 10 and [v for _, v in s.samples[:4]] == [1500, 4000, 2500, 1200]  # the first reading is the baseline
     with pytest.raises(RuntimeError, match="did not start"):
         NvmlProcessSampler("no-such-gpu", 0.002).start()
+
+
+def test_bounded_series_keeps_the_whole_run_and_every_peak():
+    """200,000 readings with a late peak and an early trough: the kept points span the whole run, hold the exact
+    max and min, stay within the bound, and each kept point is a reading that was added."""
+    from bench.sampler import BoundedSeries
+
+    n = 200_000
+    ts = [i * 0.005 for i in range(n)]  # 1000 s of 5 ms readings
+    vs = [1000 + (i * 7919) % 97 for i in range(n)]
+    vs[190_123] = 5000  # the late peak
+    vs[17] = 3
+    s = BoundedSeries(max_points=4000, dt=0.005)
+    for t, v in zip(ts, vs):
+        s.add(t, v)
+    pts = s.points()
+    assert len(pts) <= 4000 and s.count == n
+    assert max(v for _, v in pts) == 5000 and min(v for _, v in pts) == 3
+    assert (ts[190_123], 5000) in pts and (ts[17], 3) in pts
+    assert pts[0][0] <= 1.0 and pts[-1][0] >= ts[-1] - 2 * s.dt  # the start and the end of the run
+    assert [t for t, _ in pts] == sorted(t for t, _ in pts)
+    added = set(zip(ts, vs))
+    assert all(p in added for p in pts)
+    # every bucket of the final width is represented: no gap longer than two buckets
+    gaps = [b[0] - a[0] for a, b in zip(pts, pts[1:])]
+    assert max(gaps) <= 2 * s.dt + 1e-9
+
+
+def test_cpu_contention_arithmetic_with_scripted_readers():
+    """Machine busy 9 s over a 4 s window of 2 CPUs, this process 5 s, a helper 1 s: others used 3 s = 37.5 %."""
+    from bench.profile import CpuContention
+
+    busy, own, helper, clock = iter([100.0, 109.0]), iter([10.0, 15.0]), iter([2.0, 3.0]), iter([50.0, 54.0])
+    c = CpuContention(lambda: next(busy), lambda: next(own), lambda: next(helper), n_cpus=2, clock=lambda: next(clock))
+    got = c.start().stop()
+    assert got == {"contention_cpu_s": 3.0, "contention_cpu_frac": 3.0 / 8.0, "contention_window_s": 4.0}
+    none = CpuContention(lambda: None, lambda: 0.0, n_cpus=2).start().stop()
+    assert none["contention_cpu_s"] is None and none["contention_cpu_frac"] is None
+
+
+def test_cpu_contention_sees_another_process():
+    """A busy loop in another process during the window: contention counts (most of) the CPU time that process
+    reports for itself, and none of this process's own work."""
+    import subprocess
+    import sys
+
+    from bench.profile import CpuContention
+
+    c = CpuContention().start()
+    burner = subprocess.run([sys.executable, "-c", "import time, resource\nt = time.time()\nwhile time.time() - t < 1.5: pass\n"
+                             "r = resource.getrusage(resource.RUSAGE_SELF); print(r.ru_utime + r.ru_stime)"],
+                            capture_output=True, text=True)
+    x = 0
+    for i in range(2_000_000):  # this process's own work is not contention
+        x += i
+    got = c.stop()
+    burned = float(burner.stdout)
+    assert got["contention_cpu_s"] >= 0.7 * burned, (got, burned)
+    assert 0 < got["contention_cpu_frac"] <= 1.0
+
+
+def test_rss_footprint_equals_what_the_window_allocated():
+    """1 GiB of resident memory is in the process before the window; 256 MiB are touched inside it: the footprint
+    is those 256 MiB (not the 1 GiB, not the peak RSS), within 10 %."""
+    import numpy as np
+
+    from bench.profile import RssFootprint
+
+    before = np.ones(2**30 // 8)  # resident before the window starts
+    fp = RssFootprint().start()
+    if not fp.resettable:
+        pytest.skip("no /proc/self/clear_refs here")
+    inside = np.ones(256 * 2**20 // 8)
+    del inside
+    footprint, peak = fp.stop()
+    assert footprint == pytest.approx(256 * 2**20, rel=0.10)
+    assert peak >= 2**30 + footprint * 0.9
+    del before

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bench.store import write_cell
+from reports.results import write_cell
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ["bptt_m", "rate_m", "rate_s"]
@@ -30,6 +30,7 @@ def make_results(root: Path, seeds=(0, 1, 2), failed=True, gpu=False) -> pd.Data
                      "step_time_ms_median": float(rng.uniform(5, 20) * T), "forward_ms": float(rng.uniform(1, 5) * T),
                      "backward_ms": float(rng.uniform(1, 5) * T), "optimizer_ms": float(rng.uniform(0.1, 1)),
                      "peak_rss_mib": float(rng.uniform(800, 900)), "saved_for_backward_mib": float(T if m == "bptt_m" else 1.0),
+                     "footprint_mib": float(rng.uniform(1, 5) * T),
                      "peak_alloc_mib": float(rng.uniform(50, 100) * T) if gpu else None,
                      "peak_nvml_mib": float(rng.uniform(500, 600) * T) if gpu else None,
                      "gpu_null_reason": None if gpu else "not a CUDA device", "torch_version": "2.x", "host": "h",
@@ -75,11 +76,11 @@ def test_cost_figure_values_equal_pandas_aggregates(results, tmp_path):
     from reports.figures import fig_cost
 
     root, df = results
-    from reports.io import load_results
+    from reports.results import load_results
 
     fig, _ = fig_cost(load_results(root), tmp_path)
     acc_ax, mem_ax, time_ax = fig.axes[:3]
-    for ax, col in ((acc_ax, "acc_top1"), (mem_ax, "peak_rss_mib"), (time_ax, "epoch_time_s")):
+    for ax, col in ((acc_ax, "acc_top1"), (mem_ax, "saved_for_backward_mib"), (time_ax, "epoch_time_s")):
         want = df.groupby(["method", "T"])[col].agg(["mean", "std"])
         seen = 0
         for cont in ax.containers:
@@ -94,13 +95,14 @@ def test_cost_figure_values_equal_pandas_aggregates(results, tmp_path):
             for (x0, y0), (x1, y1) in (s for s in seg):
                 assert (y1 - y0) / 2 == pytest.approx(want.loc[(label, x0), "std"], rel=1e-9)
         assert seen == len(METHODS) * 3
-    assert "RSS" in mem_ax.get_ylabel() and "[MiB]" in mem_ax.get_ylabel()
+    # on a CPU the memory panel shows the bytes saved for backward, labelled so (RSS is mostly the torch import)
+    assert "saved for backward" in mem_ax.get_ylabel() and "[MiB]" in mem_ax.get_ylabel()
     assert "[s]" in time_ax.get_ylabel() and "[%]" in acc_ax.get_ylabel()
 
 
 def test_phase_bars_equal_means(results, tmp_path):
     from reports.figures import fig_phases
-    from reports.io import load_results
+    from reports.results import load_results
 
     root, df = results
     fig, _ = fig_phases(load_results(root), tmp_path)
@@ -141,11 +143,12 @@ def test_cost_table_ratios_equal_pandas(results):
     root, df = results
     render_report(root)
     rows = _tex_rows((root / "report" / "table_cost.tex").read_text())
-    means = df.groupby(["method", "T"])[["peak_rss_mib", "saved_for_backward_mib", "step_time_ms_median", "epoch_time_s"]].mean()
+    cols = ["saved_for_backward_mib", "footprint_mib", "step_time_ms_median", "epoch_time_s"]
+    means = df.groupby(["method", "T"])[cols].mean()
     assert len(rows) == len(means)
     for r in rows:
         m, T = r[0].replace(r"\_", "_"), int(r[3])
-        for i, col in enumerate(["peak_rss_mib", "saved_for_backward_mib", "step_time_ms_median", "epoch_time_s"]):
+        for i, col in enumerate(cols):
             v, ratio = r[4 + 2 * i], r[5 + 2 * i]
             want = means.loc[(m, T), col]
             assert v == f"{want:.{len(v.split('.')[1])}f}"  # the printed value is the aggregate, rounded
@@ -209,3 +212,80 @@ def test_tables_compile_with_pdflatex(results, tmp_path):
     r = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", doc.name], cwd=tmp_path,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout[-2000:]
+
+
+def test_report_and_check_survive_foreign_files(tmp_path):
+    """A results folder holding a schema-1 file, a string where a number belongs, a NaN T (pandas 3 reads such a
+    column as float) and an architecture whose name contains '/': `report` and `check` end without a traceback,
+    warn about what they skip or coerce, and draw the rest."""
+    from reports.results import SCHEMA_VERSION
+
+    from .helpers import cli
+
+    root = tmp_path / "res"
+    make_results(root, seeds=(0,), failed=False)
+    cells = root / "cells"
+    base = pd.read_parquet(next(cells.glob("bptt_m-1-0.parquet")))
+    old = base.drop(columns=["schema_version"]).assign(key="old", T=8)  # schema 1: no version, no fingerprint
+    old.to_parquet(cells / "old.parquet")
+    base.assign(key="str", T=6, step_time_ms_median="fast").to_parquet(cells / "str.parquet")
+    base.assign(key="nan", T=float("nan")).to_parquet(cells / "nan.parquet")
+    base.assign(key="slash", arch="conv/net", dataset="digits/v2").to_parquet(cells / "slash.parquet")
+    base.assign(key="new", schema_version=SCHEMA_VERSION + 5).to_parquet(cells / "new.parquet")
+    r = cli("report", str(root))
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert "'step_time_ms_median' holds 1 value(s) that are not numbers" in r.stderr
+    assert "nan.parquet: 1 row(s) without" in r.stderr and "new.parquet: schema version" in r.stderr
+    assert list((root / "report").glob("fig_cost_conv-net_digits-v2.png"))  # a file name, not a folder
+    r = cli("check", "--baseline", str(root), "--results", str(root))
+    assert r.returncode == 0 and "Traceback" not in r.stderr and "gate passed" in r.stdout, r.stdout + r.stderr
+
+
+def test_timings_under_contention_are_flagged(tmp_path):
+    """Cells measured while other processes used the CPUs: a note names the worst, the cost table marks their
+    times with a dagger, the time panel draws them hollow; quiet cells stay as they are."""
+    from reports import render_report
+    from reports.figures import fig_cost
+    from reports.results import load_results
+
+    root = tmp_path / "res"
+    make_results(root, seeds=(0,), failed=False)
+    for p in (root / "cells").glob("*.parquet"):
+        d = pd.read_parquet(p)
+        busy = d["method"].iloc[0] == "rate_m" and d["T"].iloc[0] == 4
+        d.assign(contention_cpu_frac=0.45 if busy else 0.01, contention_cpu_s=1.0).to_parquet(p)
+    r = render_report(root)
+    summary = Path(r["summary"]).read_text()
+    assert "timings of 1 cell(s) were measured while other processes used more than 10% of the CPUs" in summary
+    assert "worst: rate_m cnn_digits digits T=4 seed=0, 45% of the CPUs" in summary
+    rows = [l for l in summary.splitlines() if l.startswith("| rate_m ") or l.startswith("| bptt_m ")]
+    marked = [l for l in rows if "†" in l]
+    assert len(marked) == 1 and "| rate_m " in marked[0] and "| 4 " in marked[0]
+    assert r"\textsuperscript{\dag}" in (root / "report" / "table_cost.tex").read_text()
+    fig, _ = fig_cost(load_results(root), tmp_path)
+    hollow = [l for l in fig.axes[2].lines if l.get_gid() == "contended"]
+    assert len(hollow) == 1 and list(hollow[0].get_xdata()) == [4] and hollow[0].get_markerfacecolor() == "white"
+    assert not [l for l in fig.axes[1].lines if l.get_gid() == "contended"]
+
+
+@pytest.mark.slow
+def test_cpu_memory_panel_shows_how_memory_scales_in_t(tmp_path):
+    """A real CPU run of the default grid's cells (shortened): the memory panel plots the bytes saved for backward,
+    so bptt_m grows with T (T=4 / T=1 >= 2, half of linear) while rate_m and ottt_a stay flat (<= 1.1)."""
+    from reports.figures import fig_cost
+    from reports.results import load_results
+
+    from .helpers import cli
+
+    out = tmp_path / "res"
+    r = cli("run", "default", "--out", str(out), "--device", "cpu", "--filter", "method=bptt_m,rate_m,ottt_a",
+            "--filter", "T=1,4", "--set", "epochs=1", "--set", "train_subset=64")
+    assert r.returncode == 0, r.stderr
+    fig, _ = fig_cost(load_results(out), tmp_path)
+    ax = fig.axes[1]
+    assert ax.get_ylabel() == "bytes saved for backward [MiB]"
+    ratio = {}
+    for c in ax.containers:
+        xs, ys = list(c.lines[0].get_xdata()), list(c.lines[0].get_ydata())
+        ratio[c.get_label()] = ys[xs.index(4)] / ys[xs.index(1)]
+    assert ratio["bptt_m"] >= 2.0 and ratio["rate_m"] <= 1.1 and ratio["ottt_a"] <= 1.1, ratio
