@@ -244,7 +244,8 @@ def run_grid(cells: list[Cell], out: Path, data_root: str | None = None, launche
         try:
             update_manifest(out, cells[0].grid if cells else "", {c.key: c.config() for c in cells}, current)
         except OSError as e:
-            raise StoreFailed(f"cannot write {out}: {e}") from None
+            raise StoreFailed(f"cannot write the manifest of {out}: {e}\nno cell ran: {len(cells)} cell(s) not stored. "
+                              "Free the space and run the same command again.") from None
         stored = _stored_ok(out)
         outcome = GridOutcome()
         todo, stale = [], []

@@ -279,7 +279,7 @@ def test_cpu_memory_panel_shows_how_memory_scales_in_t(tmp_path):
 
     out = tmp_path / "res"
     r = cli("run", "default", "--out", str(out), "--device", "cpu", "--filter", "method=bptt_m,rate_m,ottt_a",
-            "--filter", "T=1,4", "--set", "epochs=1", "--set", "train_subset=64")
+            "--filter", "T=1,4", "--set", "epochs=1", "--set", "train_subset=64", "--set", "warmup_steps=0")
     assert r.returncode == 0, r.stderr
     fig, _ = fig_cost(load_results(out), tmp_path)
     ax = fig.axes[1]
