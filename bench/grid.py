@@ -275,16 +275,10 @@ def expand(spec: dict, name: str = "", filters: dict | None = None, sets: dict |
 
 
 def validate(cell: Cell) -> None:
-    if cell.method not in METHODS:
-        raise UsageError(f"unknown method {cell.method!r}; valid: {', '.join(sorted(METHODS))}")
-    if cell.arch not in ARCHS:
-        raise UsageError(f"unknown arch {cell.arch!r}; valid: {', '.join(sorted(ARCHS))}")
-    dataset_info(cell.dataset)  # raises UsageError naming the valid datasets
-    check_value("T", cell.T)
+    for name in ("method", "arch", "dataset", "T", "neuron"):  # the names a registry must know
+        check_value(name, getattr(cell, name))
     if cell.kind not in ("train", "profile"):
         raise UsageError(f"kind must be 'train' or 'profile', got {cell.kind!r}")
-    if cell.neuron not in PRESETS:
-        raise UsageError(f"unknown neuron preset {cell.neuron!r}; valid: {', '.join(sorted(PRESETS))}")
     for f in ("batch_size", "eval_batch_size", "steps"):
         if getattr(cell, f) <= 0:
             raise UsageError(f"{f} must be > 0, got {getattr(cell, f)}")

@@ -45,10 +45,6 @@ class SavedTensorsMeter:
         self.packed = 0
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
-    def reset_peak(self) -> None:
-        with self._lock:
-            self.peak_bytes = self.current_bytes
-
     @property
     def peak_mib(self) -> float:
         return self.peak_bytes / MIB
@@ -146,7 +142,6 @@ class TimingProbe:
         self._pool: list = []
         self._used = 0
         self._step: dict[str, float] = {}
-        self.steps: list[dict[str, float]] = []  # one dict per finished step: phase -> ms
         self.phase_peak_alloc: dict[str, int] = {}  # phase -> allocator peak (bytes) while in that phase
         self.phase_peak_reserved: dict[str, int] = {}
 
@@ -168,7 +163,6 @@ class TimingProbe:
                 self._step[name] = self._step.get(name, 0.0) + a.elapsed_time(b)
             self._events, self._used = [], 0
         out, self._step = self._step, {}
-        self.steps.append(out)
         return out
 
     def discard(self) -> None:

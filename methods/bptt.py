@@ -15,17 +15,12 @@ from .layers import configure, reset_state
 
 class BPTTMulti(Method):
     name = "bptt_m"
-    OPTIONS = {"keep_extra_activation": False}  # used only by the regression-gate test: keeps a copy of the input alive
-
     def train_step(self, model, x, y, optimizer, probe=NULL_PROBE) -> StepOutput:
         with probe.phase("forward"):
             configure(model, "multi", self.T)
             xs = self.time_fold(model, x)
             logits = self.mean_over_time(model(xs))
             loss = self.loss_fn(logits, y)
-            if self.options["keep_extra_activation"]:
-                w0 = next(model.parameters()).reshape(-1)[0]  # puts the input in the graph: mul saves it, tanh its output
-                loss = loss + 0.0 * torch.tanh(xs * w0).sum()  # keeps a [T*B, ...] activation (tanh output) alive
         with probe.phase("backward"):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

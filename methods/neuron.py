@@ -14,7 +14,6 @@ Everything here is plain torch: no module state, no knowledge of training method
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -184,8 +183,3 @@ def dv_dh(h: torch.Tensor, s: torch.Tensor, sg: torch.Tensor, cfg: NeuronConfig)
     if cfg.detach_reset:
         return 1.0 - s
     return (1.0 - s) + (cfg.v_reset - h) * sg
-
-
-def tau_of(cfg: NeuronConfig) -> float:
-    """Membrane time constant tau = 1 / (1 - lambda) (inf for a pure integrator)."""
-    return math.inf if cfg.decay >= 1.0 else 1.0 / (1.0 - cfg.decay)

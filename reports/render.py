@@ -134,23 +134,6 @@ def _img(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
-def _md_table_to_html(md: str) -> str:
-    """A github-style markdown table (as tabulate writes it) as an HTML table."""
-    lines = [l for l in md.strip().splitlines() if l.startswith("|")]
-    if len(lines) < 2:
-        return f"<p><em>{html.escape(md.strip().strip('_'))}</em></p>"
-    rows = [[c.strip() for c in l.strip("|").split("|")] for l in lines]
-    head, body = rows[0], rows[2:]
-
-    def cell(c: str, tag: str) -> str:
-        bold = c.startswith("**") and c.endswith("**")
-        c = html.escape(c.strip("*") if bold else c)
-        return f"<{tag}>{'<b>' + c + '</b>' if bold else c}</{tag}>"
-
-    return ("<table><thead><tr>" + "".join(cell(h, "th") for h in head) + "</tr></thead><tbody>"
-            + "".join("<tr>" + "".join(cell(c, "td") for c in r) + "</tr>" for r in body) + "</tbody></table>")
-
-
 def _html(title, notes, figs, acc, cost, mem_label, env, out: Path) -> str:
     esc = html.escape
     parts = [
@@ -167,8 +150,8 @@ def _html(title, notes, figs, acc, cost, mem_label, env, out: Path) -> str:
     for caption, png in figs:
         parts.append(f"<figure><img alt='{esc(caption)}' src='{_img(png)}'><figcaption>{esc(caption)} "
                      f"({esc(png.name)}, PDF beside it)</figcaption></figure>")
-    parts.append("<h2>Accuracy (top-1 %)</h2>" + _md_table_to_html(tables.accuracy_markdown(acc)))
-    parts.append("<h2>Training cost</h2>" + _md_table_to_html(tables.cost_markdown(cost, mem_label)))
+    parts.append("<h2>Accuracy (top-1 %)</h2>" + tables.accuracy_html(acc))
+    parts.append("<h2>Training cost</h2>" + tables.cost_html(cost, mem_label))
     parts.append("<p>LaTeX: table_accuracy.tex, table_cost.tex, table_reference.tex (booktabs).</p>")
     parts.append("<h2>Environment</h2><table>" + "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in env) + "</table>")
     parts.append("</body></html>")

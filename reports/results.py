@@ -18,7 +18,6 @@ results file.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import socket
@@ -31,7 +30,6 @@ from typing import Callable
 
 import pandas as pd
 
-log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2
 KINDS = ("cells", "epochs", "samples")
@@ -148,8 +146,7 @@ def remove_stray_temp_files(out: Path) -> list[Path]:
 
 
 def _warn(msg: str) -> None:
-    log.warning(msg)
-    warnings.warn(msg, stacklevel=4)
+    warnings.warn(msg, stacklevel=4)  # the CLI prints it as one line; a library user can filter or raise it
 
 
 def upgrade(df: pd.DataFrame, source: str = "frame", kind: str = "cells") -> pd.DataFrame:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import math
 from pathlib import Path
 
@@ -114,6 +115,24 @@ def accuracy_latex(t: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+_B0, _B1 = "\x00", "\x01"  # bold markers that survive html.escape
+
+
+def _html_table(header: list[str], body: list[list[str]]) -> str:
+    """tabulate's HTML, every cell escaped, bold cells (between _B0 and _B1) in <b>."""
+    def esc(c) -> str:
+        return html.escape(str(c)).replace(_B0, "<b>").replace(_B1, "</b>")
+
+    return tabulate([[esc(c) for c in r] for r in body], headers=[esc(h) for h in header], tablefmt="unsafehtml",
+                    disable_numparse=True)
+
+
+def accuracy_html(t: pd.DataFrame) -> str:
+    if t.empty:
+        return "<p><em>no finished train cell: no accuracy table</em></p>"
+    return _html_table(*_acc_cells(t, (_B0, _B1)))
+
+
 def accuracy_markdown(t: pd.DataFrame) -> str:
     if t.empty:
         return "_no finished train cell: no accuracy table_\n"
@@ -199,6 +218,12 @@ def cost_markdown(t: pd.DataFrame, mem_label: str | None) -> str:
         return "_no finished cell with cost columns: no cost table_\n"
     header, body = _cost_cells(t, mem_label)
     return tabulate(body, headers=header, tablefmt="github", disable_numparse=True) + "\n"
+
+
+def cost_html(t: pd.DataFrame, mem_label: str | None) -> str:
+    if t.empty:
+        return "<p><em>no finished cell with cost columns: no cost table</em></p>"
+    return _html_table(*_cost_cells(t, mem_label))
 
 
 def reference_latex(ref: pd.DataFrame) -> str:

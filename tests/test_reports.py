@@ -289,3 +289,37 @@ def test_cpu_memory_panel_shows_how_memory_scales_in_t(tmp_path):
         xs, ys = list(c.lines[0].get_xdata()), list(c.lines[0].get_ydata())
         ratio[c.get_label()] = ys[xs.index(4)] / ys[xs.index(1)]
     assert ratio["bptt_m"] >= 2.0 and ratio["rate_m"] <= 1.1 and ratio["ottt_a"] <= 1.1, ratio
+
+
+def test_html_tables_hold_the_markdown_tables_cells(results):
+    """index.html's tables (tabulate's HTML) carry the same cells as summary.md's, bold where markdown is bold."""
+    from html.parser import HTMLParser
+
+    from reports import render_report
+
+    root, _ = results
+    r = render_report(root)
+
+    class Cells(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.rows, self.bold, self._in = [], 0, False
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "tr":
+                self.rows.append([])
+            self._in = tag in ("td", "th") or (self._in and tag == "b")
+            self.bold += tag == "b"
+
+        def handle_data(self, data):
+            if self._in and data.strip():
+                self.rows[-1].append(data.strip())
+
+    p = Cells()
+    p.feed(Path(r["index"]).read_text())
+    md = Path(r["summary"]).read_text()
+    md_rows = [[c.strip().strip("*") for c in l.strip().strip("|").split("|")] for l in md.splitlines()
+               if l.startswith("|") and not l.startswith("|--") and "field" not in l]
+    html_rows = [row for row in p.rows if row and len(row) > 2]
+    assert html_rows[:len(md_rows)] == md_rows[:len(html_rows)] and len(md_rows) >= 10
+    assert p.bold == md.count("**") // 2
