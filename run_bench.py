@@ -108,22 +108,19 @@ def cmd_run(a) -> int:
 
 
 def summarize(out: Path) -> None:
-    """A table of the stored results (the full report arrives with reports/)."""
-    import pandas as pd
+    """A table of the stored results: identity, status and the metrics the metric table marks for the summary."""
     from tabulate import tabulate
 
-    from reports.results import load_results
+    from reports.results import METRICS, load_results
 
     df = load_results(out)
     if df.empty:
         print("no results stored", file=sys.stderr)
         return
-    cols = ["method", "arch", "dataset", "T", "seed", "status", "acc_top1", "step_time_ms_median", "epoch_time_s",
-            "saved_for_backward_mib", "peak_rss_mib", "peak_alloc_mib", "peak_nvml_mib"]
-    cols = [c for c in cols if c in df and (c not in ("acc_top1", "epoch_time_s", "peak_alloc_mib", "peak_nvml_mib") or df[c].notna().any())]
+    ident = ["method", "arch", "dataset", "T", "seed", "status"]
+    cols = ident + [m.name for m in METRICS if m.summary and m.name in df and df[m.name].notna().any()]
     view = df[cols].sort_values(["method", "arch", "dataset", "T", "seed"])
     print(tabulate(view, headers="keys", tablefmt="github", showindex=False, floatfmt=".2f", missingval="-"))
-    pd.set_option("display.width", 200)
 
 
 def cmd_status(a) -> int:
@@ -256,9 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="the regression gate: results against a baseline, and invariants")
     c.add_argument("--baseline", help="baseline: a parquet file (see `baseline`) or a results folder")
     c.add_argument("--results", help="results folder to check")
+    from reports.results import METRICS
+
     c.add_argument("--tolerance", action="append", default=[], metavar="[METHOD:]METRIC=PCT",
-                   help="tolerance in percent, or 'off' (defaults: saved_for_backward_mib 1, peak_*_mib 5, "
-                        "step_time_ms_median 10, num_params 0)")
+                   help="tolerance in percent, or 'off' (defaults: "
+                        + ", ".join(f"{m.name} {m.tolerance:g}" for m in METRICS if m.tolerance is not None) + ")")
     c.add_argument("--invariants", metavar="R", help="check the machine-independent invariants on results R")
     c.add_argument("--max-time-ratio", type=float, default=0.8,
                    help="invariant: rate_m step time at the largest T <= this x bptt_m's (default 0.8)")

@@ -28,16 +28,10 @@ CONFIG_COLUMNS = ("method", "arch", "dataset", "T", "seed", "kind", "batch_size"
                   "arch_options", "train_subset", "precision", "device_type")
 ID_COLUMNS = ("method", "arch", "dataset", "T", "seed")
 
-# metric -> tolerance in percent (a larger value is worse for all of them)
-DEFAULT_TOLERANCES: dict[str, float] = {
-    "saved_for_backward_mib": 1.0,
-    "peak_alloc_mib": 5.0,
-    "peak_reserved_mib": 5.0,
-    "peak_nvml_mib": 5.0,
-    "peak_rss_mib": 5.0,
-    "step_time_ms_median": 10.0,
-    "num_params": 0.0,
-}
+from reports.results import MEASURE_COLUMNS, METRIC, METRICS
+
+# metric -> tolerance in percent, as the metric table declares it
+DEFAULT_TOLERANCES: dict[str, float] = {m.name: m.tolerance for m in METRICS if m.tolerance is not None}
 
 FLAT_METHODS = ("rate_m", "rate_s", "ottt_a", "ottt_o", "sltt", "sltt_k", "os")
 GROWING_METHODS = ("bptt_m",)
@@ -63,8 +57,6 @@ class Tolerances:
 
 def parse_tolerances(specs: list[str]) -> Tolerances:
     """``METRIC=PCT`` or ``METHOD:METRIC=PCT``; PCT a number >= 0 or ``off``; METRIC a measured column."""
-    from reports.results import MEASURE_COLUMNS
-
     default: dict[str, float | None] = dict(DEFAULT_TOLERANCES)
     per_method: dict[tuple[str, str], float | None] = {}
     for spec in specs:
@@ -183,7 +175,7 @@ def compare(baseline: pd.DataFrame, results: pd.DataFrame, tol: Tolerances) -> t
                 verdict, ratio = "REGRESSION (not measured)", math.nan
             else:
                 ratio = rv / bv if bv else (1.0 if rv == bv else math.inf)
-                verdict = _verdict(ratio, pct)
+                verdict = _verdict(ratio, pct, METRIC[metric].better)
             rows.append({**ident, "metric": metric, "baseline": bv, "result": rv, "ratio": ratio,
                          "tolerance_pct": pct, "verdict": verdict})
     table = pd.DataFrame(rows)
@@ -212,13 +204,16 @@ def _median(df: pd.DataFrame, metric: str) -> float | None:
     return float(v.median()) if len(v) else None
 
 
-def _verdict(ratio: float, pct: float) -> str:
-    eps = 1e-12  # a ratio of exactly 1 + tol holds
-    if ratio > 1 + pct / 100 + eps:
-        return "REGRESSION"
-    if ratio < 1 - pct / 100 - eps:
-        return "improved"
-    return "ok"
+def _verdict(ratio: float, pct: float, better: str = "lower") -> str:
+    """Past the tolerance in the worse direction is a regression, in the better one an improvement (a metric
+    without a better direction only holds or changes)."""
+    eps = 1e-12  # a ratio of exactly 1 +- tol holds
+    up, down = ratio > 1 + pct / 100 + eps, ratio < 1 - pct / 100 - eps
+    if better == "higher":
+        up, down = down, up
+    elif better == "none":
+        return "changed" if up or down else "ok"
+    return "REGRESSION" if up else "improved" if down else "ok"
 
 
 # ---------------------------------------------------------------- invariants

@@ -8,14 +8,12 @@ import pandas as pd
 
 from .results import method_options_label
 
-from .results import CONTENTION_LIMIT
+from .results import CONTENTION_LIMIT, METRIC
 
-# the best available memory column, in order of preference, with its label. On a CPU there is no device memory:
-# the bytes autograd saves for backward (deterministic) say what a method's memory scales with; the process's
-# RSS, most of it the torch import, would hide it
-MEMORY_COLUMNS = [("peak_nvml_mib", "NVML"), ("peak_alloc_mib", "torch allocator"),
-                  ("saved_for_backward_mib", "saved for backward"), ("footprint_mib", "RSS footprint above start"),
-                  ("peak_rss_mib", "RSS")]
+# the memory column a figure shows: the first with values. On a CPU there is no device memory: the bytes autograd
+# saves for backward (deterministic) say what a method's memory scales with; the process's RSS, most of it the
+# torch import, would hide it
+MEMORY_PREFERENCE = ("peak_nvml_mib", "peak_alloc_mib", "saved_for_backward_mib", "footprint_mib", "peak_rss_mib")
 
 # fixed colour, marker and line style per method (Okabe-Ito palette, colour-blind safe), the same in every figure
 STYLE = {
@@ -65,9 +63,10 @@ def has(df: pd.DataFrame, col: str) -> bool:
 
 
 def memory_column(df: pd.DataFrame) -> tuple[str | None, str | None]:
-    for col, label in MEMORY_COLUMNS:
+    """(column, its label) of the first memory column with values."""
+    for col in MEMORY_PREFERENCE:
         if has(df, col):
-            return col, label
+            return col, METRIC[col].label
     return None, None
 
 
@@ -85,9 +84,9 @@ def contended(df: pd.DataFrame) -> pd.Series:
 def time_column(df: pd.DataFrame) -> tuple[str | None, str | None]:
     """Per epoch for train grids, per step for profile grids."""
     if has(df, "epoch_time_s") and (df.get("kind") == "train").any():
-        return "epoch_time_s", "time per epoch [s]"
+        return "epoch_time_s", METRIC["epoch_time_s"].axis_label
     if has(df, "step_time_ms_median"):
-        return "step_time_ms_median", "time per step [ms]"
+        return "step_time_ms_median", METRIC["step_time_ms_median"].axis_label
     return None, None
 
 

@@ -14,6 +14,7 @@ import pandas as pd  # noqa: E402
 
 from .aggregate import (contended, has, memory_column, method_order, ok, over_seeds, style, time_column,  # noqa: E402
                         with_labels)
+from .results import METRIC  # noqa: E402
 
 RC = {
     "font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "xtick.labelsize": 7, "ytick.labelsize": 7,
@@ -66,15 +67,14 @@ def fig_cost(df: pd.DataFrame, out: Path, name: str = "fig_cost"):
     d = with_labels(ok(df))
     with plt.rc_context(RC):
         fig, axes = plt.subplots(1, 3, figsize=(FULL_WIDTH, 2.3), constrained_layout=True)
-        mem, mem_label = memory_column(d)
+        mem, _ = memory_column(d)
         tcol, tlabel = time_column(d)
         busy = contended(d)
         panels = [  # (column, y label, title, what to say when there is nothing to draw, points to draw hollow)
-            ("acc_top1" if has(d, "acc_top1") else None, "test accuracy [%]", "accuracy",
+            ("acc_top1" if has(d, "acc_top1") else None, METRIC["acc_top1"].axis_label, "accuracy",
              "no accuracy\n(profile grid or no finished train cell)", None),
-            (mem, ("bytes saved for backward [MiB]" if mem == "saved_for_backward_mib" else f"peak memory, {mem_label} [MiB]"),
-             "memory" + ("" if mem in (None, "peak_nvml_mib") else f" ({mem_label}: no NVML column)"), "no memory column",
-             None),
+            (mem, METRIC[mem].axis_label if mem else None,
+             "memory" + ("" if mem in (None, "peak_nvml_mib") else " (no NVML column)"), "no memory column", None),
             (tcol, tlabel, "time" + (" (hollow: other processes busy)" if busy.any() else ""), "no time column", busy),
         ]
         for ax, (col, ylabel, title, missing, flag) in zip(axes, panels):

@@ -43,14 +43,55 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "samples": ("key", "source", "t_s", "mib"),
 }
 
-# what the runner measures, per cell row; null where it cannot be measured (a GPU column on a CPU, say)
-MEASURE_COLUMNS = (
-    "step_time_ms_median", "step_time_ms_p10", "step_time_ms_p90", "forward_ms", "backward_ms", "optimizer_ms",
-    "epoch_time_s", "throughput_samples_per_s", "peak_alloc_mib", "peak_reserved_mib", "peak_nvml_mib",
-    "peak_nvml_process_mib", "nvml_baseline_mib", "peak_rss_mib", "footprint_mib", "saved_for_backward_mib",
-    "acc_top1", "acc_top1_best", "train_loss", "firing_rate_mean", "measured_steps", "num_params", "cell_wall_s",
-    "contention_cpu_s", "contention_cpu_frac", "contention_window_s", "contention_gpu_processes",
+@dataclass(frozen=True)
+class Metric:
+    """One measured column of a cell row, declared once: the runner fills it, the gate, the figures, the tables
+    and the command line's summary read its unit, direction, tolerance and label from here."""
+
+    name: str
+    unit: str  # "ms", "s", "MiB", "%", "samples/s", "" (a plain number)
+    better: str  # "lower" | "higher" | "none" (not a quality: a count, a baseline, a context figure)
+    tolerance: float | None  # the gate's default tolerance in percent; None: not gated unless asked
+    label: str  # for axes, table headers and notes
+    summary: bool = False  # a column of the command line's summary table
+
+    @property
+    def axis_label(self) -> str:
+        return f"{self.label} [{self.unit}]" if self.unit else self.label
+
+
+METRICS: tuple[Metric, ...] = (
+    Metric("step_time_ms_median", "ms", "lower", 10.0, "time per step", summary=True),
+    Metric("step_time_ms_p10", "ms", "lower", None, "time per step, 10th percentile"),
+    Metric("step_time_ms_p90", "ms", "lower", None, "time per step, 90th percentile"),
+    Metric("forward_ms", "ms", "lower", None, "forward time per step"),
+    Metric("backward_ms", "ms", "lower", None, "backward time per step"),
+    Metric("optimizer_ms", "ms", "lower", None, "optimizer time per step"),
+    Metric("epoch_time_s", "s", "lower", None, "time per epoch", summary=True),
+    Metric("throughput_samples_per_s", "samples/s", "higher", None, "throughput"),
+    Metric("peak_alloc_mib", "MiB", "lower", 5.0, "peak memory, torch allocator", summary=True),
+    Metric("peak_reserved_mib", "MiB", "lower", 5.0, "peak memory reserved, torch allocator"),
+    Metric("peak_nvml_mib", "MiB", "lower", 5.0, "peak memory, NVML", summary=True),
+    Metric("peak_nvml_process_mib", "MiB", "lower", None, "GPU memory of the process, NVML"),
+    Metric("nvml_baseline_mib", "MiB", "none", None, "GPU memory in use before the cell, NVML"),
+    Metric("peak_rss_mib", "MiB", "lower", 5.0, "peak resident memory (RSS)", summary=True),
+    Metric("footprint_mib", "MiB", "lower", None, "RSS footprint of training"),
+    Metric("saved_for_backward_mib", "MiB", "lower", 1.0, "bytes saved for backward", summary=True),
+    Metric("acc_top1", "%", "higher", None, "test accuracy", summary=True),
+    Metric("acc_top1_best", "%", "higher", None, "best test accuracy over epochs"),
+    Metric("train_loss", "", "lower", None, "training loss"),
+    Metric("firing_rate_mean", "", "none", None, "mean firing rate"),
+    Metric("measured_steps", "", "none", None, "measured steps"),
+    Metric("num_params", "", "lower", 0.0, "parameters"),
+    Metric("cell_wall_s", "s", "none", None, "wall time of the cell"),
+    Metric("contention_cpu_s", "s", "none", None, "CPU time used by other processes"),
+    Metric("contention_cpu_frac", "", "none", None, "share of the CPUs used by other processes"),
+    Metric("contention_window_s", "s", "none", None, "contention window"),
+    Metric("contention_gpu_processes", "", "none", None, "other processes on the GPU"),
 )
+METRIC: dict[str, Metric] = {m.name: m for m in METRICS}
+# what the runner measures, per cell row; null where it cannot be measured (a GPU column on a CPU, say)
+MEASURE_COLUMNS = tuple(METRIC)
 # configuration fields that are numbers (the rest of a cell's config is text)
 CONFIG_NUMERIC = ("T", "seed", "batch_size", "eval_batch_size", "epochs", "warmup_steps", "steps", "lr", "momentum",
                   "weight_decay", "train_subset")
@@ -401,6 +442,6 @@ def method_options_label(row: pd.Series) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(d.items()) if v not in (False, None))
 
 
-__all__ = ["CONTENTION_LIMIT", "FolderBusy", "FolderLock", "KINDS", "MEASURE_COLUMNS", "ResultsFileProblem",
+__all__ = ["CONTENTION_LIMIT", "FolderBusy", "FolderLock", "KINDS", "MEASURE_COLUMNS", "METRIC", "METRICS", "Metric", "ResultsFileProblem",
            "SCHEMA_VERSION", "atomic_write_parquet", "load_results", "mark_stale", "read_lock", "read_manifest",
            "read_table", "remove_stray_temp_files", "update_manifest", "upgrade", "write_cell"]

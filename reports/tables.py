@@ -10,6 +10,7 @@ import pandas as pd
 from tabulate import tabulate
 
 from .aggregate import contended, has, memory_column, method_order, ok, over_seeds, with_labels
+from .results import METRIC
 
 REFERENCE_CSV = Path(__file__).with_name("reference.csv")
 _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
@@ -149,9 +150,7 @@ def cost_table(df: pd.DataFrame) -> tuple[pd.DataFrame, str | None]:
     d = with_labels(ok(df))
     mem, mem_label = memory_column(d)
     keys = ["label", "arch", "dataset", "T"]
-    cols = [("memory_mib", mem), ("saved_mib", "saved_for_backward_mib" if mem != "saved_for_backward_mib" else None),
-            ("footprint_mib", "footprint_mib" if mem != "footprint_mib" else None),
-            ("step_ms", "step_time_ms_median"), ("epoch_s", "epoch_time_s")]
+    cols = [(name, mem if col is None else col) for name, col in _COST_COLUMN.items() if col != mem]
     parts = []
     for name, col in cols:
         if col and has(d, col):
@@ -173,18 +172,18 @@ def cost_table(df: pd.DataFrame) -> tuple[pd.DataFrame, str | None]:
     return t.reset_index(drop=True), mem_label
 
 
-_COST_HEAD = {"memory_mib": "peak memory [MiB]", "saved_mib": "saved for backward [MiB]",
-             "footprint_mib": "RSS footprint [MiB]", "step_ms": "step [ms]", "epoch_s": "epoch [s]"}
+# the cost table's columns -> the measured column each shows (memory_mib: the figure's memory column)
+_COST_COLUMN = {"memory_mib": None, "saved_mib": "saved_for_backward_mib", "footprint_mib": "footprint_mib",
+                "step_ms": "step_time_ms_median", "epoch_s": "epoch_time_s"}
 CONTENDED_MARK = "†"  # a timing measured while other processes used the CPUs or the GPU
-_COST_METRICS = tuple(_COST_HEAD)
+_COST_METRICS = tuple(_COST_COLUMN)
 
 
 def _cost_cells(t: pd.DataFrame, mem_label: str | None) -> tuple[list[str], list[list[str]]]:
     metrics = [m for m in _COST_METRICS if m in t]
     header = ["Method", "Architecture", "Dataset", "T"]
     for m in metrics:
-        h = ("memory" if m == "memory_mib" and mem_label else _COST_HEAD[m]) + \
-            (f" ({mem_label}) [MiB]" if m == "memory_mib" and mem_label else "")
+        h = f"{mem_label} [MiB]" if m == "memory_mib" else METRIC[_COST_COLUMN[m]].axis_label
         header += [h, "x bptt_m"]
     body = []
     for _, r in t.iterrows():
@@ -192,7 +191,7 @@ def _cost_cells(t: pd.DataFrame, mem_label: str | None) -> tuple[list[str], list
         mark = CONTENDED_MARK if r.get("contended", False) else ""
         for m in metrics:
             v, x = r[m], r[f"{m}_x_bptt_m"]
-            digits = 3 if m == "epoch_s" else 2 if m == "saved_mib" or (m == "memory_mib" and mem_label == "saved for backward") else 1
+            digits = 3 if m == "epoch_s" else 2 if m == "saved_mib" or (m == "memory_mib" and mem_label == METRIC["saved_for_backward_mib"].label) else 1
             s = "--" if pd.isna(v) else f"{v:.{digits}f}"
             row += [s + (mark if m in ("step_ms", "epoch_s") and s != "--" else ""), "--" if pd.isna(x) else f"{x:.2f}"]
         body.append(row)

@@ -268,3 +268,28 @@ def test_deliberate_regression_is_caught_end_to_end(tmp_path):
     b = base.set_index(["method", "T"])["saved_for_backward_mib"]
     g = regressed.set_index(["method", "T"])["saved_for_backward_mib"]
     assert (g.loc["bptt_m"] > b.loc["bptt_m"] * 1.01).all() and (g.loc["rate_m"] == b.loc["rate_m"]).all()
+
+
+def test_direction_and_defaults_come_from_the_metric_table():
+    """The gate's default tolerances are the metric table's; a metric where higher is better regresses when it falls
+    (accuracy 90 -> 85 at 1% is a regression, 90 -> 95 an improvement), one where lower is better when it rises."""
+    from bench.check import DEFAULT_TOLERANCES
+    from reports.results import METRICS
+
+    assert DEFAULT_TOLERANCES == {m.name: m.tolerance for m in METRICS if m.tolerance is not None}
+    assert DEFAULT_TOLERANCES["saved_for_backward_mib"] == 1.0
+    base = read_cells_frame([cell_row("bptt_m", 4, acc_top1=90.0), cell_row("rate_m", 4, acc_top1=90.0)])
+    res = read_cells_frame([cell_row("bptt_m", 4, acc_top1=85.0), cell_row("rate_m", 4, acc_top1=95.0)])
+    table, summary = compare(base, res, parse_tolerances(["acc_top1=1"]))
+    acc = table[table["metric"] == "acc_top1"].set_index("method")["verdict"]
+    assert acc["bptt_m"] == "REGRESSION" and acc["rate_m"] == "improved"
+    res2 = read_cells_frame([cell_row("bptt_m", 4, saved_for_backward_mib=102.0), cell_row("rate_m", 4, saved_for_backward_mib=98.0)])
+    t2, _ = compare(base, res2, parse_tolerances([]))
+    saved = t2[t2["metric"] == "saved_for_backward_mib"].set_index("method")["verdict"]
+    assert saved["bptt_m"] == "REGRESSION" and saved["rate_m"] == "improved"
+
+
+def read_cells_frame(rows):
+    from bench.check import _with_config
+
+    return _with_config(pd.DataFrame(rows))

@@ -323,3 +323,25 @@ def test_html_tables_hold_the_markdown_tables_cells(results):
     html_rows = [row for row in p.rows if row and len(row) > 2]
     assert html_rows[:len(md_rows)] == md_rows[:len(html_rows)] and len(md_rows) >= 10
     assert p.bold == md.count("**") // 2
+
+
+def test_labels_come_from_the_metric_table(results, tmp_path, monkeypatch):
+    """Renaming a metric's label in the one table renames the figure axis and the cost table header."""
+    from dataclasses import replace
+
+    from reports import results as store
+    from reports import tables
+    from reports.figures import fig_cost
+    from reports.results import load_results
+
+    root, _ = results
+    m = store.METRIC["step_time_ms_median"]
+    monkeypatch.setitem(store.METRIC, "step_time_ms_median", replace(m, label="duration of one step"))
+    monkeypatch.setitem(store.METRIC, "saved_for_backward_mib", replace(store.METRIC["saved_for_backward_mib"],
+                                                                        label="kept for the backward pass"))
+    cells = load_results(root)
+    fig, _ = fig_cost(cells.assign(kind="profile"), tmp_path)
+    assert fig.axes[2].get_ylabel() == "duration of one step [ms]"
+    assert fig.axes[1].get_ylabel() == "kept for the backward pass [MiB]"
+    header = tables.cost_markdown(*tables.cost_table(cells)).splitlines()[0]
+    assert "duration of one step [ms]" in header and "kept for the backward pass [MiB]" in header
