@@ -193,7 +193,8 @@ def cmd_check(a) -> int:
     if a.invariants:
         inv = check.invariants(check.read_cells(a.invariants, "results"), a.max_time_ratio, a.flat_tol)
         if inv.empty:
-            raise UsageError(f"no invariant applies to {a.invariants!r}: it needs rate-BP, online or bptt_m cells at two or more T")
+            raise UsageError(f"no invariant applies to {a.invariants!r}: it needs ok cells of methods that state how their "
+                             "memory scales in T (memory_in_T) at two or more T, or a method and its time reference")
         print(("\n" if a.baseline else "") + check.format_invariants(inv))
         parts.append(f"## Invariants\n\nresults `{a.invariants}`\n\n" + check.format_invariants(inv, "github"))
         failed |= bool((inv["verdict"] != "ok").any())
@@ -260,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
                         + ", ".join(f"{m.name} {m.tolerance:g}" for m in METRICS if m.tolerance is not None) + ")")
     c.add_argument("--invariants", metavar="R", help="check the machine-independent invariants on results R")
     c.add_argument("--max-time-ratio", type=float, default=0.8,
-                   help="invariant: rate_m step time at the largest T <= this x bptt_m's (default 0.8)")
+                   help="invariant: a method's step time at the largest T <= this x its stated reference's "
+                        "(rate_m: bptt_m; default 0.8)")
     c.add_argument("--flat-tol", type=float, default=2.0, help="invariant: flat in T within this percent (default 2)")
     c.add_argument("--report", metavar="FILE", help="write the comparison as markdown")
     b = sub.add_parser("baseline", help="record a results folder's ok cells as one baseline parquet file")

@@ -6,7 +6,8 @@ or the grid name), and compares each metric with a tolerance in percent: above `
 regression, below ``baseline * (1 - tol)`` an improvement, anything between holds. A cell that failed where the
 baseline's succeeded, and a metric the baseline has but the results lack, are regressions too (the gate cannot
 hold what it cannot see). ``invariants`` checks what must hold on any machine: memory flat in T for rate-BP and
-the online methods, growing in T for BPTT, and rate_m's step time a fraction of bptt_m's at the largest T.
+the online methods, growing in T for BPTT, and rate_m's step time a fraction of bptt_m's at the largest T, each as
+the rows state it (the Method classes declare what they claim; the gate keeps no list of method names).
 
 pandas only (no torch): the gate runs in a second and can run where the project is not installed with torch.
 """
@@ -32,9 +33,6 @@ from reports.results import MEASURE_COLUMNS, METRIC, METRICS
 
 # metric -> tolerance in percent, as the metric table declares it
 DEFAULT_TOLERANCES: dict[str, float] = {m.name: m.tolerance for m in METRICS if m.tolerance is not None}
-
-FLAT_METHODS = ("rate_m", "rate_s", "ottt_a", "ottt_o", "sltt", "sltt_k", "os")
-GROWING_METHODS = ("bptt_m",)
 
 
 @dataclass(frozen=True)
@@ -221,15 +219,23 @@ def _verdict(ratio: float, pct: float, better: str = "lower") -> str:
 GROUP_COLUMNS = ("arch", "dataset", "kind", "batch_size", "neuron", "arch_options", "precision", "device_type")
 
 
+def _stated(m: pd.DataFrame, col: str) -> str | None:
+    """What a method's rows state in ``col`` (the Method class wrote it), or None."""
+    if col not in m.columns:
+        return None
+    v = m[col].dropna()
+    return str(v.iloc[0]) if len(v) else None
+
+
 def invariants(results: pd.DataFrame, max_time_ratio: float = 0.8, flat_tol_pct: float = 2.0,
                min_growth: float = 0.5) -> pd.DataFrame:
-    """Checks that hold on any machine, each with its measured value and limit:
+    """Checks that hold on any machine, each with its measured value and limit. What to check comes from the rows,
+    which carry what each method claims (``memory_in_T``, ``time_reference_method``, declared on the Method class):
 
-    - ``flat``: for rate_m, rate_s and the online methods, max/min of ``saved_for_backward_mib`` over T is at
-      most ``1 + flat_tol_pct/100``;
-    - ``grows``: for bptt_m, ``saved_for_backward_mib`` never falls as T grows and saved(T_max)/saved(T_min) is
-      at least ``min_growth * T_max/T_min`` (linear growth gives 1 x that);
-    - ``time``: rate_m's median step time at the largest T both ran is at most ``max_time_ratio`` x bptt_m's.
+    - ``flat``: max/min of ``saved_for_backward_mib`` over T is at most ``1 + flat_tol_pct/100``;
+    - ``linear``: ``saved_for_backward_mib`` never falls as T grows and saved(T_max)/saved(T_min) is at least
+      ``min_growth * T_max/T_min`` (linear growth gives 1 x that);
+    - a time reference R: the method's median step time at the largest T both ran is at most ``max_time_ratio`` x R's.
     """
     df = results[results["status"] == "ok"]
     if "method_options" in df.columns:  # the invariants are stated for the methods as published
@@ -240,33 +246,37 @@ def invariants(results: pd.DataFrame, max_time_ratio: float = 0.8, flat_tol_pct:
         where = " ".join(f"{c}={v}" for c, v in zip(gcols, gkey) if c in ("arch", "dataset", "batch_size", "device_type"))
         for method, m in g.groupby("method"):
             saved = m.groupby("T")["saved_for_backward_mib"].median().dropna()
-            if len(saved) < 2:
-                continue
-            label = f"{method} over T={','.join(str(t) for t in saved.index)}"
-            if method in FLAT_METHODS:
+            scaling = _stated(m, "memory_in_T")
+            if len(saved) >= 2 and scaling == "flat":
                 measured = saved.max() / saved.min()
                 limit = 1 + flat_tol_pct / 100
-                rows.append({"invariant": "saved_for_backward flat in T", "subject": label, "where": where,
-                             "measured": measured, "limit": f"<= {limit:.3f}",
+                rows.append({"invariant": "saved_for_backward flat in T", "subject": _over_t(method, saved),
+                             "where": where, "measured": measured, "limit": f"<= {limit:.3f}",
                              "verdict": "ok" if measured <= limit + 1e-12 else "FAIL"})
-            elif method in GROWING_METHODS:
+            elif len(saved) >= 2 and scaling == "linear":
                 t0, t1 = saved.index.min(), saved.index.max()
                 measured = saved[t1] / saved[t0]
                 limit = min_growth * t1 / t0
                 monotone = bool((saved.diff().dropna() >= 0).all())
-                rows.append({"invariant": "saved_for_backward grows in T", "subject": label, "where": where,
-                             "measured": measured, "limit": f">= {limit:.3f}, non-decreasing",
+                rows.append({"invariant": "saved_for_backward grows in T", "subject": _over_t(method, saved),
+                             "where": where, "measured": measured, "limit": f">= {limit:.3f}, non-decreasing",
                              "verdict": "ok" if (measured >= limit and monotone) else "FAIL"})
-        times = {meth: g[g["method"] == meth].groupby("T")["step_time_ms_median"].median().dropna()
-                 for meth in ("rate_m", "bptt_m")}
-        common = sorted(set(times["rate_m"].index) & set(times["bptt_m"].index))
-        if common:
-            t = common[-1]
-            measured = times["rate_m"][t] / times["bptt_m"][t]
-            rows.append({"invariant": "rate_m step time vs bptt_m", "subject": f"T={t}", "where": where,
-                         "measured": measured, "limit": f"<= {max_time_ratio:.3f}",
-                         "verdict": "ok" if measured <= max_time_ratio else "FAIL"})
+            ref = _stated(m, "time_reference_method")
+            if ref:
+                mine = m.groupby("T")["step_time_ms_median"].median().dropna()
+                theirs = g[g["method"] == ref].groupby("T")["step_time_ms_median"].median().dropna()
+                common = sorted(set(mine.index) & set(theirs.index))
+                if common:
+                    t = common[-1]
+                    measured = mine[t] / theirs[t]
+                    rows.append({"invariant": f"{method} step time vs {ref}", "subject": f"T={t}", "where": where,
+                                 "measured": measured, "limit": f"<= {max_time_ratio:.3f}",
+                                 "verdict": "ok" if measured <= max_time_ratio else "FAIL"})
     return pd.DataFrame(rows, columns=["invariant", "subject", "where", "measured", "limit", "verdict"])
+
+
+def _over_t(method: str, saved: pd.Series) -> str:
+    return f"{method} over T={','.join(str(t) for t in saved.index)}"
 
 
 # ---------------------------------------------------------------- output

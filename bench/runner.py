@@ -55,8 +55,10 @@ def config_columns(cell: Cell) -> dict:
 
 
 def base_row(cell: Cell, status: str, error: str | None = None) -> dict:
+    method = METHODS[cell.method]
     row = {"key": cell.key, "status": status, "error": error, **config_columns(cell),
-           "code_fingerprint": fingerprint(cell.device)}
+           "code_fingerprint": fingerprint(cell.device),
+           "memory_in_T": method.memory_in_T, "time_reference_method": method.faster_than}
     for c in MEASURE_COLUMNS:
         row.setdefault(c, None)
     return row
@@ -111,7 +113,7 @@ class _FiringRate:
         self.handles = [m.register_forward_hook(self._hook) for m in model.modules() if isinstance(m, LIF)]
 
     def _hook(self, module, inputs, output) -> None:
-        self.sums.append(output.detach().float().mean() / module.out_scale)  # spikes, not OTTT's x2.74 scaled ones
+        self.sums.append(output.detach().float().mean())
 
     def close(self) -> float | None:
         for h in self.handles:

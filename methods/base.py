@@ -64,7 +64,9 @@ class Method:
 
     name = "method"
     OPTIONS: dict[str, Any] = {}  # option name -> default; anything else is refused
-    eta_timestep_cost = 1.0  # relative cost of one timestep, only for a grid's ETA
+    # what the method claims, written into every row so that the gate checks it (bench/check.py invariants):
+    memory_in_T: str | None = None  # how the bytes autograd saves for backward grow with T: "flat", "linear", None
+    faster_than: str | None = None  # a method whose training step this one's beats at the largest T both ran
     event_encoding = "frames"  # how event datasets reach this method: "frames" (event counts) or "spikes" (binary bins)
 
     def __init__(self, cfg: MethodConfig | None = None, **kw) -> None:

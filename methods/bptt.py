@@ -15,6 +15,7 @@ from .layers import configure, reset_state
 
 class BPTTMulti(Method):
     name = "bptt_m"
+    memory_in_T = "linear"  # the whole graph over T
     def train_step(self, model, x, y, optimizer, probe=NULL_PROBE) -> StepOutput:
         with probe.phase("forward"):
             configure(model, "multi", self.T)
@@ -31,6 +32,7 @@ class BPTTMulti(Method):
 
 class BPTTSingle(Method):
     name = "bptt_s"
+    memory_in_T = "linear"
 
     def train_step(self, model, x, y, optimizer, probe=NULL_PROBE) -> StepOutput:
         with probe.phase("forward"):

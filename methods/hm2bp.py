@@ -186,7 +186,6 @@ class HM2BP(Method):
     name = "hm2bp"
     OPTIONS: dict = {}
     event_encoding = "spikes"
-    eta_timestep_cost = 0.1  # a step is elementwise work on [B, N]: ~0.4 ms per timestep at B=16 vs ~4 ms for cnn_digits
 
     def supports(self, arch: str) -> bool:
         return arch in HM2_ARCHS

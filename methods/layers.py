@@ -47,7 +47,6 @@ class SpikingModule(nn.Module):
         pass
 
     disabled = False  # a wrapper may switch a BN off (identity) for a method's own normalisation
-    out_scale = 1.0  # a wrapper may scale a LIF's output (OTTT's scaled-WS constant)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled:
@@ -56,8 +55,7 @@ class SpikingModule(nn.Module):
             handler = self.MODES[self.mode]
         except KeyError:
             raise ValueError(f"{type(self).__name__}: unknown mode {self.mode!r}; valid: {sorted(self.MODES)}") from None
-        out = handler(self, x)
-        return out if self.out_scale == 1.0 else out * self.out_scale
+        return handler(self, x)
 
 
 # --------------------------------------------------------------------------- LIF

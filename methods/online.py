@@ -45,6 +45,7 @@ BatchNorm.MODES["online"] = BatchNorm._standard  # per-step batch statistics
 
 class OnlineBase(Method):
     OPTIONS = {"mse_weight": 0.05, "mse_target": "onehot"}
+    memory_in_T = "flat"  # one step's graph at a time
     online_update = False
     lif_mode = "online"
 
@@ -187,19 +188,36 @@ class ScaledWS(nn.Module):
 WS_SCALE = 2.74  # the constant after every hidden neuron with scaled WS (OTTT-SNN issue #3, paper App. C.1)
 
 
+class Scale(nn.Module):
+    """Multiplies by a constant: OTTT's 2.74 after a neuron under scaled WS, as its own module so that the neuron
+    itself still emits spikes (what a firing-rate readout counts)."""
+
+    def __init__(self, c: float) -> None:
+        super().__init__()
+        self.c = c
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.c
+
+    def extra_repr(self) -> str:
+        return f"c={self.c}"
+
+
 def use_scaled_ws(model: nn.Module) -> None:
     """OTTT's own normalisation: scaled WS on every conv and hidden linear, BN switched off, spikes (and
-    so traces) multiplied by 2.74 after every hidden neuron. A wrapper on the same architecture."""
+    so traces) multiplied by 2.74 after every hidden neuron (a Scale module after each LIF). A wrapper on the
+    same architecture."""
     from torch.nn.utils import parametrize
 
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    for m in model.modules():
+    for m in list(model.modules()):
         if isinstance(m, nn.Conv2d) or (isinstance(m, nn.Linear) and m is not linears[-1]):
             parametrize.register_parametrization(m, "weight", ScaledWS(m.weight.shape[0], m.weight.dim()))
         elif isinstance(m, BatchNorm):
             m.disabled = True
-        elif isinstance(m, LIF):
-            m.out_scale = WS_SCALE
+        for name, child in list(m.named_children()):
+            if isinstance(child, LIF):
+                setattr(m, name, nn.Sequential(child, Scale(WS_SCALE)))
 
 
 class OTTTBase(OnlineBase):

@@ -27,6 +27,7 @@ from .layers import configure, reset_state
 
 class RateBase(Method):
     spike_mode = "spike_multi"
+    memory_in_T = "flat"  # one rate pass, whatever T
 
     def spike_pass(self, model, x) -> torch.Tensor:
         raise NotImplementedError
@@ -60,6 +61,7 @@ class RateBase(Method):
 class RateMulti(RateBase):
     name = "rate_m"
     spike_mode = "spike_multi"
+    faster_than = "bptt_m"  # the paper's speed claim
 
     def spike_pass(self, model, x) -> torch.Tensor:
         return model(self.time_fold(model, x))

@@ -9,6 +9,7 @@ import pytest
 
 from bench.check import compare, invariants, parse_tolerances, read_cells
 from bench.errors import UsageError
+from methods import METHODS
 from reports.results import atomic_write_parquet, load_results
 
 from .helpers import REPO, cli
@@ -21,6 +22,8 @@ def cell_row(method="bptt_m", T=4, **metrics):
            "neuron": "rbp", "method_options": "{}", "arch_options": "{}", "train_subset": 0, "precision": "fp32",
            "device": "cpu", "host": "machine-a", "start_time": "2026-01-01T00:00:00",
            "saved_for_backward_mib": 100.0, "peak_rss_mib": 900.0, "step_time_ms_median": 50.0, "num_params": 1000}
+    if method in METHODS:  # what the runner writes: the method's own claims
+        row.update(memory_in_T=METHODS[method].memory_in_T, time_reference_method=METHODS[method].faster_than)
     row.update(metrics)
     return row
 
@@ -183,6 +186,19 @@ def test_broken_invariant_fails(broken, which):
     t = invariants(inv_rows(**args), max_time_ratio=0.6)
     failed = t[t["verdict"] != "ok"]
     assert len(failed) == 1 and failed["invariant"].iloc[0] == which
+
+
+def test_a_new_method_gets_invariants_from_its_rows():
+    """The gate keeps no list of method names: a method it has never heard of that states flat memory and a time
+    reference in its rows is checked like rate_m."""
+    rows = [cell_row("bptt_m", T, saved_for_backward_mib=10.0 * T, step_time_ms_median=10.0 * T) for T in (1, 8)]
+    rows += [cell_row("brand_new", T, saved_for_backward_mib=s, step_time_ms_median=t, memory_in_T="flat",
+                      time_reference_method="bptt_m") for T, s, t in ((1, 5.0, 10.0), (8, 7.0, 70.0))]
+    t = invariants(read_cells_df(rows), max_time_ratio=0.8)
+    by = dict(zip(t["invariant"] + " " + t["subject"], zip(t["measured"], t["verdict"])))
+    assert by["saved_for_backward flat in T brand_new over T=1,8"] == (pytest.approx(1.4), "FAIL")
+    assert by["brand_new step time vs bptt_m T=8"] == (pytest.approx(70 / 80), "FAIL")
+    assert by["saved_for_backward grows in T bptt_m over T=1,8"][1] == "ok"
 
 
 def test_invariants_cli(tmp_path):

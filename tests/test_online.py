@@ -260,13 +260,21 @@ def test_ottt_scaled_ws_option(digits_batch):
     bn = next(m for m in model.modules() if isinstance(m, BatchNorm))
     z = torch.randn(4, bn.num_features, 3, 3)
     assert torch.equal(bn(z), z)
-    outs = []
-    hooks = [m.register_forward_hook(lambda m, i, o: outs.append(o.detach())) for m in model.modules() if isinstance(m, LIF)]
+    from methods.online import Scale
+
+    spikes, scaled = [], []
+    lifs = [m for m in model.modules() if isinstance(m, LIF)]
+    scales = [m for m in model.modules() if isinstance(m, Scale)]
+    assert len(lifs) == len(scales) == 3  # a Scale after every hidden neuron
+    hooks = [m.register_forward_hook(lambda m, i, o: spikes.append(o.detach())) for m in lifs]
+    hooks += [m.register_forward_hook(lambda m, i, o: scaled.append(o.detach())) for m in scales]
     out = method.train_step(model, x, y, torch.optim.SGD(model.parameters(), lr=0.01))
     for h in hooks:
         h.remove()
     assert torch.isfinite(out.loss)
-    assert set(torch.cat([o.flatten() for o in outs]).unique().tolist()) <= {0.0, torch.tensor(2.74).item()}
+    # the neuron emits spikes (what a firing-rate readout counts); the layer after it sees them x 2.74
+    assert set(torch.cat([o.flatten() for o in spikes]).unique().tolist()) == {0.0, 1.0}
+    assert set(torch.cat([o.flatten() for o in scaled]).unique().tolist()) == {0.0, torch.tensor(2.74).item()}
     gains = [p for n, p in model.named_parameters() if n.endswith("gain")]
     assert len(gains) == len(convs) and all(g.grad is not None for g in gains)
     assert method.infer(model, x).shape == (len(x), 10)

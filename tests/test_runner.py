@@ -59,18 +59,25 @@ def test_event_frames_profile():
     assert math.isfinite(res.row["step_time_ms_median"])
 
 
-def test_firing_rate_is_of_spikes_with_ottt_scaled_ws():
-    """OTTT's scaled-WS option multiplies spikes by 2.74 after each neuron; the stored rate stays a rate."""
+def test_firing_rate_is_of_spikes_with_ottt_scaled_ws(digits_batch):
+    """OTTT's scaled-WS option multiplies spikes by 2.74 after each neuron; the stored rate stays a rate: the mean
+    over the LIF layers of their spike outputs, counted here by hooks of the test's own."""
     import torch
 
     from bench.runner import _FiringRate
-    from methods.layers import LIF, configure
-    from methods.neuron import get_preset
+    from methods import METHODS, MethodConfig
+    from methods.layers import LIF
 
-    lif = LIF(get_preset("rbp"))
-    lif.out_scale = 2.74
-    configure(lif, "multi", 2)
-    fr = _FiringRate(torch.nn.Sequential(lif))
-    out = lif(torch.tensor([5.0, 5.0, -5.0, -5.0]))  # T=2, two neurons: one always fires, one never
-    assert set(out.tolist()) == {0.0, torch.tensor(2.74).item()}
-    assert fr.close() == 0.5
+    x, _ = digits_batch
+    method = METHODS["ottt_a"](MethodConfig(T=2, options={"norm": "ws"}))
+    model = method.build("cnn_digits", 10, 1)
+    means = []
+    hooks = [m.register_forward_hook(lambda m, i, o: means.append(o.float().mean().item()))
+             for m in model.modules() if isinstance(m, LIF)]
+    fr = _FiringRate(model)
+    method.infer(model, x)
+    rate = fr.close()
+    for h in hooks:
+        h.remove()
+    assert 0.0 < rate < 1.0
+    assert rate == pytest.approx(sum(means) / len(means), rel=1e-6)
