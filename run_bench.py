@@ -83,10 +83,11 @@ def cmd_run(a) -> int:
     if not cells:
         raise UsageError(f"grid {name!r} has no cells left after the filters")
     _check_devices(cells)
-    from bench.realdata import LAYOUT, check_dataset
+    from bench.data import check_dataset, dataset_info
 
-    for ds in sorted({c.dataset for c in cells} & set(LAYOUT)):  # missing data: one message before any cell runs
-        check_dataset(ds, a.data_root)
+    for ds in sorted({c.dataset for c in cells}):  # missing data: one message before any cell runs
+        if dataset_info(ds).folder is not None:
+            check_dataset(ds, a.data_root)
     out = check_out_dir(Path(a.out) if a.out else REPO / "results" / name)
     launcher = "inprocess" if a.in_process else ("slurm" if a.slurm else "subprocess")
     slurm = {}

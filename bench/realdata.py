@@ -27,7 +27,6 @@ files most users hold, and pulls librosa, h5py and importRosbag for two ~20-line
 
 from __future__ import annotations
 
-import os
 import pickle
 from functools import partial
 from pathlib import Path
@@ -44,52 +43,6 @@ CIFAR_STATS = {
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
-LAYOUT = {
-    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"],
-                "the CIFAR-10 python version (cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html, "
-                "or torchvision.datasets.CIFAR10(root, download=True))"),
-    "cifar100": ("cifar-100-python", ["train", "test"],
-                 "the CIFAR-100 python version (cifar-100-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html, "
-                 "or torchvision.datasets.CIFAR100(root, download=True))"),
-    "mnist": ("MNIST/raw", ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-                            "t10k-labels-idx1-ubyte"],
-              "the MNIST IDX files, uncompressed (torchvision.datasets.MNIST(root, download=True) puts them there)"),
-    "imagenet": ("imagenet", ["train", "val"],
-                 "ILSVRC-2012 as an ImageFolder tree: train/<wnid>/*.JPEG and val/<wnid>/*.JPEG (val sorted into "
-                 "class folders, e.g. with the valprep.sh script)"),
-    "cifar10_dvs": ("CIFAR10-DVS", list(CIFAR10_CLASSES),
-                    "the ten class zips of CIFAR10-DVS (https://figshare.com/articles/dataset/CIFAR10-DVS_New/4724671, "
-                    "airplane.zip ... truck.zip), each extracted to <class>/cifar10_<class>_<i>.aedat"),
-    "nmnist": ("NMNIST", ["Train", "Test"],
-               "N-MNIST's Train.zip and Test.zip (https://www.garrickorchard.com/datasets/n-mnist), extracted to "
-               "Train/<digit>/*.bin and Test/<digit>/*.bin"),
-}
-EVENT_DATASETS = ("cifar10_dvs", "nmnist")
-
-
-def check_dataset(name: str, root: str | os.PathLike | None) -> Path:
-    """The dataset's folder, or a UsageError saying what was expected, where, and how to get it (for event
-    datasets also when a class folder holds no recordings)."""
-    folder = _check_layout(name, root)
-    if name in EVENT_DATASETS:
-        event_files(name, folder)
-    return folder
-
-
-def _check_layout(name: str, root) -> Path:
-    if name not in LAYOUT:
-        raise UsageError(f"no on-disk layout for dataset {name!r}")
-    sub, files, how = LAYOUT[name]
-    if root is None:
-        raise UsageError(f"dataset {name} needs --data-root DIR holding {sub}/ ({', '.join(files)}); get {how}")
-    folder = Path(root) / sub
-    missing = [f for f in files if not (folder / f).exists()]
-    if missing:
-        raise UsageError(f"dataset {name}: expected {folder}/ with {', '.join(files)}; missing: {', '.join(missing)}. "
-                         f"Get {how} on a machine with internet and copy it there (snnbench never downloads).")
-    return folder
-
-
 class _CifarUnpickler(pickle.Unpickler):
     """Unpickles what a CIFAR python batch holds (dicts, lists, bytes, numbers and numpy arrays) and nothing
     else: a pickle can name any callable, and a crafted batch file would otherwise run code when read."""
@@ -105,15 +58,8 @@ class _CifarUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def read_cifar(name: str, root, train: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Images [N, 32, 32, 3] uint8 and labels [N] int64 from the python pickle batches."""
-    folder = check_dataset(name, root)
-    if name == "cifar10":
-        files = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
-        key = b"labels"
-    else:
-        files = ["train" if train else "test"]
-        key = b"fine_labels"
+def read_cifar(folder: Path, files: list[str], key: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """Images [N, 32, 32, 3] uint8 and labels [N] int64 from CIFAR python pickle batches."""
     xs, ys = [], []
     for f in files:
         try:
@@ -269,13 +215,12 @@ class EventFolder(torch.utils.data.Dataset):
         return x, label
 
 
-def _class_files(folder: Path, classes, suffix: str, name: str) -> list[tuple[Path, int]]:
+def _class_files(folder: Path, classes, suffix: str) -> list[tuple[Path, int]]:
     files = []
     for label, c in enumerate(classes):
         found = sorted((folder / c).glob(f"*{suffix}"))
         if not found:
-            raise UsageError(f"dataset {name}: no *{suffix} files in {folder / c}; expected the extracted recordings. "
-                             f"Get {LAYOUT[name][2]} on a machine with internet (snnbench never downloads).")
+            raise UsageError(f"no *{suffix} files in {folder / c}; expected the extracted recordings")
         files += [(f, label) for f in found]
     return files
 
@@ -287,26 +232,16 @@ def dvs_split(n: int, seed: int = 42, test_fraction: float = 0.1) -> tuple[np.nd
     return np.sort(perm[:n - n_test]), np.sort(perm[n - n_test:])
 
 
-def event_files(name: str, folder: Path) -> dict[bool, list[tuple[Path, int]]]:
+def cifar10_dvs_files(folder: Path) -> dict[bool, list[tuple[Path, int]]]:
     """(path, label) of every recording, by split (True: train), from one listing of the folder."""
-    if name == "cifar10_dvs":
-        files = _class_files(folder, CIFAR10_CLASSES, ".aedat", name)
-        tr, te = dvs_split(len(files))
-        return {True: [files[i] for i in tr], False: [files[i] for i in te]}
-    return {train: _class_files(folder / ("Train" if train else "Test"), [str(d) for d in range(10)], ".bin", name)
+    files = _class_files(folder, CIFAR10_CLASSES, ".aedat")
+    tr, te = dvs_split(len(files))
+    return {True: [files[i] for i in tr], False: [files[i] for i in te]}
+
+
+def nmnist_files(folder: Path) -> dict[bool, list[tuple[Path, int]]]:
+    return {train: _class_files(folder / ("Train" if train else "Test"), [str(d) for d in range(10)], ".bin")
             for train in (True, False)}
-
-
-def _event_folder(name: str, files, train: bool, T: int, encoding: str) -> EventFolder:
-    if name == "cifar10_dvs":
-        return EventFolder(files, read_cifar10_dvs, partial(count_frames, T=T, H=128, W=128), 48,
-                           DVSAugment(5) if train else None)
-    to_frames = partial(spike_bins if encoding == "spikes" else count_frames, T=T, H=34, W=34)
-    return EventFolder(files, read_nmnist, to_frames)  # picklable: DataLoader workers may be spawned
-
-
-def event_dataset(name: str, root, train: bool, T: int, encoding: str = "frames") -> torch.utils.data.Dataset:
-    return _event_folder(name, event_files(name, _check_layout(name, root))[train], train, T, encoding)
 
 
 def time_major(batch):
@@ -315,46 +250,46 @@ def time_major(batch):
     return torch.stack(xs, 1), torch.tensor(ys, dtype=torch.long)
 
 
-def dataset(name: str, root, train: bool) -> torch.utils.data.Dataset:
-    """The torch Dataset of a real dataset, with the paper's preprocessing."""
-    if name in ("cifar10", "cifar100"):
-        x, y = read_cifar(name, root, train)
-        return ArrayImages(x, y, cifar_transforms(name, train))
-    if name == "mnist":
-        from torchvision import datasets
-        from torchvision import transforms as T
-
-        check_dataset(name, root)
-        return datasets.MNIST(str(root), train=train, download=False, transform=T.ToTensor())
-    if name == "imagenet":
-        from torchvision import datasets
-
-        folder = check_dataset(name, root)
-        return datasets.ImageFolder(str(folder / ("train" if train else "val")), transform=imagenet_transforms(train))
-    raise UsageError(f"no reader for dataset {name!r}")
+# ---------------------------------------------------------------- one opener per dataset
+# open_<dataset>(folder, T, encoding) -> (train Dataset, test Dataset, collate or None); bench/data.py's registry
+# names each dataset's folder, files and opener
 
 
-def loader_settings(device: str) -> dict:
-    """DataLoader settings that keep a GPU busy: worker processes, pinned memory, persistent workers."""
-    if str(device).startswith("cuda"):
-        workers = min(8, os.cpu_count() or 1)
-        return {"num_workers": workers, "pin_memory": True, "persistent_workers": workers > 0,
-                **({"prefetch_factor": 4} if workers > 0 else {})}
-    return {"num_workers": 0, "pin_memory": False}
+def open_cifar10(folder: Path, T: int = 1, encoding: str = "frames"):
+    train = read_cifar(folder, [f"data_batch_{i}" for i in range(1, 6)], b"labels")
+    test = read_cifar(folder, ["test_batch"], b"labels")
+    return ArrayImages(*train, cifar_transforms("cifar10", True)), ArrayImages(*test, cifar_transforms("cifar10", False)), None
 
 
-def loaders(name: str, root, batch_size: int, eval_batch_size: int, seed: int, device: str, train_subset: int = 0,
-            T: int = 1, encoding: str = "frames"):
-    if name in EVENT_DATASETS:
-        splits = event_files(name, _check_layout(name, root))
-        train_ds, test_ds = (_event_folder(name, splits[tr], tr, T, encoding) for tr in (True, False))
-        collate = time_major
-    else:
-        train_ds, test_ds = dataset(name, root, True), dataset(name, root, False)
-        collate = None
-    if train_subset:
-        train_ds = torch.utils.data.Subset(train_ds, range(min(train_subset, len(train_ds))))
-    g = torch.Generator().manual_seed(seed)
-    kw = dict(loader_settings(device), collate_fn=collate)
-    return (torch.utils.data.DataLoader(train_ds, batch_size, shuffle=True, generator=g, drop_last=False, **kw),
-            torch.utils.data.DataLoader(test_ds, eval_batch_size, shuffle=False, **kw))
+def open_cifar100(folder: Path, T: int = 1, encoding: str = "frames"):
+    train, test = (read_cifar(folder, [f], b"fine_labels") for f in ("train", "test"))
+    return (ArrayImages(*train, cifar_transforms("cifar100", True)), ArrayImages(*test, cifar_transforms("cifar100", False)),
+            None)
+
+
+def open_mnist(folder: Path, T: int = 1, encoding: str = "frames"):
+    from torchvision import datasets
+    from torchvision import transforms as tv
+
+    root = str(folder.parent.parent)  # torchvision reads <root>/MNIST/raw
+    return (*(datasets.MNIST(root, train=tr, download=False, transform=tv.ToTensor()) for tr in (True, False)), None)
+
+
+def open_imagenet(folder: Path, T: int = 1, encoding: str = "frames"):
+    from torchvision import datasets
+
+    return (*(datasets.ImageFolder(str(folder / sub), transform=imagenet_transforms(tr))
+              for sub, tr in (("train", True), ("val", False))), None)
+
+
+def open_cifar10_dvs(folder: Path, T: int = 10, encoding: str = "frames"):
+    splits = cifar10_dvs_files(folder)
+    to_frames = partial(count_frames, T=T, H=128, W=128)  # picklable: DataLoader workers may be spawned
+    return (EventFolder(splits[True], read_cifar10_dvs, to_frames, 48, DVSAugment(5)),
+            EventFolder(splits[False], read_cifar10_dvs, to_frames, 48), time_major)
+
+
+def open_nmnist(folder: Path, T: int = 10, encoding: str = "frames"):
+    splits = nmnist_files(folder)
+    to_frames = partial(spike_bins if encoding == "spikes" else count_frames, T=T, H=34, W=34)
+    return EventFolder(splits[True], read_nmnist, to_frames), EventFolder(splits[False], read_nmnist, to_frames), time_major

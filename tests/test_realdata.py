@@ -12,8 +12,8 @@ import torch
 
 from bench.errors import UsageError
 from bench.grid import Cell
-from bench.realdata import CIFAR_STATS, IMAGENET_STATS, check_dataset, dataset
-from bench.realdata import event_dataset as dataset_events
+from bench.data import check_dataset, open_dataset
+from bench.realdata import CIFAR_STATS, IMAGENET_STATS
 from bench.runner import run_cell
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,8 +41,8 @@ def write_cifar(root: Path, name: str, n_train: int = 4, n_test: int = 3) -> dic
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
 def test_cifar_pickle_batches(tmp_path, name):
     written = write_cifar(tmp_path, name)
-    test = dataset(name, tmp_path, train=False)
-    train = dataset(name, tmp_path, train=True)
+    test = open_dataset(name, tmp_path, train=False)
+    train = open_dataset(name, tmp_path, train=True)
     data, labels = written["test_batch" if name == "cifar10" else "test"]
     assert len(test) == 3 and len(train) == 20
     x, y = test[1]
@@ -72,8 +72,8 @@ def write_mnist(root: Path) -> dict:
 
 def test_mnist_idx_files(tmp_path):
     imgs = write_mnist(tmp_path)
-    test = dataset("mnist", tmp_path, train=False)
-    assert len(test) == 3 and len(dataset("mnist", tmp_path, train=True)) == 5
+    test = open_dataset("mnist", tmp_path, train=False)
+    assert len(test) == 3 and len(open_dataset("mnist", tmp_path, train=True)) == 5
     x, y = test[2]
     assert x.shape == (1, 28, 28) and x.dtype == torch.float32 and y == int(imgs["t10k"][1][2])
     assert np.allclose(x.numpy()[0], imgs["t10k"][0][2] / 255.0, atol=1e-7)
@@ -93,8 +93,8 @@ def write_imagenet(root: Path, classes=("n01", "n02"), per_class=2, color=(200, 
 def test_imagenet_folder(tmp_path):
     color = (200, 30, 90)
     write_imagenet(tmp_path, color=color)
-    val = dataset("imagenet", tmp_path, train=False)
-    train = dataset("imagenet", tmp_path, train=True)
+    val = open_dataset("imagenet", tmp_path, train=False)
+    train = open_dataset("imagenet", tmp_path, train=True)
     assert len(val) == 4 and len(train) == 4 and val.classes == ["n01", "n02"]
     x, y = val[3]
     assert x.shape == (3, 224, 224) and x.dtype == torch.float32 and y == 1
@@ -195,7 +195,7 @@ def test_cifar10_dvs_aedat_files(tmp_path):
     from bench.realdata import dvs_split
 
     written = write_cifar10_dvs(tmp_path)
-    train, test = dataset_events("cifar10_dvs", tmp_path, True, 10), dataset_events("cifar10_dvs", tmp_path, False, 10)
+    train, test = open_dataset("cifar10_dvs", tmp_path, True, 10), open_dataset("cifar10_dvs", tmp_path, False, 10)
     assert len(train) == 18 and len(test) == 2
     order = [(c, i) for c in ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
              for i in range(2)]
@@ -253,12 +253,12 @@ def test_nmnist_bin_files_frames_and_spikes(tmp_path):
     ev = written[("Test", 3)]
     t, x, y, p = read_nmnist(tmp_path / "NMNIST" / "Test" / "3" / "00003.bin")
     assert [tuple(map(int, e)) for e in zip(t, x, y, p)] == ev
-    frames = dataset_events("nmnist", tmp_path, False, 6)
+    frames = open_dataset("nmnist", tmp_path, False, 6)
     assert len(frames) == 10
     xf, yf = frames[3]
     assert xf.shape == (6, 2, 34, 34) and xf.dtype == torch.float32 and yf == 3
     assert np.array_equal(xf.numpy(), loop_count_frames(ev, 6, 34, 34))
-    spikes = dataset_events("nmnist", tmp_path, False, 30, encoding="spikes")
+    spikes = open_dataset("nmnist", tmp_path, False, 30, encoding="spikes")
     xs, _ = spikes[3]
     want = np.zeros((30, 2, 34, 34))
     for tt, xx, yy, pp in ev:
@@ -271,7 +271,7 @@ def test_nmnist_bin_files_frames_and_spikes(tmp_path):
 def test_event_datasets_pickle_for_spawned_workers(tmp_path):
     write_nmnist(tmp_path)
     write_cifar10_dvs(tmp_path)
-    for ds in (dataset_events("nmnist", tmp_path, True, 4, "spikes"), dataset_events("cifar10_dvs", tmp_path, True, 4)):
+    for ds in (open_dataset("nmnist", tmp_path, True, 4, "spikes"), open_dataset("cifar10_dvs", tmp_path, True, 4)):
         clone = pickle.loads(pickle.dumps(ds))
         torch.manual_seed(0)
         a = ds[0][0]
