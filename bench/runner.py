@@ -222,6 +222,65 @@ class MeasureWindow:
             row["contention_gpu_processes"] = len(self.gpu_pids)
 
 
+class StepMeasure:
+    """Runs a method's training steps and measures them: the first ``warmup`` steps are neither timed nor
+    measured, the next one measures the bytes saved for backward and the per-phase allocator peaks (its time is
+    not counted), every later one is timed, whole and per phase. ``columns()`` gives the row's figures."""
+
+    def __init__(self, method, model, optimizer, device: torch.device, warmup: int, batch_size: int) -> None:
+        self.method, self.model, self.optimizer, self.device = method, model, optimizer, device
+        self.warmup, self.batch_size = warmup, batch_size
+        self.probe = TimingProbe(device)
+        self.params = list(model.parameters())
+        self.steps = 0
+        self.step_ms: list[float] = []
+        self.phase_ms: dict[str, list[float]] = {}
+        self.saved_bytes: int | None = None
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        if self.steps == self.warmup:
+            out = self._memory_step(x, y)
+        else:
+            t0 = time.perf_counter()
+            out = self.method.train_step(self.model, x, y, self.optimizer, self.probe)
+            phases = self.probe.end_step()
+            dt = (time.perf_counter() - t0) * 1e3
+            if self.steps > self.warmup:
+                self.step_ms.append(dt)
+                for k, v in phases.items():
+                    self.phase_ms.setdefault(k, []).append(v)
+        self.steps += 1
+        return out.loss
+
+    def _memory_step(self, x, y):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.probe.memory = True
+        with SavedTensorsMeter(exclude=self.params) as meter:
+            out = self.method.train_step(self.model, x, y, self.optimizer, self.probe)
+        self.probe.discard()
+        self.probe.memory = False
+        self.saved_bytes = meter.peak_bytes
+        return out
+
+    def columns(self) -> dict:
+        ms, row = self.step_ms, {"measured_steps": len(self.step_ms)}
+        if ms:
+            row.update(step_time_ms_median=statistics.median(ms), step_time_ms_p10=_pct(ms, 10),
+                       step_time_ms_p90=_pct(ms, 90), throughput_samples_per_s=self.batch_size * len(ms) / (sum(ms) / 1e3))
+            for ph in ("forward", "backward", "optimizer"):
+                row[f"{ph}_ms"] = statistics.median(self.phase_ms[ph]) if self.phase_ms.get(ph) else None
+        row["saved_for_backward_mib"] = self.saved_bytes / MIB if self.saved_bytes is not None else None
+        if self.device.type == "cuda":
+            p, d = self.probe, self.device
+            row["peak_alloc_mib"] = max([torch.cuda.max_memory_allocated(d)] + list(p.phase_peak_alloc.values())) / MIB
+            row["peak_reserved_mib"] = max([torch.cuda.max_memory_reserved(d)] + list(p.phase_peak_reserved.values())) / MIB
+            for ph, b in p.phase_peak_alloc.items():
+                row[f"{ph}_peak_alloc_mib"] = b / MIB
+        return row
+
+
 def _train_or_profile(cell: Cell, device: torch.device, data_root, row: dict, epochs: list[dict], progress: Progress,
                       window: MeasureWindow) -> None:
     _seed(cell.seed)
@@ -235,56 +294,29 @@ def _train_or_profile(cell: Cell, device: torch.device, data_root, row: dict, ep
     sched = make_schedule(cell, opt, n_epochs)
     train, test = get_loaders(cell.dataset, cell.batch_size, cell.eval_batch_size, cell.seed, str(device), data_root,
                               cell.train_subset, cell.T, method.event_encoding)
-    probe = TimingProbe(device)
-    params = list(model.parameters())
-    step_ms: list[float] = []
-    phase_ms: dict[str, list[float]] = {}
-    saved_bytes = None
-    state = {"step": 0}
-    cuda = device.type == "cuda"
-    total_steps = (len(train) * n_epochs) if cell.kind == "train" else (cell.warmup_steps + 1 + cell.steps)
+    measure = StepMeasure(method, model, opt, device, cell.warmup_steps, cell.batch_size)
+    total = (len(train) * n_epochs) if cell.kind == "train" else (cell.warmup_steps + 1 + cell.steps)
 
-    def one_step(x, y, epoch: int) -> torch.Tensor:
-        nonlocal saved_bytes
-        i = state["step"]
-        if i == cell.warmup_steps:  # measures saved bytes and per-phase memory peaks; its time is not counted
-            if cuda:
-                torch.cuda.reset_peak_memory_stats(device)
-            probe.memory = True
-            with SavedTensorsMeter(exclude=params) as meter:
-                out = method.train_step(model, x, y, opt, probe)
-            probe.discard()
-            probe.memory = False
-            saved_bytes = meter.peak_bytes
-        else:
-            t0 = time.perf_counter()
-            out = method.train_step(model, x, y, opt, probe)
-            phases = probe.end_step()
-            dt = (time.perf_counter() - t0) * 1e3
-            if i > cell.warmup_steps:
-                step_ms.append(dt)
-                for k, v in phases.items():
-                    phase_ms.setdefault(k, []).append(v)
-        state["step"] += 1
-        progress({"epoch": epoch, "epochs": n_epochs, "step": state["step"], "steps": total_steps})
-        return out.loss
+    def tell(epoch: int) -> None:
+        progress({"epoch": epoch, "epochs": n_epochs, "step": measure.steps, "steps": total})
 
     model.train()
     batches = list(train) if cell.kind == "profile" else None
     window.start()  # model, optimizer and data are set up: what grows from here is the training's
     if batches is not None:
-        for i in range(total_steps):
-            x, y = batches[i % len(batches)]
-            one_step(x.to(device, non_blocking=True), y.to(device, non_blocking=True), 0)
+        for i in range(total):
+            measure.step(*batches[i % len(batches)])
+            tell(0)
         row["train_loss"] = None
     else:
         best = -math.inf
-        for epoch in range(n_epochs):
+        for epoch in range(1, n_epochs + 1):
             sync(device)
             t_epoch = time.perf_counter()
             losses = []
             for x, y in train:
-                losses.append(one_step(x.to(device, non_blocking=True), y.to(device, non_blocking=True), epoch + 1))
+                losses.append(measure.step(x, y))
+                tell(epoch)
             sync(device)
             epoch_s = time.perf_counter() - t_epoch
             lr = opt.param_groups[0]["lr"]
@@ -296,26 +328,14 @@ def _train_or_profile(cell: Cell, device: torch.device, data_root, row: dict, ep
             window.footprint.resume()
             if acc is not None:
                 best = max(best, acc)
-            epochs.append({"epoch": epoch + 1, "train_loss": train_loss, "test_acc": acc, "epoch_time_s": epoch_s,
+            epochs.append({"epoch": epoch, "train_loss": train_loss, "test_acc": acc, "epoch_time_s": epoch_s,
                            "lr": lr, "firing_rate_mean": rate})
             if not math.isfinite(train_loss or 0.0):
-                raise FloatingPointError(f"training loss is {train_loss} at epoch {epoch + 1}")
+                raise FloatingPointError(f"training loss is {train_loss} at epoch {epoch}")
         if epochs:
             last = epochs[-1]
             row.update(acc_top1=last["test_acc"], acc_top1_best=best if best > -math.inf else None,
                        train_loss=last["train_loss"], firing_rate_mean=last["firing_rate_mean"],
                        epoch_time_s=statistics.median(e["epoch_time_s"] for e in epochs))
     window.stop(row)
-    row["measured_steps"] = len(step_ms)
-    if step_ms:
-        row.update(step_time_ms_median=statistics.median(step_ms), step_time_ms_p10=_pct(step_ms, 10),
-                   step_time_ms_p90=_pct(step_ms, 90),
-                   throughput_samples_per_s=cell.batch_size * len(step_ms) / (sum(step_ms) / 1e3))
-        for ph in ("forward", "backward", "optimizer"):
-            row[f"{ph}_ms"] = statistics.median(phase_ms[ph]) if phase_ms.get(ph) else None
-    row["saved_for_backward_mib"] = saved_bytes / MIB if saved_bytes is not None else None
-    if cuda:
-        row["peak_alloc_mib"] = max([torch.cuda.max_memory_allocated(device)] + list(probe.phase_peak_alloc.values())) / MIB
-        row["peak_reserved_mib"] = max([torch.cuda.max_memory_reserved(device)] + list(probe.phase_peak_reserved.values())) / MIB
-        for ph, b in probe.phase_peak_alloc.items():
-            row[f"{ph}_peak_alloc_mib"] = b / MIB
+    row.update(measure.columns())
