@@ -30,65 +30,10 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def _auto_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _check_devices(cells) -> None:
-    """A cell on a CUDA device where there is none is bad input, not a failed cell."""
-    from bench.errors import UsageError
-
-    wanted = sorted({c.device for c in cells if c.device.startswith("cuda")})
-    if wanted:
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UsageError(f"device {', '.join(wanted)}: no CUDA device is available here (use --device cpu)")
-        n = torch.cuda.device_count()
-        bad = [d for d in wanted if ":" in d and (not d.split(":")[1].isdigit() or int(d.split(":")[1]) >= n)]
-        if bad:
-            raise UsageError(f"device {', '.join(bad)}: this machine has {n} CUDA device(s), cuda:0..cuda:{n - 1}")
-
-
-def check_out_dir(path: Path) -> Path:
-    """A results folder that can be written: created if need be, and proven writable by a probe file."""
-    from bench.errors import UsageError
-
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".snnbench-write-probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except FileExistsError:
-        raise UsageError(f"--out {str(path)!r} is a file, not a folder") from None
-    except NotADirectoryError:
-        raise UsageError(f"--out {str(path)!r} lies under a file, not a folder") from None
-    except OSError as e:
-        raise UsageError(f"--out {str(path)!r} cannot be used as a results folder: {e.strerror}") from None
-    return path
-
-
 def cmd_run(a) -> int:
-    from bench.errors import UsageError
-    from bench.grid import expand, load_grid, parse_filters, parse_sets
-    from bench.launch import run_grid
+    from bench.launch import prepare_run, run_grid
 
-    if a.data_root and not Path(a.data_root).is_dir():
-        raise UsageError(f"data folder {a.data_root!r} does not exist")
-    name, spec = load_grid(a.grid)
-    device = None if a.device in (None, "auto") else a.device
-    cells = expand(spec, name, parse_filters(a.filter), parse_sets(a.set), device=device, default_device=_auto_device())
-    if not cells:
-        raise UsageError(f"grid {name!r} has no cells left after the filters")
-    _check_devices(cells)
-    from bench.data import check_dataset, dataset_info
-
-    for ds in sorted({c.dataset for c in cells}):  # missing data: one message before any cell runs
-        if dataset_info(ds).folder is not None:
-            check_dataset(ds, a.data_root)
-    out = check_out_dir(Path(a.out) if a.out else REPO / "results" / name)
+    name, cells, out = prepare_run(a.grid, a.filter, a.set, a.device, a.data_root, a.out)
     launcher = "inprocess" if a.in_process else ("slurm" if a.slurm else "subprocess")
     slurm = {}
     if a.slurm:
@@ -174,39 +119,10 @@ def cmd_list(a) -> int:
 
 
 def cmd_check(a) -> int:
-    from bench import check
-    from bench.errors import UsageError
+    from bench.check import run_gate
 
-    if not a.invariants and not (a.baseline and a.results):
-        raise UsageError("check needs --baseline B and --results R, or --invariants R (or both)")
-    if bool(a.baseline) != bool(a.results):
-        raise UsageError("--baseline and --results go together")
-    if a.report and Path(a.report).is_dir():
-        raise UsageError(f"--report {a.report!r} is a folder; give the markdown file to write, e.g. {Path(a.report) / 'gate.md'}")
-    failed, parts = False, []
-    if a.baseline:
-        tol = check.parse_tolerances(a.tolerance)
-        table, summary = check.compare(check.read_cells(a.baseline, "baseline"), check.read_cells(a.results, "results"), tol)
-        print(check.format_comparison(table, summary))
-        parts.append(f"## Against the baseline\n\nbaseline `{a.baseline}`, results `{a.results}`\n\n"
-                     + check.format_comparison(table, summary, "github"))
-        failed |= summary["regressions"] > 0
-    if a.invariants:
-        inv = check.invariants(check.read_cells(a.invariants, "results"), a.max_time_ratio, a.flat_tol)
-        if inv.empty:
-            raise UsageError(f"no invariant applies to {a.invariants!r}: it needs ok cells of methods that state how their "
-                             "memory scales in T (memory_in_T) at two or more T, or a method and its time reference")
-        print(("\n" if a.baseline else "") + check.format_invariants(inv))
-        parts.append(f"## Invariants\n\nresults `{a.invariants}`\n\n" + check.format_invariants(inv, "github"))
-        failed |= bool((inv["verdict"] != "ok").any())
-    verdict = "FAILED: a regression or a broken invariant" if failed else "passed"
-    print(f"\ngate {verdict}")
-    if a.report:
-        try:
-            Path(a.report).parent.mkdir(parents=True, exist_ok=True)
-            Path(a.report).write_text(f"# snnbench regression gate: {verdict}\n\n" + "\n\n".join(parts) + "\n")
-        except OSError as e:
-            raise UsageError(f"--report {a.report!r} cannot be written: {e.strerror}") from None
+    failed, text = run_gate(a.baseline, a.results, a.tolerance, a.invariants, a.max_time_ratio, a.flat_tol, a.report)
+    print(text)
     return 1 if failed else 0
 
 

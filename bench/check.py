@@ -328,3 +328,40 @@ def write_baseline(results: str | Path, out: str | Path) -> int:
     except OSError as e:
         raise UsageError(f"baseline {str(out)!r} cannot be written: {e}") from None
     return len(df)
+
+
+def run_gate(baseline: str | None, results: str | None, tolerances: list[str], invariants_dir: str | None,
+             max_time_ratio: float = 0.8, flat_tol: float = 2.0, report: str | None = None) -> tuple[bool, str]:
+    """The whole gate, as ``run_bench.py check`` runs it: (failed, the text to print); writes the markdown report
+    when asked. Unusable input raises UsageError."""
+    if not invariants_dir and not (baseline and results):
+        raise UsageError("check needs --baseline B and --results R, or --invariants R (or both)")
+    if bool(baseline) != bool(results):
+        raise UsageError("--baseline and --results go together")
+    if report and Path(report).is_dir():
+        raise UsageError(f"--report {report!r} is a folder; give the markdown file to write, e.g. {Path(report) / 'gate.md'}")
+    failed, text, parts = False, [], []
+    if baseline:
+        table, summary = compare(read_cells(baseline, "baseline"), read_cells(results, "results"),
+                                 parse_tolerances(tolerances))
+        text.append(format_comparison(table, summary))
+        parts.append(f"## Against the baseline\n\nbaseline `{baseline}`, results `{results}`\n\n"
+                     + format_comparison(table, summary, "github"))
+        failed |= summary["regressions"] > 0
+    if invariants_dir:
+        inv = invariants(read_cells(invariants_dir, "results"), max_time_ratio, flat_tol)
+        if inv.empty:
+            raise UsageError(f"no invariant applies to {invariants_dir!r}: it needs ok cells of methods that state how "
+                             "their memory scales in T (memory_in_T) at two or more T, or a method and its time reference")
+        text.append(format_invariants(inv))
+        parts.append(f"## Invariants\n\nresults `{invariants_dir}`\n\n" + format_invariants(inv, "github"))
+        failed |= bool((inv["verdict"] != "ok").any())
+    verdict = "FAILED: a regression or a broken invariant" if failed else "passed"
+    text.append(f"gate {verdict}")
+    if report:
+        try:
+            Path(report).parent.mkdir(parents=True, exist_ok=True)
+            Path(report).write_text(f"# snnbench regression gate: {verdict}\n\n" + "\n\n".join(parts) + "\n")
+        except OSError as e:
+            raise UsageError(f"--report {report!r} cannot be written: {e.strerror}") from None
+    return failed, "\n\n".join(text)

@@ -19,6 +19,7 @@ from typing import Callable
 
 from reports.results import FolderLock, load_results, remove_stray_temp_files, update_manifest, write_cell
 
+from .errors import UsageError
 from .fingerprint import fingerprint
 from .grid import Cell
 
@@ -202,8 +203,6 @@ def run_on_slurm(cells: list[Cell], out: Path, data_root: str | None, slurm: dic
     try:
         import submitit
     except ImportError:
-        from .errors import UsageError
-
         raise UsageError('the Slurm launcher needs submitit: pip install -e ".[slurm]"') from None
     ex = submitit.AutoExecutor(folder=str(out / "slurm" / "%j"), cluster=slurm.pop("cluster", None))
     ex.update_parameters(**slurm)
@@ -289,3 +288,63 @@ def run_grid(cells: list[Cell], out: Path, data_root: str | None = None, launche
             display.end_cell(st)
         lock.note_cell(None)
     return outcome
+
+
+# ---------------------------------------------------------------- before a grid runs: every bad input, exit 2
+
+
+def auto_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_devices(cells) -> None:
+    """A cell on a CUDA device where there is none is bad input, not a failed cell."""
+    wanted = sorted({c.device for c in cells if c.device.startswith("cuda")})
+    if wanted:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError(f"device {', '.join(wanted)}: no CUDA device is available here (use --device cpu)")
+        n = torch.cuda.device_count()
+        bad = [d for d in wanted if ":" in d and (not d.split(":")[1].isdigit() or int(d.split(":")[1]) >= n)]
+        if bad:
+            raise UsageError(f"device {', '.join(bad)}: this machine has {n} CUDA device(s), cuda:0..cuda:{n - 1}")
+
+
+def check_out_dir(path: Path) -> Path:
+    """A results folder that can be written: created if need be, and proven writable by a probe file."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".snnbench-write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except FileExistsError:
+        raise UsageError(f"--out {str(path)!r} is a file, not a folder") from None
+    except NotADirectoryError:
+        raise UsageError(f"--out {str(path)!r} lies under a file, not a folder") from None
+    except OSError as e:
+        raise UsageError(f"--out {str(path)!r} cannot be used as a results folder: {e.strerror}") from None
+    return path
+
+
+def prepare_run(grid: str, filters: list[str], sets: list[str], device: str | None, data_root: str | None,
+                out: str | None) -> tuple[str, list[Cell], Path]:
+    """(grid name, cells, results folder) of a run, after every check a user's input can fail: the grid, the
+    values, the devices, the data folders and the results folder. Raises UsageError, before any cell runs."""
+    from .data import check_dataset, dataset_info
+    from .grid import expand, load_grid, parse_filters, parse_sets
+
+    if data_root and not Path(data_root).is_dir():
+        raise UsageError(f"data folder {data_root!r} does not exist")
+    name, spec = load_grid(grid)
+    cells = expand(spec, name, parse_filters(filters), parse_sets(sets),
+                   device=None if device in (None, "auto") else device, default_device=auto_device())
+    if not cells:
+        raise UsageError(f"grid {name!r} has no cells left after the filters")
+    check_devices(cells)
+    for ds in sorted({c.dataset for c in cells}):  # missing data: one message before any cell runs
+        if dataset_info(ds).folder is not None:
+            check_dataset(ds, data_root)
+    return name, cells, check_out_dir(Path(out) if out else REPO / "results" / name)

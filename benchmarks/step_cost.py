@@ -50,28 +50,18 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, help="results folder (default: a temporary one)")
     a = p.parse_args(argv)
 
-    import run_bench
     from bench.errors import UsageError
-    from bench.grid import expand, load_grid, parse_filters, parse_sets
-    from bench.launch import run_grid
+    from bench.launch import prepare_run, run_grid
     from reports.results import load_results
 
-    try:
-        name, spec = load_grid(a.grid)
-        cells = expand(spec, name, parse_filters(a.filter), parse_sets(a.set), device=a.device,
-                       default_device=run_bench._auto_device())
-        if not cells:
-            raise UsageError("no cells left after the filters")
-        if any(c.kind != "profile" for c in cells):
-            raise UsageError(f"grid {name!r} has train cells: step_cost measures profile cells (set kind=profile)")
-        run_bench._check_devices(cells)
-        if a.out:
-            run_bench.check_out_dir(a.out)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     with tempfile.TemporaryDirectory(prefix="step_cost-") as tmp:
-        out = a.out or Path(tmp)
+        try:
+            name, cells, out = prepare_run(a.grid, a.filter, a.set, a.device, None, a.out or tmp)
+            if any(c.kind != "profile" for c in cells):
+                raise UsageError(f"grid {name!r} has train cells: step_cost measures profile cells (set kind=profile)")
+        except UsageError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         outcome = run_grid(cells, out)
         df = load_results(out)
     c = cells[0]
