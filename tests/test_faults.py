@@ -116,7 +116,7 @@ def test_host_out_of_memory_is_stored_as_oom(tmp_path):
 
 def test_a_second_run_into_the_same_folder_is_refused(tmp_path):
     out = tmp_path / "res"
-    g = _grid(tmp_path, (1, 2, 3, 4))
+    g = _grid(tmp_path, (1, 2, 3, 4, 5, 6))  # enough cells that the first run outlives the checks below
     first = subprocess.Popen([sys.executable, str(REPO / "run_bench.py"), "run", str(g), "--out", str(out), "--device", "cpu"],
                              cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -130,13 +130,14 @@ def test_a_second_run_into_the_same_folder_is_refused(tmp_path):
             time.sleep(0.05)
         # status is a snapshot: between a worker storing its cell and the launcher naming the next one, the lock
         # names a finished cell and nothing reads as running; ask again until a snapshot falls inside a cell
-        for _ in range(5):
+        for _ in range(3):
             st = subprocess.run([sys.executable, str(REPO / "run_bench.py"), "status", str(out)], capture_output=True,
                                 text=True, cwd=REPO)
             assert st.returncode == 0, st.stderr
             if ", 1 running" in st.stdout.splitlines()[0]:
                 break
         assert ", 1 running" in st.stdout.splitlines()[0], st.stdout
+        assert first.poll() is None, "the first run ended before it could be killed: give it more cells"
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
@@ -149,7 +150,7 @@ def test_a_second_run_into_the_same_folder_is_refused(tmp_path):
     assert r.returncode == 0, r.stderr
     assert f"took over the lock of a run that is no longer alive (pid {first.pid})" in r.stderr
     assert not stray.exists() and not (out / ".lock").exists()
-    assert sorted(load_results(out)["T"]) == [1, 2, 3, 4]
+    assert sorted(load_results(out)["T"]) == [1, 2, 3, 4, 5, 6]
 
 
 def test_stored_files_follow_the_umask(tmp_path):
