@@ -59,6 +59,18 @@ def _repo_code_hash() -> str:
     return code_hash(REPO)
 
 
+def is_current(code_fingerprint, device) -> bool:
+    """Whether a stored row's fingerprint is this checkout's for the row's device (False for a row without one)."""
+    from reports.results import device_type
+
+    return isinstance(code_fingerprint, str) and code_fingerprint == _current(device_type(device))
+
+
+@lru_cache(maxsize=None)
+def _current(device_type: str) -> str:
+    return fingerprint(device_type)
+
+
 def fingerprint(device_type: str, torch_version: str | None = None, code: str | None = None) -> str:
     """16 hex digits naming the code, the torch version and the device type ('cpu', 'cuda') of a result."""
     if torch_version is None:

@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from reports.results import FolderLock, load_results, remove_stray_temp_files, update_manifest, write_cell
+from reports.results import (FolderLock, device_type, load_results, remove_stray_temp_files, update_manifest,
+                             write_cell)
 
 from .errors import UsageError
-from .fingerprint import fingerprint
+from .fingerprint import fingerprint, is_current
 from .grid import Cell
 
 REPO = Path(__file__).resolve().parents[1]
@@ -240,7 +241,7 @@ def run_grid(cells: list[Cell], out: Path, data_root: str | None = None, launche
         if lock.taken_over:
             stream.write(f"took over the lock of a run that is no longer alive (pid {lock.taken_over.get('pid')})\n")
         remove_stray_temp_files(out)
-        current = {t: fingerprint(t) for t in sorted({c.device.split(":")[0] for c in cells})}
+        current = {t: fingerprint(t) for t in sorted({device_type(c.device) for c in cells})}
         try:
             update_manifest(out, cells[0].grid if cells else "", {c.key: c.config() for c in cells}, current)
         except OSError as e:
@@ -252,7 +253,7 @@ def run_grid(cells: list[Cell], out: Path, data_root: str | None = None, launche
         for c in cells:
             if c.key not in stored:
                 todo.append(c)
-            elif stored[c.key] == current[c.device.split(":")[0]]:
+            elif is_current(stored[c.key], c.device):
                 outcome.skipped.append(c)
             elif reuse_stale:
                 outcome.stale_kept.append(c)

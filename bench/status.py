@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from reports.results import device_type, load_results, lock_holder_alive, read_lock, read_manifest
+from reports.results import load_results, lock_holder_alive, read_lock, read_manifest
 
-from .fingerprint import fingerprint
+from .fingerprint import is_current
 
 STATES = ("ok", "stale", "failed", "missing", "running")
 
@@ -33,7 +33,6 @@ def cell_states(folder: Path) -> pd.DataFrame:
     for key, cfg in expected.items():
         if isinstance(cfg, dict):
             rows[key] = {"key": key, "label": _label(cfg), "state": "missing", "detail": "not run yet"}
-    current: dict[str, str] = {}
     for r in stored.to_dict("records"):
         label = _label(r)
         if r["status"] != "ok":
@@ -41,11 +40,8 @@ def cell_states(folder: Path) -> pd.DataFrame:
             rows[r["key"]] = {"key": r["key"], "label": label, "state": "failed",
                               "detail": r["status"] + (f": {first[0][:100]}" if first else "")}
             continue
-        dt = device_type(r.get("device"))
-        if dt not in current:
-            current[dt] = fingerprint(dt)
         fp = r.get("code_fingerprint")
-        if isinstance(fp, str) and fp == current[dt]:
+        if is_current(fp, r.get("device")):
             rows[r["key"]] = {"key": r["key"], "label": label, "state": "ok", "detail": ""}
         else:
             why = "no code fingerprint (an older schema)" if not isinstance(fp, str) else \
