@@ -1,7 +1,4 @@
-"""Datasets by name, each from its real on-disk format, and synthetic input of any dataset's shape.
-
-``digits``: the 8x8 digits set that scikit-learn ships (1797 images, 10 classes), scaled to [0, 1],
-with a fixed stratified 1437/360 train/test split (random_state 0). No download.
+"""Datasets by name (the registry of bench/datasets.py), their loaders, and synthetic input of any dataset's shape.
 
 ``synthetic:<name>``: random inputs of dataset <name>'s shape (uniform [0, 1); for event datasets T frames of
 0/1 events with probability 0.1; fixed seed) and random labels, for profile cells.
@@ -10,69 +7,12 @@ with a fixed stratified 1437/360 train/test split (random_state 0). No download.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
+from .datasets import DATASETS, DatasetInfo
 from .errors import UsageError
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    """Everything snnbench knows about one dataset: its shape and classes, where and in which files it lies under
-    ``--data-root``, how to get it, and the function that opens it (``open(folder, T, encoding)`` -> train and test
-    torch Datasets and a collate function, bench/realdata.py). Any dataset also has a synthetic variant
-    (``synthetic:<name>``: random input of its shape)."""
-
-    name: str
-    shape: tuple[int, ...]  # one frame's shape, [C, H, W]
-    num_classes: int
-    events: bool = False  # event data: a sample is T frames [T, C, H, W] (T from the cell), batched as [T, B, ...]
-    description: str = ""
-    folder: str | None = None  # under --data-root (None: in memory, shipped with a dependency)
-    expected: tuple[str, ...] = ()  # entries the folder must hold
-    how_to_get: str = ""
-    open: Callable | None = None  # (folder, T, encoding) -> (train Dataset, test Dataset, collate or None)
-    listing: Callable | None = None  # event data: folder -> recordings by split (raises when a class has none)
-    arrays: Callable | None = None  # in-memory data: () -> (x_train, y_train, x_test, y_test)
-
-
-def _specs() -> list[DatasetInfo]:
-    from . import realdata as r
-
-    toronto = "https://www.cs.toronto.edu/~kriz/cifar.html"
-    return [
-        DatasetInfo("digits", (1, 8, 8), 10, description="scikit-learn's 8x8 digits, shipped with the package",
-                    arrays=load_digits_split),
-        DatasetInfo("cifar10", (3, 32, 32), 10, folder="cifar-10-batches-py",
-                    expected=tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",),
-                    how_to_get=f"the CIFAR-10 python version (cifar-10-python.tar.gz from {toronto}, "
-                               "or torchvision.datasets.CIFAR10(root, download=True))", open=r.open_cifar10),
-        DatasetInfo("cifar100", (3, 32, 32), 100, folder="cifar-100-python", expected=("train", "test"),
-                    how_to_get=f"the CIFAR-100 python version (cifar-100-python.tar.gz from {toronto}, "
-                               "or torchvision.datasets.CIFAR100(root, download=True))", open=r.open_cifar100),
-        DatasetInfo("mnist", (1, 28, 28), 10, folder="MNIST/raw",
-                    expected=("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-                              "t10k-labels-idx1-ubyte"),
-                    how_to_get="the MNIST IDX files, uncompressed (torchvision.datasets.MNIST(root, download=True) "
-                               "puts them there)", open=r.open_mnist),
-        DatasetInfo("imagenet", (3, 224, 224), 1000, folder="imagenet", expected=("train", "val"),
-                    how_to_get="ILSVRC-2012 as an ImageFolder tree: train/<wnid>/*.JPEG and val/<wnid>/*.JPEG (val "
-                               "sorted into class folders, e.g. with the valprep.sh script)", open=r.open_imagenet),
-        DatasetInfo("cifar10_dvs", (2, 48, 48), 10, events=True, folder="CIFAR10-DVS", expected=r.CIFAR10_CLASSES,
-                    how_to_get="the ten class zips of CIFAR10-DVS (https://figshare.com/articles/dataset/CIFAR10-DVS_New/"
-                               "4724671, airplane.zip ... truck.zip), each extracted to <class>/cifar10_<class>_<i>.aedat",
-                    open=r.open_cifar10_dvs, listing=r.cifar10_dvs_files),
-        DatasetInfo("nmnist", (2, 34, 34), 10, events=True, folder="NMNIST", expected=("Train", "Test"),
-                    how_to_get="N-MNIST's Train.zip and Test.zip (https://www.garrickorchard.com/datasets/n-mnist), "
-                               "extracted to Train/<digit>/*.bin and Test/<digit>/*.bin",
-                    open=r.open_nmnist, listing=r.nmnist_files),
-    ]
-
-
-DATASETS: dict[str, DatasetInfo] = {}  # the registry, filled below (after load_digits_split is defined)
 
 
 def dataset_names() -> list[str]:
@@ -152,49 +92,6 @@ class TensorLoader:
                 yield self.x[idx], self.y[idx]
 
 
-def load_digits_split() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The digits split, from a small cache after the first call (importing scikit-learn costs each fresh
-    cell process ~1.4 s; the cache is keyed by scikit-learn's version, so the split is always its own)."""
-    import numpy as np
-
-    cache = _digits_cache_path()
-    if cache is not None and cache.exists():
-        try:
-            with np.load(cache) as z:
-                return tuple(torch.from_numpy(z[k]) for k in ("xtr", "ytr", "xte", "yte"))  # type: ignore[return-value]
-        except Exception:  # a damaged cache: rebuild it
-            pass
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    d = load_digits()
-    x = torch.tensor(d.images / 16.0, dtype=torch.float32).unsqueeze(1)
-    y = torch.tensor(d.target, dtype=torch.long)
-    idx_train, idx_test = train_test_split(range(len(y)), test_size=360, random_state=0, stratify=d.target)
-    out = x[idx_train], y[idx_train], x[idx_test], y[idx_test]
-    if cache is not None:
-        try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(f".{os.getpid()}.tmp.npz")
-            np.savez(tmp, **{k: v.numpy() for k, v in zip(("xtr", "ytr", "xte", "yte"), out)})
-            os.replace(tmp, cache)
-        except OSError:
-            pass
-    return out
-
-
-def _digits_cache_path():
-    from importlib.metadata import PackageNotFoundError, version
-    from pathlib import Path
-
-    try:
-        v = version("scikit-learn")
-    except PackageNotFoundError:
-        return None
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "snnbench"
-    return root / f"digits_split_sklearn{v}.npz"
-
-
 def synthetic(name: str, n: int, seed: int, T: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     info = dataset_info(name)
     g = torch.Generator().manual_seed(seed)
@@ -209,7 +106,7 @@ def get_loaders(name: str, batch_size: int, eval_batch_size: int, seed: int, dev
                 data_root: str | None = None, train_subset: int = 0, T: int = 1,
                 encoding: str = "frames") -> tuple[TensorLoader, TensorLoader | None]:
     """(train loader, test loader) for a dataset name. Synthetic data has no test loader. Event data comes as
-    T frames per sample; ``encoding`` picks count frames or binary spike trains (see bench/realdata.py)."""
+    T frames per sample; ``encoding`` picks count frames or binary spike trains (see bench/datasets.py)."""
     info = dataset_info(name)
     if name.startswith("synthetic:"):
         n = max(batch_size * 4, batch_size)
@@ -255,5 +152,3 @@ class FrameLoader(TensorLoader):
         for i in range(0, self.x.shape[1], self.batch_size):
             yield self.x[:, i:i + self.batch_size], self.y[i:i + self.batch_size]
 
-
-DATASETS.update((d.name, d) for d in _specs())

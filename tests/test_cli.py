@@ -1,6 +1,5 @@
 """The command line: bad input ends with one message and exit code 2; a killed grid resumes."""
 
-import os
 import signal
 import subprocess
 import sys

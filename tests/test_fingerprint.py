@@ -8,7 +8,6 @@ import sys
 import tokenize
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 from bench.fingerprint import RESULT_SOURCES, code_hash, fingerprint, normalised_source, source_files

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from methods import METHODS
-from methods.hm2bp import (HM2Neuron, count_errors, encode, inject_label_spikes, layer_gradient, post_coefficients,
+from methods.hm2bp import (HM2Neuron, count_errors, encode, inject_label_spikes, layer_gradient,
                            pre_traces, simulate, spsp_dense)
 from methods.models.hm2 import SumPool2d
 
@@ -275,7 +275,7 @@ def test_train_cell_end_to_end(tmp_path, dataset):
     from bench.grid import Cell
     from bench.runner import run_cell
 
-    from .test_realdata import write_nmnist
+    from .test_datasets import write_nmnist
 
     if dataset == "nmnist":
         write_nmnist(tmp_path)

@@ -87,7 +87,7 @@ def test_rate_m_mlp_gradients_equal_closed_form(T, digits_batch):
     (r1, e1), (r2, e2) = spike_pass_records(model, x, T)
     out = method.train_step(model, x, y, NoOpOptimizer())
     got = grads(model)
-    W1, W2, W3 = (model.features[1].weight, model.features[3].weight, model.classifier.weight)
+    W2, W3 = model.features[3].weight, model.classifier.weight
     r0 = x.flatten(1)
     logits = F.linear(r2, W3, model.classifier.bias)
     dc3 = (torch.softmax(logits, 1) - F.one_hot(y, 10).double()) / len(y)

@@ -62,8 +62,6 @@ def test_event_frames_profile():
 def test_firing_rate_is_of_spikes_with_ottt_scaled_ws(digits_batch):
     """OTTT's scaled-WS option multiplies spikes by 2.74 after each neuron; the stored rate stays a rate: the mean
     over the LIF layers of their spike outputs, counted here by hooks of the test's own."""
-    import torch
-
     from bench.runner import _FiringRate
     from methods import METHODS, MethodConfig
     from methods.layers import LIF

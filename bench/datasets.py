@@ -1,4 +1,10 @@
-"""The papers' datasets, read from a user's folder in their real on-disk formats. Nothing downloads.
+"""Every dataset snnbench knows, one ``DatasetInfo`` each, registered beside the code that reads it: adding a
+dataset is a reader (or a reused one), an opener and one ``register(DatasetInfo(...))`` in this file.
+
+    digits     in memory: scikit-learn's 8x8 digits (1797 images, 10 classes), scaled to [0, 1], a fixed stratified
+               1437/360 train/test split (random_state 0). No download.
+
+The papers' datasets are read from a user's folder in their real on-disk formats. Nothing downloads.
 
     cifar10    <root>/cifar-10-batches-py/{data_batch_1..5, test_batch}     (the python pickle batches)
     cifar100   <root>/cifar-100-python/{train, test}
@@ -27,14 +33,99 @@ files most users hold, and pulls librosa, h5py and importRosbag for two ~20-line
 
 from __future__ import annotations
 
+import os
 import pickle
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from .errors import UsageError
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Everything snnbench knows about one dataset: its shape and classes, where and in which files it lies under
+    ``--data-root``, how to get it, and the function that opens it (``open(folder, T, encoding)`` -> train and test
+    torch Datasets and a collate function). Any dataset also has a synthetic variant (``synthetic:<name>``: random
+    input of its shape, bench/data.py)."""
+
+    name: str
+    shape: tuple[int, ...]  # one frame's shape, [C, H, W]
+    num_classes: int
+    events: bool = False  # event data: a sample is T frames [T, C, H, W] (T from the cell), batched as [T, B, ...]
+    description: str = ""
+    folder: str | None = None  # under --data-root (None: in memory, shipped with a dependency)
+    expected: tuple[str, ...] = ()  # entries the folder must hold
+    how_to_get: str = ""
+    open: Callable | None = None  # (folder, T, encoding) -> (train Dataset, test Dataset, collate or None)
+    listing: Callable | None = None  # event data: folder -> recordings by split (raises when a class has none)
+    arrays: Callable | None = None  # in-memory data: () -> (x_train, y_train, x_test, y_test)
+
+
+DATASETS: dict[str, DatasetInfo] = {}  # the registry: filled by the register() calls below, one per dataset
+
+
+def register(spec: DatasetInfo) -> DatasetInfo:
+    if spec.name in DATASETS or ":" in spec.name:
+        raise ValueError(f"dataset name {spec.name!r} is taken or contains ':'")
+    DATASETS[spec.name] = spec
+    return spec
+
+
+# ---------------------------------------------------------------- in memory, shipped with a dependency
+def load_digits_split() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The digits split, from a small cache after the first call (importing scikit-learn costs each fresh
+    cell process ~1.4 s; the cache is keyed by scikit-learn's version, so the split is always its own)."""
+    import numpy as np
+
+    cache = _digits_cache_path()
+    if cache is not None and cache.exists():
+        try:
+            with np.load(cache) as z:
+                return tuple(torch.from_numpy(z[k]) for k in ("xtr", "ytr", "xte", "yte"))  # type: ignore[return-value]
+        except Exception:  # a damaged cache: rebuild it
+            pass
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    x = torch.tensor(d.images / 16.0, dtype=torch.float32).unsqueeze(1)
+    y = torch.tensor(d.target, dtype=torch.long)
+    idx_train, idx_test = train_test_split(range(len(y)), test_size=360, random_state=0, stratify=d.target)
+    out = x[idx_train], y[idx_train], x[idx_test], y[idx_test]
+    if cache is not None:
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(f".{os.getpid()}.tmp.npz")
+            np.savez(tmp, **{k: v.numpy() for k, v in zip(("xtr", "ytr", "xte", "yte"), out)})
+            os.replace(tmp, cache)
+        except OSError:
+            pass
+    return out
+
+
+def _digits_cache_path():
+    from importlib.metadata import PackageNotFoundError, version
+    from pathlib import Path
+
+    try:
+        v = version("scikit-learn")
+    except PackageNotFoundError:
+        return None
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "snnbench"
+    return root / f"digits_split_sklearn{v}.npz"
+
+
+register(DatasetInfo("digits", (1, 8, 8), 10, description="scikit-learn's 8x8 digits, shipped with the package",
+                     arrays=load_digits_split))
+TORONTO = "https://www.cs.toronto.edu/~kriz/cifar.html"
+
+
+# ---------------------------------------------------------------- images
 
 CIFAR_STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
@@ -250,9 +341,8 @@ def time_major(batch):
     return torch.stack(xs, 1), torch.tensor(ys, dtype=torch.long)
 
 
-# ---------------------------------------------------------------- one opener per dataset
-# open_<dataset>(folder, T, encoding) -> (train Dataset, test Dataset, collate or None); bench/data.py's registry
-# names each dataset's folder, files and opener
+# ---------------------------------------------------------------- one opener and one spec per dataset
+# open_<dataset>(folder, T, encoding) -> (train Dataset, test Dataset, collate or None)
 
 
 def open_cifar10(folder: Path, T: int = 1, encoding: str = "frames"):
@@ -261,10 +351,23 @@ def open_cifar10(folder: Path, T: int = 1, encoding: str = "frames"):
     return ArrayImages(*train, cifar_transforms("cifar10", True)), ArrayImages(*test, cifar_transforms("cifar10", False)), None
 
 
+register(DatasetInfo("cifar10", (3, 32, 32), 10, folder="cifar-10-batches-py",
+                     expected=tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",),
+                     how_to_get=f"the CIFAR-10 python version (cifar-10-python.tar.gz from {TORONTO}, "
+                                "or torchvision.datasets.CIFAR10(root, download=True))", open=open_cifar10))
+
+
+
 def open_cifar100(folder: Path, T: int = 1, encoding: str = "frames"):
     train, test = (read_cifar(folder, [f], b"fine_labels") for f in ("train", "test"))
     return (ArrayImages(*train, cifar_transforms("cifar100", True)), ArrayImages(*test, cifar_transforms("cifar100", False)),
             None)
+
+
+register(DatasetInfo("cifar100", (3, 32, 32), 100, folder="cifar-100-python", expected=("train", "test"),
+                     how_to_get=f"the CIFAR-100 python version (cifar-100-python.tar.gz from {TORONTO}, "
+                                "or torchvision.datasets.CIFAR100(root, download=True))", open=open_cifar100))
+
 
 
 def open_mnist(folder: Path, T: int = 1, encoding: str = "frames"):
@@ -275,11 +378,25 @@ def open_mnist(folder: Path, T: int = 1, encoding: str = "frames"):
     return (*(datasets.MNIST(root, train=tr, download=False, transform=tv.ToTensor()) for tr in (True, False)), None)
 
 
+register(DatasetInfo("mnist", (1, 28, 28), 10, folder="MNIST/raw",
+                     expected=("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                               "t10k-labels-idx1-ubyte"),
+                     how_to_get="the MNIST IDX files, uncompressed (torchvision.datasets.MNIST(root, download=True) "
+                                "puts them there)", open=open_mnist))
+
+
+
 def open_imagenet(folder: Path, T: int = 1, encoding: str = "frames"):
     from torchvision import datasets
 
     return (*(datasets.ImageFolder(str(folder / sub), transform=imagenet_transforms(tr))
               for sub, tr in (("train", True), ("val", False))), None)
+
+
+register(DatasetInfo("imagenet", (3, 224, 224), 1000, folder="imagenet", expected=("train", "val"),
+                     how_to_get="ILSVRC-2012 as an ImageFolder tree: train/<wnid>/*.JPEG and val/<wnid>/*.JPEG (val "
+                                "sorted into class folders, e.g. with the valprep.sh script)", open=open_imagenet))
+
 
 
 def open_cifar10_dvs(folder: Path, T: int = 10, encoding: str = "frames"):
@@ -289,7 +406,20 @@ def open_cifar10_dvs(folder: Path, T: int = 10, encoding: str = "frames"):
             EventFolder(splits[False], read_cifar10_dvs, to_frames, 48), time_major)
 
 
+register(DatasetInfo("cifar10_dvs", (2, 48, 48), 10, events=True, folder="CIFAR10-DVS", expected=CIFAR10_CLASSES,
+                     how_to_get="the ten class zips of CIFAR10-DVS (https://figshare.com/articles/dataset/CIFAR10-DVS_New/"
+                                "4724671, airplane.zip ... truck.zip), each extracted to <class>/cifar10_<class>_<i>.aedat",
+                     open=open_cifar10_dvs, listing=cifar10_dvs_files))
+
+
+
 def open_nmnist(folder: Path, T: int = 10, encoding: str = "frames"):
     splits = nmnist_files(folder)
     to_frames = partial(spike_bins if encoding == "spikes" else count_frames, T=T, H=34, W=34)
     return EventFolder(splits[True], read_nmnist, to_frames), EventFolder(splits[False], read_nmnist, to_frames), time_major
+
+
+register(DatasetInfo("nmnist", (2, 34, 34), 10, events=True, folder="NMNIST", expected=("Train", "Test"),
+                     how_to_get="N-MNIST's Train.zip and Test.zip (https://www.garrickorchard.com/datasets/n-mnist), "
+                                "extracted to Train/<digit>/*.bin and Test/<digit>/*.bin",
+                     open=open_nmnist, listing=nmnist_files))

@@ -13,7 +13,7 @@ import torch
 from bench.errors import UsageError
 from bench.grid import Cell
 from bench.data import check_dataset, open_dataset
-from bench.realdata import CIFAR_STATS, IMAGENET_STATS
+from bench.datasets import CIFAR_STATS, IMAGENET_STATS
 from bench.runner import run_cell
 
 REPO = Path(__file__).resolve().parents[1]
@@ -192,7 +192,7 @@ def pil_resize(frames: np.ndarray, size: int) -> np.ndarray:
 
 
 def test_cifar10_dvs_aedat_files(tmp_path):
-    from bench.realdata import dvs_split
+    from bench.datasets import dvs_split
 
     written = write_cifar10_dvs(tmp_path)
     train, test = open_dataset("cifar10_dvs", tmp_path, True, 10), open_dataset("cifar10_dvs", tmp_path, False, 10)
@@ -215,7 +215,7 @@ def test_cifar10_dvs_aedat_files(tmp_path):
 
 
 def test_dvs_split_is_9000_1000_and_fixed():
-    from bench.realdata import dvs_split
+    from bench.datasets import dvs_split
 
     tr, te = dvs_split(10000)
     assert len(tr) == 9000 and len(te) == 1000 and not set(tr) & set(te)
@@ -247,7 +247,7 @@ def write_nmnist(root: Path, n_events: int = 41) -> dict:
 
 
 def test_nmnist_bin_files_frames_and_spikes(tmp_path):
-    from bench.realdata import read_nmnist
+    from bench.datasets import read_nmnist
 
     written = write_nmnist(tmp_path)
     ev = written[("Test", 3)]
@@ -317,7 +317,7 @@ def test_digits_split_cache_equals_scikit_learn(tmp_path, monkeypatch):
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
-    from bench.data import _digits_cache_path, load_digits_split
+    from bench.datasets import _digits_cache_path, load_digits_split
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     d = load_digits()
