@@ -7,7 +7,6 @@ import logging
 import math
 import os
 import random
-import statistics
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ import torch
 from methods import METHODS, MethodConfig
 from methods.layers import LIF, count_parameters
 
-from reports.results import MEASURE_COLUMNS
+from reports.results import MEASURE_COLUMNS, summarise
 
 from .data import dataset_info, get_loaders
 from .env import environment
@@ -97,12 +96,6 @@ def make_schedule(cell: Cell, opt: torch.optim.Optimizer, n_epochs: int):
     if cell.schedule == "invsqrt":
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1.0 / math.sqrt(epoch + 1))
     return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(n_epochs, 1))
-
-
-def _pct(xs: list[float], q: float) -> float | None:
-    if not xs:
-        return None
-    return float(np.percentile(np.asarray(xs), q))
 
 
 class _FiringRate:
@@ -265,12 +258,11 @@ class StepMeasure:
         return out
 
     def columns(self) -> dict:
-        ms, row = self.step_ms, {"measured_steps": len(self.step_ms)}
+        ms = self.step_ms
+        row = {"measured_steps": len(ms), **summarise({"step_ms": ms, **{f"{ph}_ms": self.phase_ms.get(ph, [])
+                                                                          for ph in ("forward", "backward", "optimizer")}})}
         if ms:
-            row.update(step_time_ms_median=statistics.median(ms), step_time_ms_p10=_pct(ms, 10),
-                       step_time_ms_p90=_pct(ms, 90), throughput_samples_per_s=self.batch_size * len(ms) / (sum(ms) / 1e3))
-            for ph in ("forward", "backward", "optimizer"):
-                row[f"{ph}_ms"] = statistics.median(self.phase_ms[ph]) if self.phase_ms.get(ph) else None
+            row["throughput_samples_per_s"] = self.batch_size * len(ms) / (sum(ms) / 1e3)
         row["saved_for_backward_mib"] = self.saved_bytes / MIB if self.saved_bytes is not None else None
         if self.device.type == "cuda":
             p, d = self.probe, self.device
@@ -336,6 +328,6 @@ def _train_or_profile(cell: Cell, device: torch.device, data_root, row: dict, ep
             last = epochs[-1]
             row.update(acc_top1=last["test_acc"], acc_top1_best=best if best > -math.inf else None,
                        train_loss=last["train_loss"], firing_rate_mean=last["firing_rate_mean"],
-                       epoch_time_s=statistics.median(e["epoch_time_s"] for e in epochs))
+                       **summarise({"epoch_s": [e["epoch_time_s"] for e in epochs]}))
     window.stop(row)
     row.update(measure.columns())

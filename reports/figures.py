@@ -1,9 +1,14 @@
 """Matplotlib figures of the rate-BP paper from a results DataFrame. Each function saves PNG and PDF
-and returns the Figure (tests read the plotted values back from its artists)."""
+and returns the Figure (tests read the plotted values back from its artists).
+
+A function decorated with ``@figure(...)`` is drawn by the report for every (architecture, dataset) of the
+results, in the order defined here; ``figure("samples")`` or ``figure("epochs")`` names the frames it takes after
+the cells. A new figure is one decorated function in this file."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import matplotlib
 
@@ -22,6 +27,16 @@ RC = {
     "savefig.dpi": 200, "pdf.fonttype": 42, "ps.fonttype": 42,
 }
 FULL_WIDTH, COLUMN_WIDTH = 7.0, 3.4  # inches: a two-column paper's text width and column width
+
+# name -> (function, the frames it takes after the cells: "samples", "epochs"); filled by @figure
+FIGURES: dict[str, tuple[Callable, tuple[str, ...]]] = {}
+
+
+def figure(*needs: str) -> Callable[[Callable], Callable]:
+    def register(fn: Callable) -> Callable:
+        FIGURES[fn.__name__] = (fn, needs)
+        return fn
+    return register
 
 
 def _save(fig, out: Path, name: str) -> list[Path]:
@@ -62,6 +77,7 @@ def _lines(ax, d: pd.DataFrame, col: str, flag: pd.Series | None = None) -> bool
     return True
 
 
+@figure()
 def fig_cost(df: pd.DataFrame, out: Path, name: str = "fig_cost"):
     """The paper's Figure 4: accuracy, peak memory and time over T, one line per method."""
     d = with_labels(ok(df))
@@ -93,6 +109,7 @@ def fig_cost(df: pd.DataFrame, out: Path, name: str = "fig_cost"):
     return fig, paths
 
 
+@figure()
 def fig_phases(df: pd.DataFrame, out: Path, name: str = "fig_phases"):
     """Stacked forward / backward / optimizer time (median per step) per method at each T."""
     d = with_labels(ok(df))
@@ -124,6 +141,7 @@ def fig_phases(df: pd.DataFrame, out: Path, name: str = "fig_phases"):
     return fig, paths
 
 
+@figure("samples")
 def fig_memory_time(cells: pd.DataFrame, samples: pd.DataFrame, out: Path, keys: list[str] | None = None,
                     name: str = "fig_memory_time"):
     """Memory over time of chosen cells (default: each method's largest-T cell), NVML if sampled, else RSS."""
@@ -149,6 +167,7 @@ def fig_memory_time(cells: pd.DataFrame, samples: pd.DataFrame, out: Path, keys:
     return fig, paths
 
 
+@figure("epochs")
 def fig_curves(cells: pd.DataFrame, epochs: pd.DataFrame, out: Path, T: int | None = None, name: str = "fig_curves"):
     """Test accuracy and training loss per epoch, one line per method, at one T (mean over seeds)."""
     d = with_labels(ok(cells))

@@ -95,13 +95,9 @@ def render_report(results: str | Path, out: str | Path | None = None, reference:
             sel = cells if arch is None else cells[(cells["arch"] == arch) & (cells["dataset"] == ds)]
             suffix = re.sub(r"[^A-Za-z0-9._-]+", "-", f"_{arch}_{ds}") if multi else ""  # a file name, whatever the names
             title = f"{arch} on {ds}" if arch else ""
-            for fn, args, name in (
-                (figures.fig_cost, (sel,), "fig_cost"),
-                (figures.fig_phases, (sel,), "fig_phases"),
-                (figures.fig_memory_time, (sel, samples), "fig_memory_time"),
-                (figures.fig_curves, (sel, epochs), "fig_curves"),
-            ):
-                fig, paths = fn(*args, out=out, name=name + suffix)
+            frames = {"samples": samples, "epochs": epochs}
+            for name, (fn, needs) in figures.FIGURES.items():
+                fig, paths = fn(sel, *(frames[n] for n in needs), out=out, name=name + suffix)
                 plt.close(fig)
                 files += paths
                 figs.append((f"{name.replace('fig_', '').replace('_', ' ')} {title}".strip(), paths[0]))

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pandas as pd
 
 
@@ -54,20 +55,32 @@ class Metric:
     tolerance: float | None  # the gate's default tolerance in percent; None: not gated unless asked
     label: str  # for axes, table headers and notes
     summary: bool = False  # a column of the command line's summary table
+    series: str | None = None  # a statistic of a series the runner records (SERIES); None: measured directly
+    stat: str | None = None  # of that series: "median", "mean", "min", "max" or a percentile "p<q>"
 
     @property
     def axis_label(self) -> str:
         return f"{self.label} [{self.unit}]" if self.unit else self.label
 
 
+# The series the runner records in every cell: one value per measured step (whole and per phase) or per epoch.
+# A metric that is a statistic of one of them is one line below; summarise() computes it.
+SERIES = {
+    "step_ms": "time of each measured step [ms]",
+    "forward_ms": "forward time of each measured step [ms]",
+    "backward_ms": "backward time of each measured step [ms]",
+    "optimizer_ms": "optimizer time of each measured step [ms]",
+    "epoch_s": "time of each epoch's training steps [s]",
+}
+
 METRICS: tuple[Metric, ...] = (
-    Metric("step_time_ms_median", "ms", "lower", 10.0, "time per step", summary=True),
-    Metric("step_time_ms_p10", "ms", "lower", None, "time per step, 10th percentile"),
-    Metric("step_time_ms_p90", "ms", "lower", None, "time per step, 90th percentile"),
-    Metric("forward_ms", "ms", "lower", None, "forward time per step"),
-    Metric("backward_ms", "ms", "lower", None, "backward time per step"),
-    Metric("optimizer_ms", "ms", "lower", None, "optimizer time per step"),
-    Metric("epoch_time_s", "s", "lower", None, "time per epoch", summary=True),
+    Metric("step_time_ms_median", "ms", "lower", 10.0, "time per step", summary=True, series="step_ms", stat="median"),
+    Metric("step_time_ms_p10", "ms", "lower", None, "time per step, 10th percentile", series="step_ms", stat="p10"),
+    Metric("step_time_ms_p90", "ms", "lower", None, "time per step, 90th percentile", series="step_ms", stat="p90"),
+    Metric("forward_ms", "ms", "lower", None, "forward time per step", series="forward_ms", stat="median"),
+    Metric("backward_ms", "ms", "lower", None, "backward time per step", series="backward_ms", stat="median"),
+    Metric("optimizer_ms", "ms", "lower", None, "optimizer time per step", series="optimizer_ms", stat="median"),
+    Metric("epoch_time_s", "s", "lower", None, "time per epoch", summary=True, series="epoch_s", stat="median"),
     Metric("throughput_samples_per_s", "samples/s", "higher", None, "throughput"),
     Metric("peak_alloc_mib", "MiB", "lower", 5.0, "peak memory, torch allocator", summary=True),
     Metric("peak_reserved_mib", "MiB", "lower", 5.0, "peak memory reserved, torch allocator"),
@@ -90,6 +103,32 @@ METRICS: tuple[Metric, ...] = (
     Metric("contention_gpu_processes", "", "none", None, "other processes on the GPU"),
 )
 METRIC: dict[str, Metric] = {m.name: m for m in METRICS}
+
+
+def _statistic(stat: str) -> Callable[[np.ndarray], float]:
+    named = {"median": np.median, "mean": np.mean, "min": np.min, "max": np.max}
+    if stat in named:
+        return named[stat]
+    if stat.startswith("p") and stat[1:].replace(".", "", 1).isdigit() and 0 <= float(stat[1:]) <= 100:
+        return lambda xs: np.percentile(xs, float(stat[1:]))
+    raise ValueError(f"unknown statistic {stat!r}: median, mean, min, max or p<q> with 0 <= q <= 100")
+
+
+def summarise(series: dict[str, list[float]]) -> dict[str, float | None]:
+    """The value of every metric that is a statistic of one of the given series (None where it is empty); metrics
+    of series not given are left out, so a caller can summarise step series and epoch series separately."""
+    out: dict[str, float | None] = {}
+    for m in METRICS:
+        if m.series is not None and m.series in series:
+            xs = np.asarray(series[m.series], dtype=float)
+            out[m.name] = float(_statistic(m.stat or "median")(xs)) if xs.size else None
+    return out
+
+
+for _m in METRICS:  # a misspelt series or statistic fails at import, not in the middle of a grid
+    if _m.series is not None:
+        assert _m.series in SERIES, f"metric {_m.name}: unknown series {_m.series!r}"
+        _statistic(_m.stat or "median")
 # what the runner measures, per cell row; null where it cannot be measured (a GPU column on a CPU, say)
 MEASURE_COLUMNS = tuple(METRIC)
 # configuration fields that are numbers (the rest of a cell's config is text)
@@ -442,6 +481,6 @@ def method_options_label(row: pd.Series) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(d.items()) if v not in (False, None))
 
 
-__all__ = ["CONTENTION_LIMIT", "FolderBusy", "FolderLock", "KINDS", "MEASURE_COLUMNS", "METRIC", "METRICS", "Metric", "ResultsFileProblem",
+__all__ = ["CONTENTION_LIMIT", "FolderBusy", "FolderLock", "KINDS", "MEASURE_COLUMNS", "METRIC", "METRICS", "Metric", "ResultsFileProblem", "SERIES", "summarise",
            "SCHEMA_VERSION", "atomic_write_parquet", "load_results", "mark_stale", "read_lock", "read_manifest",
            "read_table", "remove_stray_temp_files", "update_manifest", "upgrade", "write_cell"]
