@@ -126,6 +126,20 @@ def cmd_check(a) -> int:
     return 1 if failed else 0
 
 
+def cmd_compare(a) -> int:
+    from bench.compare import compare
+    from bench.grid import expand, load_grid, parse_filters, parse_sets
+
+    name, spec = load_grid(a.grid)
+    cells = expand(spec, name, parse_filters(a.filter), parse_sets(a.set))
+    rc, _, md = compare(a.base, a.head, cells, a.rounds, a.threshold, Path(a.out) if a.out else None,
+                        progress=lambda s: print(s, file=sys.stderr, flush=True) if a.verbose else None)
+    print(md)
+    if a.report:
+        Path(a.report).write_text(md)
+    return rc
+
+
 def cmd_baseline(a) -> int:
     from bench.check import write_baseline
 
@@ -182,6 +196,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "(rate_m: bptt_m; default 0.8)")
     c.add_argument("--flat-tol", type=float, default=2.0, help="invariant: flat in T within this percent (default 2)")
     c.add_argument("--report", metavar="FILE", help="write the comparison as markdown")
+    cp = sub.add_parser("compare", help="the speed gate: two git revisions measured side by side on this machine")
+    cp.add_argument("base", help="the base revision (a commit, tag or branch)")
+    cp.add_argument("head", nargs="?", help="the head revision (default: the working tree, uncommitted edits included)")
+    cp.add_argument("--grid", required=True, help="a grid of profile cells (a name in grids/ or a TOML path)")
+    cp.add_argument("--filter", action="append", default=[], metavar="FIELD=V1,V2", help="keep cells whose FIELD is one of the values")
+    cp.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a field of every cell")
+    cp.add_argument("--rounds", type=int, default=3, help="fresh worker pairs per cell (default 3)")
+    cp.add_argument("--threshold", type=float, default=5.0, metavar="PCT",
+                    help="a slowdown counts when the interval's lower end is above 1 + PCT/100 (default 5)")
+    cp.add_argument("--out", help="folder for steps.parquet, comparison.parquet and compare.md")
+    cp.add_argument("--report", metavar="FILE", help="write the comparison as markdown")
     b = sub.add_parser("baseline", help="record a results folder's ok cells as one baseline parquet file")
     b.add_argument("results")
     b.add_argument("out")
@@ -216,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_check(args)
         if args.cmd == "baseline":
             return cmd_baseline(args)
+        if args.cmd == "compare":
+            return cmd_compare(args)
         if args.cmd == "status":
             return cmd_status(args)
         return cmd_default(args)

@@ -40,6 +40,7 @@ class Result:
     row: dict
     epochs: list[dict] = field(default_factory=list)
     samples: list[dict] = field(default_factory=list)
+    series: dict[str, list[float]] = field(default_factory=dict)  # per measured step, in order (reports.SERIES)
 
     @property
     def status(self) -> str:
@@ -145,6 +146,7 @@ def run_cell(cell: Cell, data_root: str | None = None, progress: Progress | None
         row.update(gpu_uuid=nvml.uuid, nvml_driver=nvml.driver, mig_mode=nvml.mig_mode,
                    gpu_other_processes=json.dumps(nvml.other_processes), gpu_name=nvml.name)
     epochs: list[dict] = []
+    series: dict[str, list[float]] = {}
     window = MeasureWindow(nvml, nvml_sampler)
     rss.start()
     try:
@@ -154,7 +156,7 @@ def run_cell(cell: Cell, data_root: str | None = None, progress: Progress | None
             except RuntimeError as e:
                 row["gpu_null_reason"] = f"NVML sampler: {e}"
                 nvml_sampler = None
-        _train_or_profile(cell, device, data_root, row, epochs, progress, window)
+        _train_or_profile(cell, device, data_root, row, epochs, progress, window, series)
     except torch.cuda.OutOfMemoryError as e:
         row.update(status="oom", error=f"CUDA out of memory: {str(e).splitlines()[0]}")
     except MemoryError as e:
@@ -183,7 +185,7 @@ def run_cell(cell: Cell, data_root: str | None = None, progress: Progress | None
     samples = [{"source": "rss", "t_s": t, "mib": v / MIB} for t, v in rss.samples]
     if nvml_sampler:
         samples += [{"source": "nvml", "t_s": t, "mib": (v - nvml_sampler.baseline) / MIB} for t, v in nvml_sampler.samples]
-    return Result(row, epochs, samples)
+    return Result(row, epochs, samples, series)
 
 
 def is_host_oom(e: BaseException) -> bool:
@@ -257,10 +259,14 @@ class StepMeasure:
         self.saved_bytes = meter.peak_bytes
         return out
 
+    def series(self) -> dict[str, list[float]]:
+        """The measured steps' times, in order: the whole step and each phase."""
+        return {"step_ms": list(self.step_ms),
+                **{f"{ph}_ms": list(self.phase_ms.get(ph, [])) for ph in ("forward", "backward", "optimizer")}}
+
     def columns(self) -> dict:
         ms = self.step_ms
-        row = {"measured_steps": len(ms), **summarise({"step_ms": ms, **{f"{ph}_ms": self.phase_ms.get(ph, [])
-                                                                          for ph in ("forward", "backward", "optimizer")}})}
+        row = {"measured_steps": len(ms), **summarise(self.series())}
         if ms:
             row["throughput_samples_per_s"] = self.batch_size * len(ms) / (sum(ms) / 1e3)
         row["saved_for_backward_mib"] = self.saved_bytes / MIB if self.saved_bytes is not None else None
@@ -274,7 +280,7 @@ class StepMeasure:
 
 
 def _train_or_profile(cell: Cell, device: torch.device, data_root, row: dict, epochs: list[dict], progress: Progress,
-                      window: MeasureWindow) -> None:
+                      window: MeasureWindow, series: dict[str, list[float]]) -> None:
     _seed(cell.seed)
     info = dataset_info(cell.dataset)
     method = METHODS[cell.method](MethodConfig(T=cell.T, neuron=cell.neuron, options=dict(cell.method_options)))
@@ -331,3 +337,4 @@ def _train_or_profile(cell: Cell, device: torch.device, data_root, row: dict, ep
                        **summarise({"epoch_s": [e["epoch_time_s"] for e in epochs]}))
     window.stop(row)
     row.update(measure.columns())
+    series.update(measure.series())

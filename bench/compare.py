@@ -1,0 +1,360 @@
+"""The speed gate: two versions of the code measured side by side on this machine, decided by statistics.
+
+``run_bench.py compare BASE [HEAD] --grid GRID``: BASE and HEAD are git revisions (HEAD: the working tree, with its
+uncommitted changes). Each side's files are copied out (``git archive``; for the working tree the files git tracks
+or would track) and run from this environment. Every profile cell of the grid runs for both sides, ``rounds`` times,
+each round in a fresh worker process per side (bench/compare_worker.py). The two workers take turns step by step
+(A B B A A B ...), so the k-th steps of the two sides are measured next to each other and whatever slows the machine
+for a while slows both.
+
+The decision, per cell: the per-step times of each side are pooled over the rounds, paired by (round, step), and the
+ratio head/base of their medians is estimated with a 95% bootstrap interval that resamples the pairs
+(``scipy.stats.bootstrap``, paired, percentile). A regression is an interval whose lower end is above
+1 + threshold, an improvement one whose upper end is below 1 - threshold; anything else is "no change", printed with
+the interval and the smallest slowdown this run could have detected, (1 + threshold) * ratio / lower - 1. Metrics
+that do not vary between runs (bytes saved for backward, parameters) are compared with the metric table's
+tolerances. ``benchmarks/calibrate_compare.py`` measures the false-alarm and detection rates of this rule.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from reports.results import METRIC, atomic_write_parquet, write_atomic
+
+from .errors import UsageError
+from .grid import Cell
+
+REPO = Path(__file__).resolve().parents[1]
+PREFIX = "@cmp "
+# what the gate compares exactly (within the metric table's tolerance) besides time
+EXACT_METRICS = ("saved_for_backward_mib", "num_params")
+DEFAULT_THRESHOLD_PCT = 5.0
+CONFIDENCE = 0.95
+
+
+# ---------------------------------------------------------------- the two sides' code
+
+def git(repo: Path, *args: str, binary: bool = False) -> str | bytes:
+    r = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=not binary)
+    if r.returncode != 0:
+        err = r.stderr.decode() if binary else r.stderr
+        raise UsageError(f"git {' '.join(args)}: {err.strip() or 'failed'}")
+    return r.stdout
+
+
+def resolve(repo: Path, rev: str) -> str:
+    """The commit a revision names, or a UsageError (exit 2) saying it is unknown here."""
+    if not (repo / ".git").exists() and subprocess.run(["git", "-C", str(repo), "rev-parse", "--git-dir"],
+                                                       capture_output=True).returncode != 0:
+        raise UsageError(f"{repo} is not a git checkout: compare needs the project's history")
+    r = subprocess.run(["git", "-C", str(repo), "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"],
+                       capture_output=True, text=True)
+    if r.returncode != 0 or not r.stdout.strip():
+        raise UsageError(f"unknown revision {rev!r} in {repo} (a shallow clone lacks older commits: "
+                         "git fetch --unshallow)")
+    return r.stdout.strip()
+
+
+def checkout(repo: Path, rev: str | None, dest: Path) -> str:
+    """Copy a revision's files (``rev``) or the working tree's (``None``: tracked and untracked-but-not-ignored files,
+    as they are now, uncommitted edits included) into ``dest``; returns a label naming what was copied."""
+    dest.mkdir(parents=True, exist_ok=True)
+    if rev is not None:
+        sha = resolve(repo, rev)
+        data = git(repo, "archive", "--format=tar", sha, binary=True)
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            tar.extractall(dest, filter="data")
+        return f"{rev} ({sha[:10]})" if rev != sha else sha[:10]
+    resolve(repo, "HEAD")
+    names = [n for n in git(repo, "ls-files", "-z", "--cached", "--others", "--exclude-standard").split("\0") if n]
+    for n in names:
+        src = repo / n
+        if src.is_file():
+            (dest / n).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / n)
+    dirty = [ln for ln in git(repo, "status", "--porcelain").splitlines() if ln.strip()]
+    head = git(repo, "rev-parse", "--short=10", "HEAD").strip()
+    return f"working tree (HEAD {head}" + (f" + {len(dirty)} uncommitted change(s))" if dirty else ")")
+
+
+# ---------------------------------------------------------------- running both sides, step by step
+
+class SideFailed(RuntimeError):
+    pass
+
+
+class SideWorker:
+    """A worker process running one side's code (see bench/compare_worker.py for the protocol)."""
+
+    def __init__(self, name: str, root: Path, script: Path, env: dict | None = None) -> None:
+        self.name, self.root = name, root
+        penv = {**os.environ, **(env or {}), "PYTHONPATH": str(root), "PYTHONDONTWRITEBYTECODE": "1"}
+        self.proc = subprocess.Popen([sys.executable, str(script)], cwd=root, env=penv, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
+        ready = self.read()
+        bench_dir = Path(ready.get("bench", "")).resolve()
+        if bench_dir != (root / "bench").resolve():
+            self.close()
+            raise SideFailed(f"side {name}: its worker imported {bench_dir}, not {root / 'bench'}")
+
+    def read(self) -> dict:
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                err = self.proc.stderr.read() if self.proc.poll() is not None else ""
+                raise SideFailed(f"side {self.name}: worker ended: {err.strip().splitlines()[-1] if err.strip() else ''}")
+            if line.startswith(PREFIX):
+                return json.loads(line[len(PREFIX):])
+
+    def send(self, obj) -> None:
+        self.proc.stdin.write(json.dumps(obj) + "\n")
+        self.proc.stdin.flush()
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # pragma: no cover - a worker that ignores a closed stdin
+            self.proc.kill()
+            self.proc.wait()
+
+
+def run_cell_interleaved(workers: list[SideWorker], cell: Cell) -> dict[str, dict]:
+    """Run one cell on every side, the sides taking turns step by step: step k in the order of ``workers`` for
+    even k and the reverse for odd k (A B B A ...). The first step (a warm-up or the memory step, never timed) runs
+    on all sides at once, after their set-up; from then on one worker runs at a time, a cell's closing bookkeeping
+    included (a worker that reported its last step finishes the cell on its next "go"). Returns
+    side -> {"row": ..., "series": ...}."""
+    cfg = cell.config()
+    for w in workers:
+        w.send({"cell": cfg})
+    results: dict[str, dict] = {}
+    waiting: list[SideWorker] = []
+    for w in workers:  # set-up and step 1, concurrently
+        msg = w.read()
+        if "result" in msg:
+            results[w.name] = msg["result"]
+        else:
+            waiting.append(w)
+    k = 1
+    while waiting:
+        k += 1
+        order = waiting if k % 2 == 0 else waiting[::-1]
+        still = []
+        for w in order:
+            w.send("go")
+            msg = w.read()
+            if "result" in msg:  # ran its last step (or failed) and finished the cell
+                results[w.name] = msg["result"]
+            else:
+                still.append(w)
+        waiting = [w for w in waiting if w in still]
+    return results
+
+
+@dataclass
+class Comparison:
+    cells: list[Cell]
+    sides: dict[str, str]  # name -> label
+    steps: pd.DataFrame  # side, round, key, step, step_ms
+    rows: pd.DataFrame  # side, round, key, and the row's fields
+    wall_s: float = 0.0
+    failures: list[str] = field(default_factory=list)
+
+
+def measure(roots: dict[str, Path], labels: dict[str, str], cells: list[Cell], rounds: int,
+            progress: Callable[[str], None] | None = None, env: dict[str, dict] | None = None) -> Comparison:
+    """Run every cell on every side ``rounds`` times (fresh workers per round; the sides' order and the cells'
+    order reverse every round) and collect the per-step times and rows."""
+    progress = progress or (lambda s: None)
+    names = list(roots)
+    steps, rows, failures = [], [], []
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="snnbench-cmp-") as tmp:
+        script = Path(tmp) / "compare_worker.py"
+        shutil.copy2(Path(__file__).with_name("compare_worker.py"), script)
+        for r in range(rounds):
+            order = names if r % 2 == 0 else names[::-1]
+            todo = cells if r % 2 == 0 else cells[::-1]
+            with ExitStack() as stack:
+                workers = []
+                for n in order:
+                    w = SideWorker(n, roots[n], script, (env or {}).get(n))
+                    stack.callback(w.close)
+                    workers.append(w)
+                for i, cell in enumerate(todo, 1):
+                    progress(f"round {r + 1}/{rounds}, cell {i}/{len(todo)}: {cell.label}")
+                    try:
+                        res = run_cell_interleaved(workers, cell)
+                    except SideFailed as e:  # a side's worker died: this cell and round are lost for all sides
+                        failures.append(f"{cell.label}, round {r + 1}: {e}")
+                        for w in workers:
+                            w.close()
+                        workers[:] = [SideWorker(n, roots[n], script, (env or {}).get(n)) for n in order]
+                        for w in workers:
+                            stack.callback(w.close)
+                        continue
+                    for side, out in res.items():
+                        rows.append({"side": side, "round": r, "key": cell.key, **out["row"]})
+                        for j, ms in enumerate(out["series"].get("step_ms") or []):
+                            steps.append({"side": side, "round": r, "key": cell.key, "step": j, "step_ms": ms})
+    return Comparison(cells, dict(labels), pd.DataFrame(steps, columns=["side", "round", "key", "step", "step_ms"]),
+                      pd.DataFrame(rows), time.perf_counter() - t0, failures)
+
+
+# ---------------------------------------------------------------- the decision
+
+@dataclass(frozen=True)
+class Decision:
+    ratio: float  # median(head) / median(base)
+    low: float
+    high: float
+    n: int  # pairs
+    verdict: str  # "slower" | "faster" | "no change" | "too few steps"
+    detectable: float  # the smallest slowdown (a fraction) this run could have called a regression
+
+
+def decide(base_ms, head_ms, threshold: float, confidence: float = CONFIDENCE, seed: int = 0) -> Decision:
+    """The head/base ratio of median step times with a paired bootstrap interval, and the verdict at ``threshold``
+    (a fraction: 0.05 is 5%). ``base_ms[i]`` and ``head_ms[i]`` are steps measured next to each other."""
+    from scipy.stats import bootstrap
+
+    b, h = np.asarray(base_ms, float), np.asarray(head_ms, float)
+    n = min(len(b), len(h))
+    b, h = b[:n], h[:n]
+    if n < 3:
+        return Decision(math.nan, math.nan, math.nan, n, "too few steps", math.nan)
+
+    def ratio(hh, bb, axis=-1):
+        return np.median(hh, axis=axis) / np.median(bb, axis=axis)
+
+    point = float(ratio(h, b))
+    ci = bootstrap((h, b), ratio, paired=True, vectorized=True, confidence_level=confidence, n_resamples=4000,
+                   method="percentile", rng=np.random.default_rng(seed)).confidence_interval
+    low, high = float(ci.low), float(ci.high)
+    if low > 1 + threshold:
+        verdict = "slower"
+    elif high < 1 - threshold:
+        verdict = "faster"
+    else:
+        verdict = "no change"
+    detectable = (1 + threshold) * point / low - 1 if low > 0 else math.inf
+    return Decision(point, low, high, n, verdict, detectable)
+
+
+def paired(steps: pd.DataFrame, key: str, base: str, head: str) -> tuple[np.ndarray, np.ndarray]:
+    """The two sides' step times of one cell, aligned by (round, step): only steps both sides measured."""
+    d = steps[steps["key"] == key].pivot_table(index=["round", "step"], columns="side", values="step_ms")
+    if base not in d or head not in d:
+        return np.array([]), np.array([])
+    d = d[[base, head]].dropna()
+    return d[base].to_numpy(), d[head].to_numpy()
+
+
+def judge(cmp: Comparison, base: str, head: str, threshold: float) -> pd.DataFrame:
+    """One line per cell: time ratio, interval, verdict, detectable slowdown; and the exact metrics' verdicts."""
+    out = []
+    for cell in cmp.cells:
+        b, h = paired(cmp.steps, cell.key, base, head)
+        d = decide(b, h, threshold)
+        line = {"method": cell.method, "T": cell.T, "key": cell.key, "base_ms": float(np.median(b)) if len(b) else None,
+                "head_ms": float(np.median(h)) if len(h) else None, "ratio": d.ratio, "low": d.low, "high": d.high,
+                "pairs": d.n, "time": d.verdict, "detectable": d.detectable}
+        rows = cmp.rows[cmp.rows["key"] == cell.key] if not cmp.rows.empty else cmp.rows
+        problems = []
+        for side in (base, head):
+            bad = rows[(rows["side"] == side) & (rows["status"] != "ok")] if len(rows) else rows
+            if len(bad):
+                problems.append(f"{side}: {bad.iloc[0]['status']}: {str(bad.iloc[0]['error'] or '').splitlines()[0][:160]}")
+        line["problem"] = "; ".join(problems) or None
+        exact = []
+        for m in EXACT_METRICS:
+            vb = rows[rows["side"] == base][m].dropna() if len(rows) and m in rows else pd.Series(dtype=float)
+            vh = rows[rows["side"] == head][m].dropna() if len(rows) and m in rows else pd.Series(dtype=float)
+            if len(vb) and len(vh):
+                x, y = float(vb.iloc[0]), float(vh.iloc[0])
+                line[f"{m}_base"], line[f"{m}_head"] = x, y
+                tol = (METRIC[m].tolerance or 0.0) / 100
+                if y > x * (1 + tol) + 1e-12:
+                    exact.append(f"{m} {x:g} -> {y:g}")
+        line["exact"] = "; ".join(exact) or None
+        out.append(line)
+    return pd.DataFrame(out)
+
+
+def verdict_code(table: pd.DataFrame) -> int:
+    """1 when any cell is slower or grew in an exact metric or failed on the head side only, 0 otherwise."""
+    if table.empty:
+        return 0
+    bad = (table["time"] == "slower") | table["exact"].notna()
+    return 1 if bad.any() else 0
+
+
+def markdown(table: pd.DataFrame, cmp: Comparison, base: str, head: str, threshold: float) -> str:
+    from tabulate import tabulate
+
+    def interval(r):
+        return "" if math.isnan(r["ratio"]) else f"{r['ratio']:.3f} [{r['low']:.3f}, {r['high']:.3f}]"
+
+    lines = [f"# Speed comparison: {cmp.sides[head]} against {cmp.sides[base]}", "",
+             f"{len(cmp.cells)} cell(s), {int(cmp.rows['round'].max()) + 1 if len(cmp.rows) else 0} round(s), "
+             f"threshold {threshold * 100:g}%, {CONFIDENCE:.0%} intervals; measured in {cmp.wall_s:.0f} s.", ""]
+    rows = [[r["method"], int(r["T"]), "" if r["base_ms"] is None else f"{r['base_ms']:.2f}",
+             "" if r["head_ms"] is None else f"{r['head_ms']:.2f}", interval(r), r["pairs"], r["time"],
+             "" if not np.isfinite(r["detectable"]) else f"{r['detectable'] * 100:.1f}%",
+             r["exact"] or "", r["problem"] or ""] for _, r in table.iterrows()]
+    lines.append(tabulate(rows, headers=["method", "T", "base ms", "head ms", "head/base [95% CI]", "pairs", "time",
+                                         "detectable", "exact metrics", "problems"], tablefmt="github"))
+    n_slow = int((table["time"] == "slower").sum()) if len(table) else 0
+    n_fast = int((table["time"] == "faster").sum()) if len(table) else 0
+    n_exact = int(table["exact"].notna().sum()) if len(table) else 0
+    lines += ["", f"Summary: {n_slow} slower, {n_fast} faster, {n_exact} exact-metric regression(s); "
+                  f"{len(table) - n_slow - n_fast} without a change beyond the threshold."]
+    if cmp.failures:
+        lines += ["", "Workers that died:"] + [f"- {f}" for f in cmp.failures]
+    return "\n".join(lines) + "\n"
+
+
+def compare(base_rev: str, head_rev: str | None, cells: list[Cell], rounds: int, threshold_pct: float,
+            out: Path | None = None, repo: Path = REPO, progress: Callable[[str], None] | None = None
+            ) -> tuple[int, pd.DataFrame, str]:
+    """Check out both sides, measure, decide. Returns (exit code, table, markdown)."""
+    cells = [c for c in cells if c.kind == "profile"]
+    if not cells:
+        raise UsageError("compare runs profile cells, and the grid has none")
+    if rounds < 1:
+        raise UsageError(f"--rounds must be at least 1, not {rounds}")
+    if not 0 <= threshold_pct < 100:
+        raise UsageError(f"--threshold is a percentage in [0, 100), not {threshold_pct}")
+    with tempfile.TemporaryDirectory(prefix="snnbench-sides-") as tmp:
+        roots = {"base": Path(tmp) / "base", "head": Path(tmp) / "head"}
+        labels = {"base": checkout(repo, base_rev, roots["base"]), "head": checkout(repo, head_rev, roots["head"])}
+        cmp = measure(roots, labels, cells, rounds, progress)
+    threshold = threshold_pct / 100
+    table = judge(cmp, "base", "head", threshold)
+    md = markdown(table, cmp, "base", "head", threshold)
+    if out is not None:
+        atomic_write_parquet(cmp.steps, out / "steps.parquet")
+        atomic_write_parquet(table, out / "comparison.parquet")
+        write_atomic(out / "compare.md", lambda f: f.write(md.encode()))
+    return verdict_code(table), table, md
