@@ -94,7 +94,7 @@ def cmd_report(a) -> int:
     if a.out and Path(a.out).exists() and not Path(a.out).is_dir():
         raise UsageError(f"--out {a.out!r} is a file, not a folder")
     try:
-        r = render_report(d, a.out)
+        r = render_report(d, a.out, history=getattr(a, "history", None))
     except OSError as e:
         raise UsageError(f"cannot write the report: {e}") from None
     print(Path(r["summary"]).read_text())
@@ -128,16 +128,34 @@ def cmd_check(a) -> int:
 
 def cmd_compare(a) -> int:
     from bench.compare import compare
-    from bench.grid import expand, load_grid, parse_filters, parse_sets
+    from bench.launch import prepare_run
 
-    name, spec = load_grid(a.grid)
-    cells = expand(spec, name, parse_filters(a.filter), parse_sets(a.set))
-    rc, _, md = compare(a.base, a.head, cells, a.rounds, a.threshold, Path(a.out) if a.out else None,
+    _, cells, out = prepare_run(a.grid, a.filter, a.set, a.device, None, a.out or str(REPO / "results" / "compare"))
+    rc, _, md = compare(a.base, a.head, cells, a.rounds, a.threshold, out,
                         progress=lambda s: print(s, file=sys.stderr, flush=True) if a.verbose else None)
     print(md)
     if a.report:
         Path(a.report).write_text(md)
     return rc
+
+
+def cmd_history(a) -> int:
+    from bench.errors import UsageError
+    from reports.history import add_run, render_history
+
+    hist = Path(a.dir)
+    try:
+        if a.add:
+            if not a.commit:
+                raise UsageError("--add needs --commit SHA (the commit the results were measured at)")
+            if not Path(a.add).is_dir():
+                raise UsageError(f"--add {a.add}: no such results folder")
+            print(f"added {add_run(hist, Path(a.add), a.commit, a.date)}", file=sys.stderr)
+        page = render_history(hist)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    print(f"history: {page}")
+    return 0
 
 
 def cmd_baseline(a) -> int:
@@ -181,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="figures, tables, summary.md and index.html of a results folder")
     rp.add_argument("dir")
     rp.add_argument("--out", help="report folder (default DIR/report)")
+    rp.add_argument("--history", metavar="HDIR", help="link the history page of HDIR (run_bench.py history) from index.html")
     sub.add_parser("list", help="methods, architectures, datasets and grids")
     c = sub.add_parser("check", help="the regression gate: results against a baseline, and invariants")
     c.add_argument("--baseline", help="baseline: a parquet file (see `baseline`) or a results folder")
@@ -202,11 +221,17 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--grid", required=True, help="a grid of profile cells (a name in grids/ or a TOML path)")
     cp.add_argument("--filter", action="append", default=[], metavar="FIELD=V1,V2", help="keep cells whose FIELD is one of the values")
     cp.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a field of every cell")
+    cp.add_argument("--device", help="cpu, cuda, cuda:N, or auto (default: the grid's, else auto)")
     cp.add_argument("--rounds", type=int, default=3, help="fresh worker pairs per cell (default 3)")
     cp.add_argument("--threshold", type=float, default=5.0, metavar="PCT",
                     help="a slowdown counts when the interval's lower end is above 1 + PCT/100 (default 5)")
-    cp.add_argument("--out", help="folder for steps.parquet, comparison.parquet and compare.md")
+    cp.add_argument("--out", help="folder for steps.parquet, comparison.parquet and compare.md (default results/compare)")
     cp.add_argument("--report", metavar="FILE", help="write the comparison as markdown")
+    hp = sub.add_parser("history", help="step time and memory per method over commits (a page of plots)")
+    hp.add_argument("dir", help="the history folder (runs/ and history.html)")
+    hp.add_argument("--add", metavar="RESULTS", help="first append this results folder's ok cells as one run")
+    hp.add_argument("--commit", help="the commit RESULTS was measured at (with --add)")
+    hp.add_argument("--date", help="its date (default: now, UTC)")
     b = sub.add_parser("baseline", help="record a results folder's ok cells as one baseline parquet file")
     b.add_argument("results")
     b.add_argument("out")
@@ -243,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_baseline(args)
         if args.cmd == "compare":
             return cmd_compare(args)
+        if args.cmd == "history":
+            return cmd_history(args)
         if args.cmd == "status":
             return cmd_status(args)
         return cmd_default(args)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import html
+import os
 import re
 from pathlib import Path
 
@@ -77,7 +78,8 @@ def _environment(cells: pd.DataFrame) -> list[tuple[str, str]]:
     return env
 
 
-def render_report(results: str | Path, out: str | Path | None = None, reference: str | Path | None = None) -> dict:
+def render_report(results: str | Path, out: str | Path | None = None, reference: str | Path | None = None,
+                  history: str | Path | None = None) -> dict:
     """Render ``results/report/`` (or ``out``) and return {"index": path, "summary": path, "files": [...]}.
     Reads parquet only."""
     results = Path(results)
@@ -121,7 +123,10 @@ def render_report(results: str | Path, out: str | Path | None = None, reference:
     summary.write_text("\n".join(md) + "\n")
     files.append(summary)
     index = out / "index.html"
-    index.write_text(_html(grid or results.name, notes, figs, acc, cost, mem_label, env, out))
+    link = None
+    if history is not None:
+        link = os.path.relpath(Path(history).resolve() / "history.html", out.resolve())
+    index.write_text(_html(grid or results.name, notes, figs, acc, cost, mem_label, env, out, link))
     files.append(index)
     return {"index": index, "summary": summary, "files": files}
 
@@ -130,7 +135,7 @@ def _img(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
-def _html(title, notes, figs, acc, cost, mem_label, env, out: Path) -> str:
+def _html(title, notes, figs, acc, cost, mem_label, env, out: Path, history_link: str | None = None) -> str:
     esc = html.escape
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
@@ -141,6 +146,7 @@ def _html(title, notes, figs, acc, cost, mem_label, env, out: Path) -> str:
         "figcaption{font-size:13px;color:#555}</style></head><body>",
         f"<h1>snnbench report: {esc(title)}</h1>",
         "<h2>Notes</h2><ul>" + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul>",
+        f"<p><a href='{esc(history_link)}'>Step time and memory over commits</a></p>" if history_link else "",
         "<h2>Figures</h2>",
     ]
     for caption, png in figs:
