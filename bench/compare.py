@@ -303,10 +303,11 @@ def judge(cmp: Comparison, base: str, head: str, threshold: float) -> pd.DataFra
 
 
 def verdict_code(table: pd.DataFrame) -> int:
-    """1 when any cell is slower or grew in an exact metric or failed on the head side only, 0 otherwise."""
+    """1 when any cell is slower, grew in an exact metric, or failed on the head side where the base ran; else 0."""
     if table.empty:
         return 0
-    bad = (table["time"] == "slower") | table["exact"].notna()
+    head_failed = table["problem"].fillna("").str.contains("head: ")
+    bad = (table["time"] == "slower") | table["exact"].notna() | head_failed
     return 1 if bad.any() else 0
 
 
@@ -349,9 +350,15 @@ def compare(base_rev: str, head_rev: str | None, cells: list[Cell], rounds: int,
     with tempfile.TemporaryDirectory(prefix="snnbench-sides-") as tmp:
         roots = {"base": Path(tmp) / "base", "head": Path(tmp) / "head"}
         labels = {"base": checkout(repo, base_rev, roots["base"]), "head": checkout(repo, head_rev, roots["head"])}
-        cmp = measure(roots, labels, cells, rounds, progress)
+        try:
+            cmp = measure(roots, labels, cells, rounds, progress)
+        except SideFailed as e:
+            raise UsageError(f"cannot run a side of the comparison: {e}") from None
     threshold = threshold_pct / 100
     table = judge(cmp, "base", "head", threshold)
+    base_failed = table["problem"].fillna("").str.contains("base: ")
+    if base_failed.all():
+        raise UsageError(f"the base revision {labels['base']} ran no cell: {table['problem'].iloc[0]}")
     md = markdown(table, cmp, "base", "head", threshold)
     if out is not None:
         atomic_write_parquet(cmp.steps, out / "steps.parquet")

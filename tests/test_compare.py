@@ -143,3 +143,39 @@ def test_compare_finds_an_injected_slowdown_in_the_working_tree(tmp_path):
     assert t.loc["bptt_m", "pairs"] == 9 and (tmp_path / "cmp" / "compare.md").exists()
     assert t.loc["bptt_m", "exact"] is None  # the slowdown changes no saved bytes
     shutil.rmtree(src)
+
+
+def test_judge_counts_head_failures_and_exact_metrics_but_not_base_failures():
+    """The verdict of a comparison from stored steps and rows: a head that fails where the base ran, or saves more
+    bytes for backward than the base (tolerance 1%), fails the gate; a base that failed alone does not."""
+    import pandas as pd
+
+    from bench.compare import Comparison, judge, verdict_code
+    from bench.grid import Cell
+
+    cells = [Cell("bptt_m", "cnn_digits", "synthetic:cifar10", T, kind="profile") for T in (1, 4, 8)]
+    rng = np.random.default_rng(5)
+    steps = []
+    for c in cells:
+        b, h = simulated_steps(1.0, 14, rng)
+        for side, xs in (("base", b), ("head", h)):
+            steps += [{"side": side, "round": j // 7, "key": c.key, "step": j % 7, "step_ms": x} for j, x in enumerate(xs)]
+
+    def row(side, cell, status="ok", saved=10.0):
+        return {"side": side, "round": 0, "key": cell.key, "status": status, "error": None if status == "ok" else "boom",
+                "saved_for_backward_mib": saved, "num_params": 100}
+
+    rows = [row("base", c) for c in cells] + [row("head", c) for c in cells]
+    ok = Comparison(cells, {"base": "b", "head": "h"}, pd.DataFrame(steps), pd.DataFrame(rows))
+    t = judge(ok, "base", "head", 0.05)
+    assert list(t["time"]) == ["no change"] * 3 and t["exact"].isna().all() and verdict_code(t) == 0
+    rows[4] = row("head", cells[1], saved=10.05)  # +0.5%: within the 1% tolerance
+    rows[5] = row("head", cells[2], saved=10.5)  # +5%
+    t = judge(Comparison(cells, ok.sides, ok.steps, pd.DataFrame(rows)), "base", "head", 0.05)
+    assert t["exact"].notna().tolist() == [False, False, True] and verdict_code(t) == 1
+    rows = [row("base", c) for c in cells] + [row("head", c) for c in cells]
+    rows[0] = row("base", cells[0], status="error")
+    t = judge(Comparison(cells, ok.sides, ok.steps, pd.DataFrame(rows)), "base", "head", 0.05)
+    assert t["problem"].notna().tolist() == [True, False, False] and verdict_code(t) == 0
+    rows[3] = row("head", cells[0], status="oom")
+    assert verdict_code(judge(Comparison(cells, ok.sides, ok.steps, pd.DataFrame(rows)), "base", "head", 0.05)) == 1
