@@ -234,6 +234,17 @@ class Decision:
     detectable: float  # the smallest slowdown (a fraction) this run could have called a regression
 
 
+def _verdict(point: float, low: float, high: float, n: int, threshold: float) -> Decision:
+    if low > 1 + threshold:
+        verdict = "slower"
+    elif high < 1 - threshold:
+        verdict = "faster"
+    else:
+        verdict = "no change"
+    detectable = (1 + threshold) * point / low - 1 if low > 0 else math.inf
+    return Decision(point, low, high, n, verdict, detectable)
+
+
 def decide(base_ms, head_ms, threshold: float, confidence: float = CONFIDENCE, seed: int = 0) -> Decision:
     """The head/base ratio of median step times with a paired bootstrap interval, and the verdict at ``threshold``
     (a fraction: 0.05 is 5%). ``base_ms[i]`` and ``head_ms[i]`` are steps measured next to each other."""
@@ -248,18 +259,32 @@ def decide(base_ms, head_ms, threshold: float, confidence: float = CONFIDENCE, s
     def ratio(hh, bb, axis=-1):
         return np.median(hh, axis=axis) / np.median(bb, axis=axis)
 
-    point = float(ratio(h, b))
     ci = bootstrap((h, b), ratio, paired=True, vectorized=True, confidence_level=confidence, n_resamples=4000,
                    method="percentile", rng=np.random.default_rng(seed)).confidence_interval
-    low, high = float(ci.low), float(ci.high)
-    if low > 1 + threshold:
-        verdict = "slower"
-    elif high < 1 - threshold:
-        verdict = "faster"
-    else:
-        verdict = "no change"
-    detectable = (1 + threshold) * point / low - 1 if low > 0 else math.inf
-    return Decision(point, low, high, n, verdict, detectable)
+    return _verdict(float(ratio(h, b)), float(ci.low), float(ci.high), n, threshold)
+
+
+def decide_pooled(groups: list[tuple], threshold: float, confidence: float = CONFIDENCE, seed: int = 0) -> Decision:
+    """One verdict over several cells of a method (its T values, say): the geometric mean over the cells of their
+    head/base ratios of medians, with a bootstrap interval that resamples every cell's steps (each side of each cell
+    a sample of its own). A slowdown of a method's code shows in all its cells; pooled, their steps find a smaller
+    one than any cell alone."""
+    from scipy.stats import bootstrap
+
+    groups = [(np.asarray(b, float), np.asarray(h, float)) for b, h in groups]
+    groups = [(b, h) for b, h in groups if len(b) >= 3 and len(h) >= 3]
+    n = sum(min(len(b), len(h)) for b, h in groups)
+    if len(groups) < 2:
+        return Decision(math.nan, math.nan, math.nan, n, "too few steps", math.nan)
+    samples = tuple(x for b, h in groups for x in (h, b))
+
+    def gmean_ratio(*xs, axis=-1):
+        logs = [np.log(np.median(xs[i], axis=axis) / np.median(xs[i + 1], axis=axis)) for i in range(0, len(xs), 2)]
+        return np.exp(np.mean(logs, axis=0))
+
+    ci = bootstrap(samples, gmean_ratio, paired=False, vectorized=True, confidence_level=confidence,
+                   n_resamples=4000, method="percentile", rng=np.random.default_rng(seed)).confidence_interval
+    return _verdict(float(gmean_ratio(*samples)), float(ci.low), float(ci.high), n, threshold)
 
 
 def paired(steps: pd.DataFrame, key: str, base: str, head: str) -> tuple[np.ndarray, np.ndarray]:
@@ -272,7 +297,8 @@ def paired(steps: pd.DataFrame, key: str, base: str, head: str) -> tuple[np.ndar
 
 
 def judge(cmp: Comparison, base: str, head: str, threshold: float) -> pd.DataFrame:
-    """One line per cell: time ratio, interval, verdict, detectable slowdown; and the exact metrics' verdicts."""
+    """One line per cell (scope "cell"): time ratio, interval, verdict, detectable slowdown, and the exact metrics'
+    verdicts; then one line per method with two or more cells (scope "method"): their pooled time verdict."""
     out = []
     for cell in cmp.cells:
         b, h = paired(cmp.steps, cell.key, base, head)
@@ -299,7 +325,18 @@ def judge(cmp: Comparison, base: str, head: str, threshold: float) -> pd.DataFra
                     exact.append(f"{m} {x:g} -> {y:g}")
         line["exact"] = "; ".join(exact) or None
         out.append(line)
-    return pd.DataFrame(out)
+    for method in dict.fromkeys(c.method for c in cmp.cells):  # every method with two or more cells, pooled
+        mine = [c for c in cmp.cells if c.method == method]
+        if len(mine) < 2:
+            continue
+        d = decide_pooled([paired(cmp.steps, c.key, base, head) for c in mine], threshold)
+        out.append({"method": method, "T": None, "key": None, "scope": "method", "base_ms": None, "head_ms": None,
+                    "ratio": d.ratio, "low": d.low, "high": d.high, "pairs": d.n, "time": d.verdict,
+                    "detectable": d.detectable, "problem": None, "exact": None})
+    t = pd.DataFrame(out)
+    if len(t):
+        t["scope"] = t["scope"].fillna("cell") if "scope" in t else "cell"
+    return t
 
 
 def verdict_code(table: pd.DataFrame) -> int:
@@ -320,17 +357,28 @@ def markdown(table: pd.DataFrame, cmp: Comparison, base: str, head: str, thresho
     lines = [f"# Speed comparison: {cmp.sides[head]} against {cmp.sides[base]}", "",
              f"{len(cmp.cells)} cell(s), {int(cmp.rows['round'].max()) + 1 if len(cmp.rows) else 0} round(s), "
              f"threshold {threshold * 100:g}%, {CONFIDENCE:.0%} intervals; measured in {cmp.wall_s:.0f} s.", ""]
-    rows = [[r["method"], int(r["T"]), "" if r["base_ms"] is None else f"{r['base_ms']:.2f}",
-             "" if r["head_ms"] is None else f"{r['head_ms']:.2f}", interval(r), r["pairs"], r["time"],
+    cells = table[table["scope"] == "cell"] if len(table) else table
+    pooled = table[table["scope"] == "method"] if len(table) else table
+    rows = [[r["method"], int(r["T"]), "" if pd.isna(r["base_ms"]) else f"{r['base_ms']:.2f}",
+             "" if pd.isna(r["head_ms"]) else f"{r['head_ms']:.2f}", interval(r), r["pairs"], r["time"],
              "" if not np.isfinite(r["detectable"]) else f"{r['detectable'] * 100:.1f}%",
-             r["exact"] or "", r["problem"] or ""] for _, r in table.iterrows()]
+             r["exact"] or "", r["problem"] or ""] for _, r in cells.iterrows()]
     lines.append(tabulate(rows, headers=["method", "T", "base ms", "head ms", "head/base [95% CI]", "pairs", "time",
                                          "detectable", "exact metrics", "problems"], tablefmt="github"))
-    n_slow = int((table["time"] == "slower").sum()) if len(table) else 0
-    n_fast = int((table["time"] == "faster").sum()) if len(table) else 0
-    n_exact = int(table["exact"].notna().sum()) if len(table) else 0
-    lines += ["", f"Summary: {n_slow} slower, {n_fast} faster, {n_exact} exact-metric regression(s); "
-                  f"{len(table) - n_slow - n_fast} without a change beyond the threshold."]
+    if len(pooled):
+        rows = [[r["method"], interval(r), r["pairs"], r["time"],
+                 "" if not np.isfinite(r["detectable"]) else f"{r['detectable'] * 100:.1f}%"]
+                for _, r in pooled.iterrows()]
+        lines += ["", "Each method over its cells (geometric mean of their ratios, every cell's steps resampled):", "",
+                  tabulate(rows, headers=["method", "head/base [95% CI]", "pairs", "time", "detectable"],
+                           tablefmt="github")]
+    n_slow = int((cells["time"] == "slower").sum()) if len(cells) else 0
+    n_fast = int((cells["time"] == "faster").sum()) if len(cells) else 0
+    n_exact = int(cells["exact"].notna().sum()) if len(cells) else 0
+    m_slow = int((pooled["time"] == "slower").sum()) if len(pooled) else 0
+    lines += ["", f"Summary: {n_slow} cell(s) slower, {n_fast} faster, {n_exact} exact-metric regression(s), "
+                  f"{len(cells) - n_slow - n_fast} without a change beyond the threshold; {m_slow} method(s) slower "
+                  "over their cells."]
     if cmp.failures:
         lines += ["", "Workers that died:"] + [f"- {f}" for f in cmp.failures]
     return "\n".join(lines) + "\n"

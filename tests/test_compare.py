@@ -53,6 +53,24 @@ def test_interval_covers_the_true_ratio_about_as_often_as_it_says():
     assert 0.88 <= hits / 200 <= 0.99
 
 
+def test_pooling_a_methods_cells_finds_what_one_cell_cannot():
+    """Three cells of one method, 15% slower, 14 steps each with 10% step noise: a cell alone finds the slowdown about
+    half the time; pooled, the method is called slower in most runs, and an unchanged method never."""
+    from bench.compare import decide_pooled
+
+    rng = np.random.default_rng(6)
+    alone = pooled = pooled_aa = 0
+    for _ in range(40):
+        groups = [simulated_steps(1.15, 14, rng, 0.03, 0.10, base_ms=m) for m in (30.0, 120.0, 400.0)]
+        alone += sum(decide(*g, threshold=0.05).verdict == "slower" for g in groups)
+        pooled += decide_pooled(groups, threshold=0.05).verdict == "slower"
+        same = [simulated_steps(1.0, 14, rng, 0.03, 0.10, base_ms=m) for m in (30.0, 120.0, 400.0)]
+        pooled_aa += decide_pooled(same, threshold=0.05).verdict == "slower"
+    assert alone < 0.65 * 120 and pooled >= 30 and pooled_aa == 0, (alone, pooled, pooled_aa)
+    one = decide_pooled([simulated_steps(1.0, 14, rng)], threshold=0.05)
+    assert one.verdict == "too few steps"  # pooling needs two cells
+
+
 def test_detectable_slowdown_and_too_few_steps():
     rng = np.random.default_rng(4)
     d = decide(*simulated_steps(1.0, 30, rng, noise_sd=0.02), threshold=0.05)
@@ -168,14 +186,15 @@ def test_judge_counts_head_failures_and_exact_metrics_but_not_base_failures():
     rows = [row("base", c) for c in cells] + [row("head", c) for c in cells]
     ok = Comparison(cells, {"base": "b", "head": "h"}, pd.DataFrame(steps), pd.DataFrame(rows))
     t = judge(ok, "base", "head", 0.05)
-    assert list(t["time"]) == ["no change"] * 3 and t["exact"].isna().all() and verdict_code(t) == 0
+    assert list(t["scope"]) == ["cell"] * 3 + ["method"]  # bptt_m's three cells, and bptt_m over them
+    assert list(t["time"]) == ["no change"] * 4 and t["exact"].isna().all() and verdict_code(t) == 0
     rows[4] = row("head", cells[1], saved=10.05)  # +0.5%: within the 1% tolerance
     rows[5] = row("head", cells[2], saved=10.5)  # +5%
     t = judge(Comparison(cells, ok.sides, ok.steps, pd.DataFrame(rows)), "base", "head", 0.05)
-    assert t["exact"].notna().tolist() == [False, False, True] and verdict_code(t) == 1
+    assert t["exact"].notna().tolist() == [False, False, True, False] and verdict_code(t) == 1
     rows = [row("base", c) for c in cells] + [row("head", c) for c in cells]
     rows[0] = row("base", cells[0], status="error")
     t = judge(Comparison(cells, ok.sides, ok.steps, pd.DataFrame(rows)), "base", "head", 0.05)
-    assert t["problem"].notna().tolist() == [True, False, False] and verdict_code(t) == 0
+    assert t["problem"].notna().tolist() == [True, False, False, False] and verdict_code(t) == 0
     rows[3] = row("head", cells[0], status="oom")
     assert verdict_code(judge(Comparison(cells, ok.sides, ok.steps, pd.DataFrame(rows)), "base", "head", 0.05)) == 1
