@@ -43,6 +43,8 @@ from .grid import Cell
 
 REPO = Path(__file__).resolve().parents[1]
 PREFIX = "@cmp "
+# what a side needs to run a cell: the three packages (and what marks the root); grids, tests, data stay behind
+CODE_PATHS = ("bench", "methods", "reports", "run_bench.py", "pyproject.toml")
 # what the gate compares exactly (within the metric table's tolerance) besides time
 EXACT_METRICS = ("saved_for_backward_mib", "num_params")
 DEFAULT_THRESHOLD_PCT = 5.0
@@ -72,18 +74,21 @@ def resolve(repo: Path, rev: str) -> str:
     return r.stdout.strip()
 
 
-def checkout(repo: Path, rev: str | None, dest: Path) -> str:
+def checkout(repo: Path, rev: str | None, dest: Path, paths: tuple[str, ...] | None = None) -> str:
     """Copy a revision's files (``rev``) or the working tree's (``None``: tracked and untracked-but-not-ignored files,
-    as they are now, uncommitted edits included) into ``dest``; returns a label naming what was copied."""
+    as they are now, uncommitted edits included) into ``dest``, all of them or only those under ``paths``; returns a
+    label naming what was copied."""
     dest.mkdir(parents=True, exist_ok=True)
     if rev is not None:
         sha = resolve(repo, rev)
-        data = git(repo, "archive", "--format=tar", sha, binary=True)
+        present = [p for p in paths or () if git(repo, "ls-tree", "--name-only", sha, p).strip()]
+        data = git(repo, "archive", "--format=tar", sha, *(present if paths else []), binary=True)
         with tarfile.open(fileobj=io.BytesIO(data)) as tar:
             tar.extractall(dest, filter="data")
         return f"{rev} ({sha[:10]})" if rev != sha else sha[:10]
     resolve(repo, "HEAD")
-    names = [n for n in git(repo, "ls-files", "-z", "--cached", "--others", "--exclude-standard").split("\0") if n]
+    names = [n for n in git(repo, "ls-files", "-z", "--cached", "--others", "--exclude-standard", "--",
+                              *(paths or ())).split("\0") if n]
     for n in names:
         src = repo / n
         if src.is_file():
@@ -397,7 +402,8 @@ def compare(base_rev: str, head_rev: str | None, cells: list[Cell], rounds: int,
         raise UsageError(f"--threshold is a percentage in [0, 100), not {threshold_pct}")
     with tempfile.TemporaryDirectory(prefix="snnbench-sides-") as tmp:
         roots = {"base": Path(tmp) / "base", "head": Path(tmp) / "head"}
-        labels = {"base": checkout(repo, base_rev, roots["base"]), "head": checkout(repo, head_rev, roots["head"])}
+        labels = {"base": checkout(repo, base_rev, roots["base"], CODE_PATHS),
+                  "head": checkout(repo, head_rev, roots["head"], CODE_PATHS)}
         try:
             cmp = measure(roots, labels, cells, rounds, progress)
         except SideFailed as e:

@@ -108,6 +108,14 @@ def test_checkout_of_a_revision_and_of_a_dirty_working_tree(repo, tmp_path):
     label = checkout(repo, "HEAD", tmp_path / "rev")
     assert (tmp_path / "rev" / "a.py").read_text() == "A = 1\n" and not (tmp_path / "rev" / "new.py").exists()
     assert label.startswith("HEAD (")
+    (repo / "pkg").mkdir()
+    (repo / "pkg" / "m.py").write_text("C = 1\n")
+    checkout(repo, None, tmp_path / "some", ("pkg", "missing"))
+    assert sorted(p.name for p in (tmp_path / "some").rglob("*") if p.is_file()) == ["m.py"]
+    git(repo, "add", "pkg")
+    git(repo, "commit", "-qm", "two")
+    checkout(repo, "HEAD", tmp_path / "some_rev", ("pkg", "missing"))
+    assert sorted(p.name for p in (tmp_path / "some_rev").rglob("*") if p.is_file()) == ["m.py"]
 
 
 def test_unknown_revision_and_no_repository_are_usage_errors(repo, tmp_path):
