@@ -305,8 +305,9 @@ def judge(cmp: Comparison, base: str, head: str, threshold: float) -> pd.DataFra
     """One line per cell (scope "cell"): time ratio, interval, verdict, detectable slowdown, and the exact metrics'
     verdicts; then one line per method with two or more cells (scope "method"): their pooled time verdict."""
     out = []
+    pairs = {cell.key: paired(cmp.steps, cell.key, base, head) for cell in cmp.cells}
     for cell in cmp.cells:
-        b, h = paired(cmp.steps, cell.key, base, head)
+        b, h = pairs[cell.key]
         d = decide(b, h, threshold)
         line = {"method": cell.method, "T": cell.T, "key": cell.key, "base_ms": float(np.median(b)) if len(b) else None,
                 "head_ms": float(np.median(h)) if len(h) else None, "ratio": d.ratio, "low": d.low, "high": d.high,
@@ -334,7 +335,7 @@ def judge(cmp: Comparison, base: str, head: str, threshold: float) -> pd.DataFra
         mine = [c for c in cmp.cells if c.method == method]
         if len(mine) < 2:
             continue
-        d = decide_pooled([paired(cmp.steps, c.key, base, head) for c in mine], threshold)
+        d = decide_pooled([pairs[c.key] for c in mine], threshold)
         out.append({"method": method, "T": None, "key": None, "scope": "method", "base_ms": None, "head_ms": None,
                     "ratio": d.ratio, "low": d.low, "high": d.high, "pairs": d.n, "time": d.verdict,
                     "detectable": d.detectable, "problem": None, "exact": None})

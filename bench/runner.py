@@ -156,7 +156,7 @@ def run_cell(cell: Cell, data_root: str | None = None, progress: Progress | None
             except RuntimeError as e:
                 row["gpu_null_reason"] = f"NVML sampler: {e}"
                 nvml_sampler = None
-        _train_or_profile(cell, device, data_root, row, epochs, progress, window, series)
+        series = _train_or_profile(cell, device, data_root, row, epochs, progress, window)
     except torch.cuda.OutOfMemoryError as e:
         row.update(status="oom", error=f"CUDA out of memory: {str(e).splitlines()[0]}")
     except MemoryError as e:
@@ -280,7 +280,7 @@ class StepMeasure:
 
 
 def _train_or_profile(cell: Cell, device: torch.device, data_root, row: dict, epochs: list[dict], progress: Progress,
-                      window: MeasureWindow, series: dict[str, list[float]]) -> None:
+                      window: MeasureWindow) -> dict[str, list[float]]:
     _seed(cell.seed)
     info = dataset_info(cell.dataset)
     method = METHODS[cell.method](MethodConfig(T=cell.T, neuron=cell.neuron, options=dict(cell.method_options)))
@@ -337,4 +337,4 @@ def _train_or_profile(cell: Cell, device: torch.device, data_root, row: dict, ep
                        **summarise({"epoch_s": [e["epoch_time_s"] for e in epochs]}))
     window.stop(row)
     row.update(measure.columns())
-    series.update(measure.series())
+    return measure.series()
