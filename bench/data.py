@@ -60,6 +60,12 @@ def open_dataset(name: str, root, train: bool, T: int = 1, encoding: str = "fram
     return spec.open(check_dataset(name, root), T, encoding)[0 if train else 1]
 
 
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The shuffled order of epoch ``epoch`` (0-based): a function of the seed and the epoch alone, so that a cell
+    resumed in the middle of an epoch continues the same permutation."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+
+
 class TensorLoader:
     """Batches of in-memory tensors: a seeded shuffle per epoch, no per-sample Python work."""
 
@@ -77,19 +83,84 @@ class TensorLoader:
         return len(self.x)
 
     def __iter__(self):
-        n = len(self.x)
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-            order = torch.randperm(n, generator=g).to(self.x.device)
-        else:
-            order = None
         self.epoch += 1
-        for i in range(0, n, self.batch_size):
+        return self.batches(self.epoch - 1)
+
+    def batches(self, epoch: int, start: int = 0):
+        """The batches of epoch ``epoch`` (0-based) from batch ``start`` on."""
+        n = len(self.x)
+        order = epoch_order(n, self.seed, epoch).to(self.x.device) if self.shuffle else None
+        for i in range(start * self.batch_size, n, self.batch_size):
             if order is None:
                 yield self.x[i:i + self.batch_size], self.y[i:i + self.batch_size]
             else:
                 idx = order[i:i + self.batch_size]
                 yield self.x[idx], self.y[idx]
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A DataLoader's sample order: ``epoch_order`` of the epoch, from sample ``start`` on. Yields (index, seed of
+    that sample's augmentation) pairs for ``SeededSamples``."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch, self.start = n, seed, 0, 0
+
+    def __len__(self) -> int:
+        return self.n - self.start
+
+    def __iter__(self):
+        order = epoch_order(self.n, self.seed, self.epoch).tolist()
+        base = (self.seed * 100003 + self.epoch) * self.n
+        for i in order[self.start:]:
+            yield i, base + i
+
+
+class SeededSamples(torch.utils.data.Dataset):
+    """A dataset whose random augmentation of a sample depends only on (seed, epoch, index): the same crops and
+    flips whether the epoch runs whole, resumes from a checkpoint, or is read by any number of loader workers. In
+    the main process the training RNG is left as it was."""
+
+    def __init__(self, ds: torch.utils.data.Dataset) -> None:
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, item):
+        i, sample_seed = item
+        if torch.utils.data.get_worker_info() is not None:  # a loader worker: its RNG is its own
+            torch.manual_seed(sample_seed)
+            return self.ds[i]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed)
+            return self.ds[i]
+
+
+class ResumableLoader:
+    """A DataLoader over a dataset read from disk, shuffled by ``EpochSampler``, with ``batches(epoch, start)``
+    as TensorLoader's."""
+
+    def __init__(self, ds: torch.utils.data.Dataset, batch_size: int, seed: int, **kw) -> None:
+        self.sampler = EpochSampler(len(ds), seed)
+        self.batch_size = batch_size
+        self.loader = torch.utils.data.DataLoader(SeededSamples(ds), batch_size, sampler=self.sampler,
+                                                  generator=torch.Generator().manual_seed(seed), **kw)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return (self.sampler.n + self.batch_size - 1) // self.batch_size
+
+    @property
+    def num_samples(self) -> int:
+        return self.sampler.n
+
+    def __iter__(self):
+        self.epoch += 1
+        return self.batches(self.epoch - 1)
+
+    def batches(self, epoch: int, start: int = 0):
+        self.sampler.epoch, self.sampler.start = epoch, min(start * self.batch_size, self.sampler.n)
+        return iter(self.loader)
 
 
 def synthetic(name: str, n: int, seed: int, T: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,7 +175,7 @@ def synthetic(name: str, n: int, seed: int, T: int = 1) -> tuple[torch.Tensor, t
 
 def get_loaders(name: str, batch_size: int, eval_batch_size: int, seed: int, device: str = "cpu",
                 data_root: str | None = None, train_subset: int = 0, T: int = 1,
-                encoding: str = "frames") -> tuple[TensorLoader, TensorLoader | None]:
+                encoding: str = "frames") -> tuple[TensorLoader | ResumableLoader, TensorLoader | torch.utils.data.DataLoader | None]:
     """(train loader, test loader) for a dataset name. Synthetic data has no test loader. Event data comes as
     T frames per sample; ``encoding`` picks count frames or binary spike trains (see bench/datasets.py)."""
     info = dataset_info(name)
@@ -123,9 +194,8 @@ def get_loaders(name: str, batch_size: int, eval_batch_size: int, seed: int, dev
     train_ds, test_ds, collate = info.open(check_dataset(name, data_root), T, encoding)
     if train_subset:
         train_ds = torch.utils.data.Subset(train_ds, range(min(train_subset, len(train_ds))))
-    g = torch.Generator().manual_seed(seed)
     kw = dict(loader_settings(device), collate_fn=collate)
-    return (torch.utils.data.DataLoader(train_ds, batch_size, shuffle=True, generator=g, drop_last=False, **kw),
+    return (ResumableLoader(train_ds, batch_size, seed, drop_last=False, **kw),
             torch.utils.data.DataLoader(test_ds, eval_batch_size, shuffle=False, **kw))
 
 
@@ -148,7 +218,7 @@ class FrameLoader(TensorLoader):
     def num_samples(self) -> int:
         return self.x.shape[1]
 
-    def __iter__(self):
-        for i in range(0, self.x.shape[1], self.batch_size):
+    def batches(self, epoch: int, start: int = 0):
+        for i in range(start * self.batch_size, self.x.shape[1], self.batch_size):
             yield self.x[:, i:i + self.batch_size], self.y[i:i + self.batch_size]
 

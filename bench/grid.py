@@ -80,9 +80,15 @@ class Cell:
     device: str = "cpu"
     precision: str = "fp32"
     grid: str = field(default="", compare=False)
+    checkpoint_minutes: float = 0.0  # train cells: a checkpoint also every so many minutes (0: at epoch ends only)
+    save_weights_at: tuple = field(default=(), hash=False)  # train cells: keep the weights after these epochs
 
     # fields that do not change a result, so are left out of the key
-    NOT_IN_KEY = ("grid",)
+    NOT_IN_KEY = ("grid", "checkpoint_minutes", "save_weights_at")
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.save_weights_at, tuple):  # JSON and TOML give a list
+            object.__setattr__(self, "save_weights_at", tuple(self.save_weights_at))
 
     def config(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -118,6 +124,15 @@ def _coerce(name: str, value: Any) -> Any:
         if not isinstance(value, dict):
             raise UsageError(f"{name} must be a table/object, got {value!r}")
         return value
+    if name == "save_weights_at":
+        items = value.replace(",", " ").split() if isinstance(value, str) else _as_list(value)
+        try:
+            epochs = tuple(int(v) for v in items)
+        except (TypeError, ValueError):
+            raise UsageError(f"save_weights_at must be a list of epochs (e.g. [1, 10, 300]), got {value!r}") from None
+        if any(e <= 0 for e in epochs):
+            raise UsageError(f"save_weights_at: epochs count from 1, got {value!r}")
+        return epochs
     typ = type(default) if default is not dataclasses.MISSING else (int if name == "T" else str)
     try:
         if typ is int and isinstance(value, str):
@@ -285,6 +300,8 @@ def validate(cell: Cell) -> None:
     if cell.epochs < 0 or cell.warmup_steps < 0 or cell.train_subset < 0 or cell.seed < 0:
         raise UsageError("epochs, warmup_steps, train_subset and seed must be >= 0, got "
                          f"{cell.epochs}, {cell.warmup_steps}, {cell.train_subset}, {cell.seed}")
+    if not (math.isfinite(cell.checkpoint_minutes) and cell.checkpoint_minutes >= 0):
+        raise UsageError(f"checkpoint_minutes must be a finite number >= 0 (0: at epoch ends only), got {cell.checkpoint_minutes}")
     if not (math.isfinite(cell.lr) and cell.lr > 0):
         raise UsageError(f"lr must be a finite number > 0, got {cell.lr}")
     if not (math.isfinite(cell.momentum) and 0 <= cell.momentum < 1):

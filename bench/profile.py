@@ -274,6 +274,10 @@ class CpuContention:
         self._start = (self.read_busy(), self.read_self(), self.helper_cpu(), self.clock())
         return self
 
+    def peek(self) -> dict:
+        """What ``stop`` would give now ({} before ``start``): the window goes on."""
+        return self.stop() if self._start is not None else {}
+
     def stop(self) -> dict:
         assert self._start is not None, "start() first"
         b0, s0, h0, t0 = self._start
@@ -327,10 +331,15 @@ class RssFootprint:
     def stop(self) -> tuple[float | None, float]:
         """(footprint bytes or None, peak RSS bytes of the whole process)"""
         self.pause()
-        peak = max(self.peak_before, self._seg_peak, peak_rss_bytes())
+        return self.peek()
+
+    def peek(self) -> tuple[float | None, float]:
+        """What ``stop`` would give now, without stopping (a checkpoint records it)."""
+        seg = self._seg_peak if self._paused or not self.resettable else max(self._seg_peak, _vm_hwm_bytes() or 0)
+        peak = max(self.peak_before, seg, peak_rss_bytes())
         if not self.resettable or self.start_rss is None:
             return None, peak
-        return max(0, self._seg_peak - self.start_rss), peak
+        return max(0, seg - self.start_rss), peak
 
 
 def _vm_hwm_bytes() -> int | None:

@@ -20,12 +20,14 @@ from methods.layers import LIF, count_parameters
 
 from reports.results import MEASURE_COLUMNS, summarise
 
+from .checkpoint import CellCheckpoint, rng_state, set_rng_state
 from .data import dataset_info, get_loaders
 from .env import environment
 from .fingerprint import fingerprint
 from .grid import Cell
 from .profile import (MIB, CpuContention, NvmlProcessSampler, RssFootprint, Sampler, SavedTensorsMeter, TimingProbe,
                       nvml_device, rss_reader, sync)
+from .stop import STOP
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +53,14 @@ def config_columns(cell: Cell) -> dict:
     cfg = cell.config()
     for k in ("method_options", "arch_options"):
         cfg[k] = json.dumps(cfg[k], sort_keys=True)
+    cfg["save_weights_at"] = json.dumps(list(cfg["save_weights_at"]))
     return cfg
 
 
 def base_row(cell: Cell, status: str, error: str | None = None) -> dict:
     method = METHODS[cell.method]
     row = {"key": cell.key, "status": status, "error": error, **config_columns(cell),
-           "code_fingerprint": fingerprint(cell.device),
+           "code_fingerprint": fingerprint(cell.device), "restarts": 0, "resumed_at": None,
            "memory_in_T": method.memory_in_T, "time_reference_method": method.faster_than}
     for c in MEASURE_COLUMNS:
         row.setdefault(c, None)
@@ -131,8 +134,17 @@ def evaluate(method, model, loader, device) -> tuple[float, float | None]:
     return 100.0 * correct.item() / max(n, 1), rate
 
 
-def run_cell(cell: Cell, data_root: str | None = None, progress: Progress | None = None) -> Result:
-    """Run one cell; a failure becomes a row with status ``oom`` or ``error``, never an exception."""
+class Preempted(Exception):
+    """A stop request (SIGTERM, SIGUSR1, SIGUSR2) ended the cell at a step boundary, after its checkpoint."""
+
+
+def run_cell(cell: Cell, data_root: str | None = None, progress: Progress | None = None,
+             out: str | os.PathLike | None = None) -> Result:
+    """Run one cell; a failure becomes a row with status ``oom`` or ``error``, never an exception.
+
+    With a results folder ``out``, a train cell checkpoints there (bench/checkpoint.py) at every epoch end (but
+    the last), every ``checkpoint_minutes``, and when a stop signal arrives (then it ends with status
+    ``preempted``); it resumes from that checkpoint when run again, and removes it when it ends ok."""
     t_cell = time.perf_counter()
     progress = progress or (lambda d: None)
     device = torch.device(cell.device)
@@ -148,6 +160,8 @@ def run_cell(cell: Cell, data_root: str | None = None, progress: Progress | None
     epochs: list[dict] = []
     series: dict[str, list[float]] = {}
     window = MeasureWindow(nvml, nvml_sampler)
+    attempt = Attempt(t_cell, rss, window,
+                      CellCheckpoint(out, cell.key) if out is not None and cell.kind == "train" else None)
     rss.start()
     try:
         if nvml_sampler:  # its first reading, before this process allocates on the GPU, is the baseline
@@ -156,7 +170,9 @@ def run_cell(cell: Cell, data_root: str | None = None, progress: Progress | None
             except RuntimeError as e:
                 row["gpu_null_reason"] = f"NVML sampler: {e}"
                 nvml_sampler = None
-        series = _train_or_profile(cell, device, data_root, row, epochs, progress, window)
+        series = _train_or_profile(cell, device, data_root, row, epochs, progress, window, attempt)
+    except Preempted as e:
+        row.update(status="preempted", error=str(e))
     except torch.cuda.OutOfMemoryError as e:
         row.update(status="oom", error=f"CUDA out of memory: {str(e).splitlines()[0]}")
     except MemoryError as e:
@@ -185,7 +201,82 @@ def run_cell(cell: Cell, data_root: str | None = None, progress: Progress | None
     samples = [{"source": "rss", "t_s": t, "mib": v / MIB} for t, v in rss.samples]
     if nvml_sampler:
         samples += [{"source": "nvml", "t_s": t, "mib": (v - nvml_sampler.baseline) / MIB} for t, v in nvml_sampler.samples]
+    samples = attempt.merge_earlier(row, samples)
+    if attempt.checkpoint is not None and row["status"] == "ok":
+        attempt.checkpoint.remove()
     return Result(row, epochs, samples, series)
+
+
+class Attempt:
+    """One run of a cell in one process, and what earlier attempts of it (before a kill, a preemption or a
+    requeue) left in its checkpoint: their wall time, peak memory, CPU contention and memory samples, which
+    the final row adds up. Timings (step and epoch times) are the steps'; the gaps between attempts are in no
+    column but ``cell_wall_s`` (which counts only time spent in attempts)."""
+
+    def __init__(self, t0: float, rss: Sampler, window: "MeasureWindow", checkpoint: CellCheckpoint | None) -> None:
+        self.t0, self.rss, self.window, self.checkpoint = t0, rss, window, checkpoint
+        self.earlier: dict | None = None  # the resources of the attempts before this one
+        self.restarts = 0
+        self.resumed_at: list[dict] = []
+
+    def resumed(self, state: dict) -> None:
+        self.earlier = state["attempts"]
+        self.restarts = state["restarts"] + 1
+        self.resumed_at = state["resumed_at"] + [{"epoch": state["epoch"], "batch": state["batch"]}]
+
+    def so_far(self) -> dict:
+        """The resources of this attempt and the earlier ones up to now, for a checkpoint."""
+        footprint, peak = self.window.footprint.peek()
+        now = {"wall_s": time.perf_counter() - self.t0, "peak_rss": float(peak),
+               "footprint": None if footprint is None else float(footprint),
+               "contention": self.window.cpu.peek(),
+               "rss_samples": torch.tensor(list(self.rss.samples), dtype=torch.float64).reshape(-1, 2)}
+        return _add_attempts(self.earlier, now)
+
+    def merge_earlier(self, row: dict, samples: list[dict]) -> list[dict]:
+        """Fold the earlier attempts into this attempt's row and samples; returns the samples."""
+        row["restarts"] = self.restarts
+        row["resumed_at"] = json.dumps(self.resumed_at) if self.resumed_at else None
+        e = self.earlier
+        if not e:
+            return samples
+        row["cell_wall_s"] += e["wall_s"]
+        row["peak_rss_mib"] = max(row["peak_rss_mib"], e["peak_rss"] / MIB)
+        if e["footprint"] is not None and row.get("footprint_mib") is not None:
+            row["footprint_mib"] = max(row["footprint_mib"], e["footprint"] / MIB)
+        c = _add_contention(e["contention"], {k: row.get(k) for k in _CONTENTION})
+        row.update(c)
+        earlier = [{"source": "rss", "t_s": float(t), "mib": float(v) / MIB} for t, v in e["rss_samples"].tolist()]
+        return earlier + [{**s, "t_s": s["t_s"] + e["wall_s"]} for s in samples]
+
+
+_CONTENTION = ("contention_cpu_s", "contention_cpu_frac", "contention_window_s")
+
+
+def _add_contention(a: dict, b: dict) -> dict:
+    """The contention over two windows: CPU seconds and window lengths add, the share is their weighted mean."""
+    if not a or a.get("contention_window_s") is None:
+        return b
+    if not b or b.get("contention_window_s") is None:
+        return a
+    wa, wb = a["contention_window_s"], b["contention_window_s"]
+    out = {"contention_window_s": wa + wb}
+    if a.get("contention_cpu_s") is None or b.get("contention_cpu_s") is None:
+        return {**out, "contention_cpu_s": None, "contention_cpu_frac": None}
+    out["contention_cpu_s"] = a["contention_cpu_s"] + b["contention_cpu_s"]
+    out["contention_cpu_frac"] = (a["contention_cpu_frac"] * wa + b["contention_cpu_frac"] * wb) / max(wa + wb, 1e-12)
+    return out
+
+
+def _add_attempts(earlier: dict | None, now: dict) -> dict:
+    if not earlier:
+        return now
+    shifted = now["rss_samples"].clone()
+    shifted[:, 0] += earlier["wall_s"]
+    fp = [f for f in (earlier["footprint"], now["footprint"]) if f is not None]
+    return {"wall_s": earlier["wall_s"] + now["wall_s"], "peak_rss": max(earlier["peak_rss"], now["peak_rss"]),
+            "footprint": max(fp) if fp else None, "contention": _add_contention(earlier["contention"], now["contention"]),
+            "rss_samples": torch.cat([earlier["rss_samples"], shifted])}
 
 
 def is_host_oom(e: BaseException) -> bool:
@@ -231,6 +322,21 @@ class StepMeasure:
         self.step_ms: list[float] = []
         self.phase_ms: dict[str, list[float]] = {}
         self.saved_bytes: int | None = None
+        self.rewarm = 0  # steps still to leave out of the timings after a resume (a fresh process warms up again)
+
+    def state(self) -> dict:
+        p = self.probe
+        return {"steps": self.steps, "step_ms": list(self.step_ms), "phase_ms": {k: list(v) for k, v in self.phase_ms.items()},
+                "saved_bytes": self.saved_bytes, "phase_peak_alloc": dict(p.phase_peak_alloc),
+                "phase_peak_reserved": dict(p.phase_peak_reserved)}
+
+    def load_state(self, s: dict) -> None:
+        self.steps, self.saved_bytes = s["steps"], s["saved_bytes"]
+        self.step_ms = list(s["step_ms"])
+        self.phase_ms = {k: list(v) for k, v in s["phase_ms"].items()}
+        self.probe.phase_peak_alloc.update(s["phase_peak_alloc"])
+        self.probe.phase_peak_reserved.update(s["phase_peak_reserved"])
+        self.rewarm = self.warmup
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
@@ -241,7 +347,9 @@ class StepMeasure:
             out = self.method.train_step(self.model, x, y, self.optimizer, self.probe)
             phases = self.probe.end_step()
             dt = (time.perf_counter() - t0) * 1e3
-            if self.steps > self.warmup:
+            if self.rewarm > 0:
+                self.rewarm -= 1
+            elif self.steps > self.warmup:
                 self.step_ms.append(dt)
                 for k, v in phases.items():
                     self.phase_ms.setdefault(k, []).append(v)
@@ -280,7 +388,7 @@ class StepMeasure:
 
 
 def _train_or_profile(cell: Cell, device: torch.device, data_root, row: dict, epochs: list[dict], progress: Progress,
-                      window: MeasureWindow) -> dict[str, list[float]]:
+                      window: MeasureWindow, attempt: Attempt | None = None) -> dict[str, list[float]]:
     _seed(cell.seed)
     info = dataset_info(cell.dataset)
     method = METHODS[cell.method](MethodConfig(T=cell.T, neuron=cell.neuron, options=dict(cell.method_options)))
@@ -299,42 +407,100 @@ def _train_or_profile(cell: Cell, device: torch.device, data_root, row: dict, ep
         progress({"epoch": epoch, "epochs": n_epochs, "step": measure.steps, "steps": total})
 
     model.train()
-    batches = list(train) if cell.kind == "profile" else None
-    window.start()  # model, optimizer and data are set up: what grows from here is the training's
-    if batches is not None:
+    if cell.kind == "profile":
+        batches = list(train)
+        window.start()  # model, optimizer and data are set up: what grows from here is the training's
         for i in range(total):
             measure.step(*batches[i % len(batches)])
             tell(0)
+            if STOP.requested:  # a profile cell is short: it starts afresh when run again
+                raise Preempted(f"stopped by {STOP.name} at step {i + 1} of {total}; a rerun profiles it afresh")
         row["train_loss"] = None
     else:
-        best = -math.inf
-        for epoch in range(1, n_epochs + 1):
-            sync(device)
-            t_epoch = time.perf_counter()
-            losses = []
-            for x, y in train:
-                losses.append(measure.step(x, y))
-                tell(epoch)
-            sync(device)
-            epoch_s = time.perf_counter() - t_epoch
-            lr = opt.param_groups[0]["lr"]
-            if sched:
-                sched.step()
-            train_loss = float(torch.stack(losses).mean()) if losses else None
-            window.footprint.pause()  # evaluation's memory is not training memory
-            acc, rate = evaluate(method, model, test, device) if test is not None else (None, None)
-            window.footprint.resume()
-            if acc is not None:
-                best = max(best, acc)
-            epochs.append({"epoch": epoch, "train_loss": train_loss, "test_acc": acc, "epoch_time_s": epoch_s,
-                           "lr": lr, "firing_rate_mean": rate})
-            if not math.isfinite(train_loss or 0.0):
-                raise FloatingPointError(f"training loss is {train_loss} at epoch {epoch}")
-        if epochs:
-            last = epochs[-1]
-            row.update(acc_top1=last["test_acc"], acc_top1_best=best if best > -math.inf else None,
-                       train_loss=last["train_loss"], firing_rate_mean=last["firing_rate_mean"],
-                       **summarise({"epoch_s": [e["epoch_time_s"] for e in epochs]}))
+        _train(cell, device, model, method, opt, sched, train, test, measure, epochs, row, window, attempt, tell)
     window.stop(row)
     row.update(measure.columns())
     return measure.series()
+
+
+def _train(cell: Cell, device, model, method, opt, sched, train, test, measure: StepMeasure, epochs: list[dict],
+           row: dict, window: MeasureWindow, attempt: Attempt | None, tell) -> None:
+    """The epochs of a train cell, resumed from its checkpoint when there is one, checkpointing as it goes."""
+    n_epochs = cell.epochs
+    ckpt = attempt.checkpoint if attempt is not None else None
+    start_epoch, start_batch, best, losses, epoch_before_s = 1, 0, -math.inf, [], 0.0
+    state = ckpt.load() if ckpt is not None else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        if sched is not None and state["schedule"] is not None:
+            sched.load_state_dict(state["schedule"])
+        epochs[:] = state["epochs"]
+        best, start_epoch, start_batch = state["best"], state["epoch"], state["batch"]
+        losses, epoch_before_s = list(state["losses"].to(device).unbind()), state["epoch_s"]
+        measure.load_state(state["measure"])
+        attempt.resumed(state)
+        set_rng_state(state["rng"])  # last: building the model and the loaders drew from the RNGs too
+    every_s = cell.checkpoint_minutes * 60.0
+
+    def save(epoch: int, batch: int, epoch_s: float, losses: list) -> None:
+        sync(device)
+        ckpt.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                   "schedule": sched.state_dict() if sched is not None else None, "rng": rng_state(device),
+                   "epoch": epoch, "batch": batch, "epoch_s": epoch_s,
+                   "losses": torch.stack(losses).detach().cpu() if losses else torch.zeros(0),
+                   "epochs": [dict(e) for e in epochs], "best": best, "measure": measure.state(),
+                   "restarts": attempt.restarts, "resumed_at": attempt.resumed_at, "attempts": attempt.so_far()})
+
+    def stop(epoch: int, batch: int) -> Preempted:
+        return Preempted(f"stopped by {STOP.name} at epoch {epoch}, batch {batch} of {len(train)}; checkpointed, "
+                         "it resumes there when run again")
+
+    window.start()  # model, optimizer and data are set up: what grows from here is the training's
+    last_save = time.perf_counter()
+    for epoch in range(start_epoch, n_epochs + 1):
+        first = 0
+        if epoch == start_epoch:
+            first = start_batch
+        else:
+            losses, epoch_before_s = [], 0.0
+        sync(device)
+        t_epoch = time.perf_counter()
+        paused = 0.0  # checkpoint writes inside the epoch: not training time
+        for b, (x, y) in enumerate(train.batches(epoch - 1, first), first + 1):
+            losses.append(measure.step(x, y))
+            tell(epoch)
+            if ckpt is not None and (STOP.requested or (every_s and time.perf_counter() - last_save >= every_s)):
+                t0 = time.perf_counter()
+                save(epoch, b, epoch_before_s + t0 - t_epoch - paused, losses)
+                last_save = time.perf_counter()
+                paused += last_save - t0
+                if STOP.requested:
+                    raise stop(epoch, b)
+        sync(device)
+        epoch_s = epoch_before_s + time.perf_counter() - t_epoch - paused
+        lr = opt.param_groups[0]["lr"]
+        if sched:
+            sched.step()
+        train_loss = float(torch.stack(losses).mean()) if losses else None
+        window.footprint.pause()  # evaluation's memory is not training memory
+        acc, rate = evaluate(method, model, test, device) if test is not None else (None, None)
+        window.footprint.resume()
+        if acc is not None:
+            best = max(best, acc)
+        epochs.append({"epoch": epoch, "train_loss": train_loss, "test_acc": acc, "epoch_time_s": epoch_s,
+                       "lr": lr, "firing_rate_mean": rate})
+        if not math.isfinite(train_loss or 0.0):
+            raise FloatingPointError(f"training loss is {train_loss} at epoch {epoch}")
+        if ckpt is not None and epoch in cell.save_weights_at:
+            ckpt.save_weights(epoch, model)
+        if ckpt is not None and epoch < n_epochs:
+            save(epoch + 1, 0, 0.0, [])
+            last_save = time.perf_counter()
+            if STOP.requested:
+                raise stop(epoch + 1, 0)
+    if epochs:
+        last = epochs[-1]
+        row.update(acc_top1=last["test_acc"], acc_top1_best=best if best > -math.inf else None,
+                   train_loss=last["train_loss"], firing_rate_mean=last["firing_rate_mean"],
+                   **summarise({"epoch_s": [e["epoch_time_s"] for e in epochs]}))
