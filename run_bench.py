@@ -3,13 +3,14 @@
     python run_bench.py                       # the default grid on this machine, then its report
     python run_bench.py report DIR            # figures, tables, summary.md, index.html
     python run_bench.py run GRID [--filter method=rate_m,bptt_m --filter T=1,2,4] [--set epochs=3]
-                                 [--data-root DIR] [--out DIR] [--in-process | --slurm]
+                                 [--data-root DIR] [--out DIR] [--in-process | --slurm [--detach]]
     python run_bench.py list                  # methods, architectures, datasets, grids
     python run_bench.py check --baseline B --results R [--tolerance METRIC=PCT] [--invariants R] [--report FILE]
     python run_bench.py baseline R OUT.parquet  # record R's cells as a baseline, on purpose
     python run_bench.py status DIR            # ok / stale / failed / missing / running cells of a results folder
 
-Errors a user can cause end with one message and exit code 2.
+Errors a user can cause end with one message and exit code 2. ``run`` exits 1 when a cell failed, 75 when cells
+were preempted or left by a stop signal (the same command again resumes them), 0 otherwise.
 """
 
 from __future__ import annotations
@@ -30,18 +31,33 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: cells were preempted or left; the same command again continues them
+
+
 def cmd_run(a) -> int:
     from bench.launch import prepare_run, run_grid
 
-    name, cells, out = prepare_run(a.grid, a.filter, a.set, a.device, a.data_root, a.out)
+    name, cells, out, spec = prepare_run(a.grid, a.filter, a.set, a.device, a.data_root, a.out)
     launcher = "inprocess" if a.in_process else ("slurm" if a.slurm else "subprocess")
-    slurm = {}
+    slurm = None
     if a.slurm:
-        slurm = {"timeout_min": a.slurm_timeout_min, "gpus_per_node": a.slurm_gpus}
-        if a.slurm_partition:
-            slurm["slurm_partition"] = a.slurm_partition
+        from bench.slurm import SlurmSettings, parse_slurm_sets
+
+        sets = parse_slurm_sets(a.slurm_set)
+        for flag, key in (("slurm_partition", "partition"), ("slurm_timeout_min", "timeout_min"),
+                          ("slurm_gpus", "gpus_per_node")):
+            if getattr(a, flag, None) is not None:
+                sets[key] = getattr(a, flag)
+        slurm = SlurmSettings.make(spec.get("slurm"), sets, cells)
+    elif a.detach or a.slurm_set:
+        from bench.errors import UsageError
+
+        raise UsageError("--detach and --slurm-set go with --slurm")
     print(f"grid {name}: {len(cells)} cell(s) -> {out}", file=sys.stderr)
-    outcome = run_grid(cells, out, a.data_root, launcher, slurm, reuse_stale=a.reuse_stale)
+    outcome = run_grid(cells, out, a.data_root, launcher, slurm, reuse_stale=a.reuse_stale, detach=a.detach,
+                       poll_s=a.poll_s)
+    if a.slurm and a.detach:
+        return 0
     if not getattr(a, "quiet_summary", False):
         summarize(out)
     if outcome.failed:
@@ -49,8 +65,15 @@ def cmd_run(a) -> int:
         for cell, status, err in outcome.failed:
             first = (err or "").strip().splitlines()[0] if err else ""
             print(f"  [{status}] {cell.label}: {first}", file=sys.stderr)
+    if outcome.preempted or outcome.not_started:
+        print(f"\n{len(outcome.preempted)} cell(s) preempted or cancelled (checkpointed), {len(outcome.not_started)} "
+              "not started" + (f" (stopped by {outcome.stopped_by})" if outcome.stopped_by else "")
+              + ": run the same command again to continue them", file=sys.stderr)
+        for cell, status, err in outcome.preempted:
+            print(f"  [{status}] {cell.label}: {(err or '').strip().splitlines()[0] if err else ''}", file=sys.stderr)
+    if outcome.failed:
         return 1
-    return 0
+    return PREEMPTED_EXIT if outcome.preempted or outcome.not_started else 0
 
 
 def summarize(out: Path) -> None:
@@ -130,7 +153,7 @@ def cmd_compare(a) -> int:
     from bench.compare import compare
     from bench.launch import prepare_run
 
-    _, cells, out = prepare_run(a.grid, a.filter, a.set, a.device, None, a.out or str(REPO / "results" / "compare"))
+    _, cells, out, _ = prepare_run(a.grid, a.filter, a.set, a.device, None, a.out or str(REPO / "results" / "compare"))
     rc, _, md = compare(a.base, a.head, cells, a.rounds, a.threshold, out,
                         progress=lambda s: print(s, file=sys.stderr, flush=True) if a.verbose else None)
     print(md)
@@ -168,7 +191,7 @@ def cmd_baseline(a) -> int:
 
 def cmd_default(a) -> int:
     a.grid, a.filter, a.set, a.out, a.data_root, a.in_process, a.slurm, a.device = "default", [], [], None, None, False, False, None
-    a.reuse_stale = False
+    a.reuse_stale, a.detach, a.slurm_set, a.poll_s = False, False, [], 10.0
     a.quiet_summary = True
     rc = cmd_run(a)
     a.dir, a.out = REPO / "results" / "default", None
@@ -192,10 +215,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep cells stored ok by other code (stale) instead of rerunning them; report and check mark them")
     g = r.add_mutually_exclusive_group()
     g.add_argument("--in-process", action="store_true", help="run cells in this process (no fresh worker per cell)")
-    g.add_argument("--slurm", action="store_true", help="submit cells as a Slurm job array (needs the slurm extra)")
-    r.add_argument("--slurm-partition")
-    r.add_argument("--slurm-timeout-min", type=int, default=240)
-    r.add_argument("--slurm-gpus", type=int, default=1)
+    g.add_argument("--slurm", action="store_true",
+                   help="submit cells as a Slurm job array (needs the slurm extra); see the grid's [slurm] table")
+    r.add_argument("--slurm-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting of the grid's [slurm] table (partition, gpus_per_node, cpus_per_task, "
+                        "mem_gb, timeout_min, array_parallelism, cells_per_task, signal_delay_s, max_requeues, "
+                        "additional)")
+    r.add_argument("--slurm-partition", help="= --slurm-set partition=P")
+    r.add_argument("--slurm-timeout-min", type=int, help="= --slurm-set timeout_min=M")
+    r.add_argument("--slurm-gpus", type=int, help="= --slurm-set gpus_per_node=N")
+    r.add_argument("--detach", action="store_true",
+                   help="with --slurm: return once the jobs are submitted (`status DIR` follows them)")
+    r.add_argument("--poll-s", type=float, default=10.0, help="with --slurm: how often to look at the queue (default 10)")
     rp = sub.add_parser("report", help="figures, tables, summary.md and index.html of a results folder")
     rp.add_argument("dir")
     rp.add_argument("--out", help="report folder (default DIR/report)")

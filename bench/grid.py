@@ -178,7 +178,7 @@ def load_grid(path_or_name: str | Path) -> tuple[str, dict]:
         raise UsageError(f"grid file {p} is not valid TOML: {e}") from None
     except OSError as e:
         raise UsageError(f"grid file {p} cannot be read: {e.strerror}") from None
-    known = {"name", "description", "axes", "fixed", "exclude", "override"}
+    known = {"name", "description", "axes", "fixed", "exclude", "override", "slurm"}
     unknown = set(spec) - known
     if unknown:
         raise UsageError(f"grid file {p}: unknown section(s) {sorted(unknown)}; valid: {sorted(known)}")
@@ -193,6 +193,8 @@ def load_grid(path_or_name: str | Path) -> tuple[str, dict]:
     for o in spec.get("override", []):
         if not isinstance(o.get("set"), dict) or not isinstance(o.get("match", {}), dict):
             raise UsageError(f"grid file {p}: each [[override]] needs a 'set' table (and optionally a 'match' table)")
+    if not isinstance(spec.get("slurm", {}), dict):
+        raise UsageError(f"grid file {p}: 'slurm' must be a table ([slurm] with setting = value lines)")
     for k in ("name", "description"):
         if k in spec and not isinstance(spec[k], str):
             raise UsageError(f"grid file {p}: '{k}' must be a string")

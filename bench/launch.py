@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from reports.results import (FolderLock, device_type, load_results, remove_stray_temp_files, update_manifest,
                              write_cell)
@@ -23,6 +23,7 @@ from reports.results import (FolderLock, device_type, load_results, remove_stray
 from .errors import UsageError
 from .fingerprint import fingerprint, is_current
 from .grid import Cell
+from .stop import STOP
 
 REPO = Path(__file__).resolve().parents[1]
 PROGRESS_PREFIX = "@snnbench-progress "
@@ -36,15 +37,27 @@ class StoreFailed(Exception):
     the cell and the cells left."""
 
 
+# statuses of a cell that is to be continued (a rerun resumes it from its checkpoint), not a failure
+TO_CONTINUE = ("preempted", "cancelled")
+
+
 @dataclass
 class GridOutcome:
     ran: list[tuple[Cell, str, str | None]] = field(default_factory=list)  # (cell, status, error)
     skipped: list[Cell] = field(default_factory=list)
     stale_kept: list[Cell] = field(default_factory=list)
+    queued: list[Cell] = field(default_factory=list)  # pending or running under Slurm already: not resubmitted
+    submitted: list[dict] = field(default_factory=list)  # Slurm jobs submitted (bench/slurm.py)
+    not_started: list[Cell] = field(default_factory=list)  # left when a stop signal ended the grid
+    stopped_by: str | None = None
 
     @property
     def failed(self) -> list[tuple[Cell, str, str | None]]:
-        return [r for r in self.ran if r[1] != "ok"]
+        return [r for r in self.ran if r[1] != "ok" and r[1] not in TO_CONTINUE]
+
+    @property
+    def preempted(self) -> list[tuple[Cell, str, str | None]]:
+        return [r for r in self.ran if r[1] in TO_CONTINUE]
 
 
 class ProgressDisplay:
@@ -144,7 +157,12 @@ def _store(out: Path, cell: Cell, row: dict, epochs=None, samples=None) -> None:
         raise StoreFailed(f"cannot store the result of {cell.label} in {out}: {e}") from None
 
 
-def run_in_subprocess(cell: Cell, out: Path, data_root: str | None, on_progress: Callable[[dict], None]) -> tuple[str, str | None]:
+def run_in_subprocess(cell: Cell, out: Path, data_root: str | None, on_progress: Callable[[dict], None],
+                      on_start: Callable[[subprocess.Popen], None] | None = None,
+                      stopping: Callable[[], bool] = lambda: False) -> tuple[str, str | None]:
+    """Run a cell in a fresh worker (bench/worker.py) and return its (status, error). A worker that dies without
+    storing its row gets one here (``oom`` for SIGKILL, else ``error``), unless it died while being stopped
+    (``stopping()``): then its last checkpoint stands and the status is ``preempted``."""
     logs = out / "logs"
     log_path = logs / f"{cell.key}.log"
     cmd = [sys.executable, "-m", "bench.worker", "--out", str(out), "--cell", json.dumps(cell.config())]
@@ -155,9 +173,14 @@ def run_in_subprocess(cell: Cell, out: Path, data_root: str | None, on_progress:
     status: dict = {}
     try:
         logs.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "w") as log:
+        with open(log_path, "a" if cell.kind == "train" else "w") as log:  # a resumed cell's log goes on
+            if log.tell():
+                log.write(f"\n--- run again at {time.strftime('%Y-%m-%dT%H:%M:%S%z')} ---\n")
+                log.flush()
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, cwd=REPO, env=env,
                                     preexec_fn=_set_pdeathsig if sys.platform.startswith("linux") else None)
+            if on_start:
+                on_start(proc)
             assert proc.stdout is not None
             for line in proc.stdout:
                 if line.startswith(PROGRESS_PREFIX):
@@ -175,6 +198,8 @@ def run_in_subprocess(cell: Cell, out: Path, data_root: str | None, on_progress:
         raise StoreFailed(status["store_error"])
     if status:
         return status["status"], status.get("error")
+    if stopping():
+        return "preempted", f"the worker was stopped (exit {rc}) before it could store a row; its last checkpoint stands"
     # the worker died before it could store its row: store one for it
     from .runner import failure_row
 
@@ -190,38 +215,15 @@ def run_in_subprocess(cell: Cell, out: Path, data_root: str | None, on_progress:
 def run_in_process(cell: Cell, out: Path, data_root: str | None, on_progress: Callable[[dict], None]) -> tuple[str, str | None]:
     from .runner import run_cell
 
-    res = run_cell(cell, data_root, on_progress)
-    _store(out, cell, res.row, res.epochs, res.samples)
+    res = run_cell(cell, data_root, on_progress, out=out)
+    if res.status == "preempted":
+        _store(out, cell, res.row)
+    else:
+        _store(out, cell, res.row, res.epochs, res.samples)
     return res.status, res.row.get("error")
 
 
-def _slurm_job(cell_cfg: dict, out: str, data_root: str | None) -> tuple[str, str | None]:  # pragma: no cover - on a cluster
-    return run_in_process(Cell(**cell_cfg), Path(out), data_root, lambda d: None)
-
-
-def run_on_slurm(cells: list[Cell], out: Path, data_root: str | None, slurm: dict, display: ProgressDisplay,
-                 outcome: GridOutcome) -> None:  # pragma: no cover - needs a cluster (or submitit's local executor)
-    try:
-        import submitit
-    except ImportError:
-        raise UsageError('the Slurm launcher needs submitit: pip install -e ".[slurm]"') from None
-    ex = submitit.AutoExecutor(folder=str(out / "slurm" / "%j"), cluster=slurm.pop("cluster", None))
-    ex.update_parameters(**slurm)
-    jobs = ex.map_array(_slurm_job, [c.config() for c in cells], [str(out)] * len(cells), [data_root] * len(cells))
-    for cell, job in zip(cells, jobs):
-        display.start_cell(cell)
-        try:
-            st, err = job.result()
-        except Exception as e:  # the job died: store its row here
-            from .runner import failure_row
-
-            st, err = "error", f"Slurm job {job.job_id} failed: {e}"
-            _store(out, cell, failure_row(cell, st, err))
-        outcome.ran.append((cell, st, err))
-        display.end_cell(st)
-
-
-def _stored_ok(out: Path) -> dict[str, str | None]:
+def stored_ok(out: Path) -> dict[str, str | None]:
     """key -> code fingerprint of every cell stored with status ok."""
     df = load_results(out, "cells")
     if df.empty:
@@ -231,10 +233,16 @@ def _stored_ok(out: Path) -> dict[str, str | None]:
 
 
 def run_grid(cells: list[Cell], out: Path, data_root: str | None = None, launcher: str = "subprocess",
-             slurm: dict | None = None, stream=None, reuse_stale: bool = False) -> GridOutcome:
+             slurm=None, stream=None, reuse_stale: bool = False, detach: bool = False,
+             poll_s: float = 10.0) -> GridOutcome:
     """Run the cells not yet stored ok with the current code. Cells stored ok by other code (stale) are rerun,
-    or kept with ``reuse_stale``. Holds the folder's lock while it runs; raises StoreFailed when a result
-    cannot be stored (the cells stored before stay as they are)."""
+    or kept with ``reuse_stale``; cells pending or running under Slurm (submitted from this folder) are left
+    to their jobs. Holds the folder's lock while it runs; raises StoreFailed when a result cannot be stored (the
+    cells stored before stay as they are).
+
+    SIGTERM, SIGUSR1 or SIGUSR2 to the grid process reach the running worker, which checkpoints and ends its
+    cell as ``preempted``; no further cell starts. ``launcher="slurm"`` submits the cells as a job array
+    (``slurm``: bench.slurm.SlurmSettings) and watches them unless ``detach``."""
     out = Path(out)
     stream = stream or sys.stderr
     with FolderLock(out) as lock:
@@ -247,11 +255,14 @@ def run_grid(cells: list[Cell], out: Path, data_root: str | None = None, launche
         except OSError as e:
             raise StoreFailed(f"cannot write the manifest of {out}: {e}\nno cell ran: {len(cells)} cell(s) not stored. "
                               "Free the space and run the same command again.") from None
-        stored = _stored_ok(out)
+        stored = stored_ok(out)
+        queued = _queued(out, stream)
         outcome = GridOutcome()
         todo, stale = [], []
         for c in cells:
-            if c.key not in stored:
+            if c.key in queued:
+                outcome.queued.append(c)
+            elif c.key not in stored:
                 todo.append(c)
             elif is_current(stored[c.key], c.device):
                 outcome.skipped.append(c)
@@ -262,33 +273,94 @@ def run_grid(cells: list[Cell], out: Path, data_root: str | None = None, launche
                 todo.append(c)
         if outcome.skipped:
             stream.write(f"{len(outcome.skipped)} cell(s) already stored with status ok: skipped\n")
+        if outcome.queued:
+            jobs = sorted({queued[c.key] for c in outcome.queued})
+            stream.write(f"{len(outcome.queued)} cell(s) pending or running under Slurm (job(s) "
+                         + ", ".join(jobs[:5]) + (", ..." if len(jobs) > 5 else "") + "): not submitted again\n")
         if stale:
             stream.write(f"{len(stale)} cell(s) stale (code changed since they ran): rerunning "
                          "(--reuse-stale keeps them)\n")
         if outcome.stale_kept:
             stream.write(f"{len(outcome.stale_kept)} cell(s) stale (code changed since they ran): kept, as "
                          "--reuse-stale asks; report and check mark them\n")
+        if launcher == "slurm":
+            if todo or outcome.queued:
+                _run_on_slurm(todo, out, data_root, slurm, outcome, stream, detach, poll_s)
+            return outcome
         display = ProgressDisplay(len(cells), stream, work_left=sum(cell_cost(c) for c in todo))
         display.done = len(cells) - len(todo)
-        if launcher == "slurm":
-            run_on_slurm(todo, out, data_root, dict(slurm or {}), display, outcome)
-            return outcome
-        run = run_in_process if launcher == "inprocess" else run_in_subprocess
-        for i, cell in enumerate(todo):
-            display.start_cell(cell)
-            lock.note_cell(cell.label)
-            try:
-                st, err = run(cell, out, data_root, display.update)
-            except StoreFailed as e:
-                left = todo[i:]
-                raise StoreFailed(f"{e}\nthe grid stopped: {len(left)} cell(s) not stored ("
-                                  + ", ".join(c.label for c in left[:5]) + (", ..." if len(left) > 5 else "")
-                                  + f"); the {len(outcome.ran) + len(outcome.skipped)} cell(s) stored before stay "
-                                  "readable. Free the space and run the same command again.") from None
-            outcome.ran.append((cell, st, err))
-            display.end_cell(st)
-        lock.note_cell(None)
+        STOP.clear()
+        STOP.install()
+        worker: list[subprocess.Popen] = []
+
+        def forward(signum: int) -> None:  # a signal to the grid process reaches its worker
+            if worker and worker[0].poll() is None:
+                worker[0].send_signal(signum)
+
+        undo = STOP.forward(forward)
+        try:
+            for i, cell in enumerate(todo):
+                if STOP.requested:
+                    outcome.not_started = todo[i:]
+                    break
+                display.start_cell(cell)
+                lock.note_cell(cell.label)
+                try:
+                    if launcher == "inprocess":
+                        st, err = run_in_process(cell, out, data_root, display.update)
+                    else:
+                        st, err = run_in_subprocess(cell, out, data_root, display.update,
+                                                    on_start=worker.append,
+                                                    stopping=lambda: STOP.requested)
+                except StoreFailed as e:
+                    left = todo[i:]
+                    raise StoreFailed(f"{e}\nthe grid stopped: {len(left)} cell(s) not stored ("
+                                      + ", ".join(c.label for c in left[:5]) + (", ..." if len(left) > 5 else "")
+                                      + f"); the {len(outcome.ran) + len(outcome.skipped)} cell(s) stored before stay "
+                                      "readable. Free the space and run the same command again.") from None
+                finally:
+                    worker.clear()
+                outcome.ran.append((cell, st, err))
+                display.end_cell(st)
+            outcome.stopped_by = STOP.name
+        finally:
+            undo()
+            STOP.uninstall()
+            lock.note_cell(None)
     return outcome
+
+
+def _queued(out: Path, stream) -> dict[str, str]:
+    """Cells of this folder whose Slurm job is pending or running (key -> job id)."""
+    from .slurm import active_cells, queue_states, read_jobs
+
+    if not read_jobs(out):
+        return {}
+    if queue_states(out) is None:
+        stream.write("warning: cells of this folder were submitted to Slurm, but squeue cannot be asked: cells still "
+                     "queued there may run twice\n")
+        return {}
+    return active_cells(out)
+
+
+def _run_on_slurm(todo: list[Cell], out: Path, data_root, settings, outcome: GridOutcome, stream, detach: bool,
+                  poll_s: float) -> None:
+    """Submit ``todo``; unless ``detach``, watch it and the cells already queued from this folder to their end."""
+    from .slurm import latest_jobs, submit, wait
+
+    records = submit(todo, out, data_root, settings) if todo else []
+    outcome.submitted = records
+    if records:
+        ids = [r["job_id"] for r in records]
+        stream.write(f"submitted {len(todo)} cell(s) as {len(records)} Slurm task(s): {ids[0]}"
+                     + (f" .. {ids[-1]}" if len(ids) > 1 else "") + f"; job ids in {out / 'slurm' / 'jobs.json'}\n")
+    if detach:
+        stream.write(f"detached: `run_bench.py status {out}` shows their progress\n")
+        return
+    latest = latest_jobs(out)
+    earlier = {id(latest[c.key]): latest[c.key] for c in outcome.queued}
+    watched = {c.key: c for c in todo + outcome.queued}
+    outcome.ran.extend(wait(records + list(earlier.values()), watched, out, stream, poll_s))
 
 
 # ---------------------------------------------------------------- before a grid runs: every bad input, exit 2
@@ -330,10 +402,18 @@ def check_out_dir(path: Path) -> Path:
     return path
 
 
+class PreparedRun(NamedTuple):
+    name: str
+    cells: list[Cell]
+    out: Path
+    spec: dict  # the grid file's tables (its [slurm] table, say)
+
+
 def prepare_run(grid: str, filters: list[str], sets: list[str], device: str | None, data_root: str | None,
-                out: str | None) -> tuple[str, list[Cell], Path]:
-    """(grid name, cells, results folder) of a run, after every check a user's input can fail: the grid, the
-    values, the devices, the data folders and the results folder. Raises UsageError, before any cell runs."""
+                out: str | None) -> PreparedRun:
+    """(grid name, cells, results folder, grid spec) of a run, after every check a user's input can fail: the
+    grid, the values, the devices, the data folders and the results folder. Raises UsageError, before any cell
+    runs."""
     from .data import check_dataset, dataset_info
     from .grid import expand, load_grid, parse_filters, parse_sets
 
@@ -348,4 +428,4 @@ def prepare_run(grid: str, filters: list[str], sets: list[str], device: str | No
     for ds in sorted({c.dataset for c in cells}):  # missing data: one message before any cell runs
         if dataset_info(ds).folder is not None:
             check_dataset(ds, data_root)
-    return name, cells, check_out_dir(Path(out) if out else REPO / "results" / name)
+    return PreparedRun(name, cells, check_out_dir(Path(out) if out else REPO / "results" / name), spec)

@@ -1,9 +1,12 @@
-"""``run_bench.py status DIR``: every cell of a results folder as ok / stale / failed / missing / running.
+"""``run_bench.py status DIR``: every cell of a results folder as ok / stale / running / pending / requeued /
+preempted / cancelled / failed / missing.
 
 The cells a folder should hold are those its runs asked for (``manifest.json``) and those stored in it.
 A stored ok cell is stale when the code, torch version or device type that made it differs from this
 checkout's (its code fingerprint, bench/fingerprint.py); running is the cell the live run holding the
-folder's lock is on.
+folder's lock is on, or a cell whose Slurm job is running; pending a cell whose job waits in the queue, requeued
+one that waits again after a preemption or a time limit (bench/slurm.py asks squeue). A preempted or cancelled
+cell has a checkpoint: a rerun resumes it.
 """
 
 from __future__ import annotations
@@ -15,9 +18,19 @@ import pandas as pd
 
 from reports.results import load_results, lock_holder_alive, read_lock, read_manifest
 
+from .checkpoint import CHECKPOINTS
 from .fingerprint import is_current
+from .slurm import ACTIVE, queue_states
 
-STATES = ("ok", "stale", "failed", "missing", "running")
+STATES = ("ok", "stale", "running", "pending", "requeued", "preempted", "cancelled", "failed", "missing")
+
+
+BASIC = ("ok", "stale", "failed", "missing", "running")  # always counted; the others when they occur
+
+
+def _restarts(r: dict) -> str:
+    n = r.get("restarts")
+    return f" (restarts {int(n)})" if isinstance(n, (int, float)) and n == n and n > 0 else ""
 
 
 def _label(cfg: dict) -> str:
@@ -35,6 +48,11 @@ def cell_states(folder: Path) -> pd.DataFrame:
             rows[key] = {"key": key, "label": _label(cfg), "state": "missing", "detail": "not run yet"}
     for r in stored.to_dict("records"):
         label = _label(r)
+        if r["status"] in ("preempted", "cancelled"):
+            first = str(r.get("error") or "").strip().splitlines()
+            rows[r["key"]] = {"key": r["key"], "label": label, "state": r["status"],
+                              "detail": (first[0][:120] if first else "") + _restarts(r)}
+            continue
         if r["status"] != "ok":
             first = str(r.get("error") or "").strip().splitlines()
             rows[r["key"]] = {"key": r["key"], "label": label, "state": "failed",
@@ -52,7 +70,19 @@ def cell_states(folder: Path) -> pd.DataFrame:
         for row in rows.values():
             if row["label"] == holder["cell"] and row["state"] != "ok":
                 row.update(state="running", detail=f"host {holder.get('host')}, pid {holder.get('pid')}")
+    queue = queue_states(folder)
+    for key, (job, st) in (queue or {}).items():
+        row = rows.get(key)
+        if row is None or st not in ACTIVE or row["state"] == "ok":
+            continue
+        if st == "PENDING" or st.startswith("REQUEUE"):
+            again = row["state"] in ("preempted", "cancelled") or (folder / CHECKPOINTS / f"{key}.pt").exists()
+            row.update(state="requeued" if again else "pending",
+                       detail=f"Slurm job {job} {st.lower()}" + (" (resumes from its checkpoint)" if again else ""))
+        else:
+            row.update(state="running", detail=f"Slurm job {job} {st.lower()}")
     df = pd.DataFrame(list(rows.values()), columns=["key", "label", "state", "detail"])
+    df.attrs["scheduler"] = "unreachable" if queue is None else ("slurm" if queue else None)
     order = {s: i for i, s in enumerate(STATES)}
     return df.sort_values(["state", "label"], key=lambda c: c.map(order) if c.name == "state" else c).reset_index(drop=True)
 
@@ -61,7 +91,9 @@ def format_states(df: pd.DataFrame) -> str:
     from tabulate import tabulate
 
     n = Counter(df["state"])
-    head = f"{len(df)} cell(s): " + ", ".join(f"{n.get(s, 0)} {s}" for s in STATES)
+    head = f"{len(df)} cell(s): " + ", ".join(f"{n.get(s, 0)} {s}" for s in STATES if n.get(s) or s in BASIC)
+    if df.attrs.get("scheduler") == "unreachable":
+        head += "\n(cells were submitted to Slurm but squeue cannot be asked here: pending and running jobs are not shown)"
     if df.empty:
         return head
     return head + "\n\n" + tabulate(df[["state", "label", "detail", "key"]], headers="keys", tablefmt="simple",

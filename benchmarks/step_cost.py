@@ -56,7 +56,7 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="step_cost-") as tmp:
         try:
-            name, cells, out = prepare_run(a.grid, a.filter, a.set, a.device, None, a.out or tmp)
+            name, cells, out, _ = prepare_run(a.grid, a.filter, a.set, a.device, None, a.out or tmp)
             if any(c.kind != "profile" for c in cells):
                 raise UsageError(f"grid {name!r} has train cells: step_cost measures profile cells (set kind=profile)")
         except UsageError as e:

@@ -97,6 +97,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("measured_steps", "", "none", None, "measured steps"),
     Metric("num_params", "", "lower", 0.0, "parameters"),
     Metric("cell_wall_s", "s", "none", None, "wall time of the cell"),
+    Metric("restarts", "", "none", None, "restarts from a checkpoint"),
     Metric("contention_cpu_s", "s", "none", None, "CPU time used by other processes"),
     Metric("contention_cpu_frac", "", "none", None, "share of the CPUs used by other processes"),
     Metric("contention_window_s", "s", "none", None, "contention window"),

@@ -74,7 +74,7 @@ SlurmdLogFile=$DIR/slurmd.log
 SlurmctldPort=${SNNBENCH_SLURMCTLD_PORT:-6817}
 SlurmdPort=${SNNBENCH_SLURMD_PORT:-6818}
 NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem State=UNKNOWN
-PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP DefMemPerCPU=$((mem / cpus))
 EOF
 }
 

@@ -1,0 +1,371 @@
+"""Cells on a Slurm cluster, through submitit: one job array per submission, requeued on preemption and time
+limits, resumed from each cell's checkpoint.
+
+A grid's ``[slurm]`` table (and ``--slurm-set KEY=VALUE``) sets the resources of one array task::
+
+    [slurm]
+    partition = "gpu"
+    gpus_per_node = 1          # default: 1 when the cells run on cuda, else 0 (no gres asked)
+    cpus_per_task = 8          # default: 8 for cuda cells (loader workers), 2 for CPU cells
+    mem_gb = 64                # default: the partition's
+    timeout_min = 240          # each task's time limit; a cell that needs longer is requeued and resumes
+    array_parallelism = 16     # tasks running at once
+    cells_per_task = 1         # small cells: several per task, each still in a fresh process
+    signal_delay_s = 120       # USR2 this long before the time limit: the cell checkpoints and the task requeues
+    max_requeues = 100         # time-limit requeues per task (preemptions do not count)
+    additional = { qos = "normal" }   # any other sbatch option
+
+What happens to a task:
+
+- it runs its cells one after another, each in a fresh worker (bench/worker.py), skipping those stored ok;
+- USR2 before the time limit: submitit calls ``SlurmTask.checkpoint``, which asks the running worker to
+  checkpoint (SIGUSR1), waits for it, and returns the same task for submitit to requeue (``scontrol requeue``);
+- a preemption or ``scontrol requeue`` sends SIGTERM to every process of the job: the worker checkpoints and
+  stores its row as ``preempted``; Slurm requeues the job, whose next run resumes the cell;
+- ``scancel`` also sends SIGTERM, but the job's restart count does not grow: the task stores the cell as
+  ``cancelled`` (its checkpoint is kept; a rerun of the grid resubmits it and it resumes).
+
+``<results>/slurm/jobs.json`` records which job runs which cells; ``<results>/slurm/<job id>/`` holds submitit's
+files and the job's log. ``queue_states`` asks ``squeue`` for the jobs' states, which ``run`` (never resubmit a
+cell that is pending or running) and ``status`` read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from reports.results import load_results, write_atomic, write_cell
+
+from .errors import UsageError
+from .fingerprint import is_current
+from .grid import Cell
+
+JOBS = Path("slurm") / "jobs.json"
+# squeue states in which a job will still run (or is running) its cells
+ACTIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING",
+          "SUSPENDED", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD"}
+
+
+@dataclass
+class SlurmSettings:
+    partition: str | None = None
+    gpus_per_node: int | None = None
+    cpus_per_task: int | None = None
+    mem_gb: float | None = None
+    timeout_min: int = 240
+    array_parallelism: int = 256
+    cells_per_task: int = 1
+    signal_delay_s: int = 120
+    max_requeues: int = 100
+    additional: dict = field(default_factory=dict)
+
+    @classmethod
+    def make(cls, table: dict | None, overrides: dict | None, cells: list[Cell]) -> "SlurmSettings":
+        """The settings of a grid's ``[slurm]`` table with the command line's overrides, checked (UsageError)."""
+        valid = {f.name: f for f in fields(cls)}
+        values = {}
+        for source, items in (("the grid's [slurm] table", table or {}), ("--slurm-set", overrides or {})):
+            if not isinstance(items, dict):
+                raise UsageError(f"{source} must be a table of settings; valid: {', '.join(valid)}")
+            for k, v in items.items():
+                if k not in valid:
+                    raise UsageError(f"{source}: unknown Slurm setting {k!r}; valid: {', '.join(valid)}")
+                values[k] = _coerce(k, v, source)
+        s = cls(**values)
+        gpu = any(c.device.startswith("cuda") for c in cells)
+        if s.gpus_per_node is None:
+            s.gpus_per_node = 1 if gpu else 0
+        if s.cpus_per_task is None:
+            s.cpus_per_task = 8 if gpu else 2
+        return s
+
+    def executor_parameters(self) -> dict:
+        p = {"timeout_min": self.timeout_min, "cpus_per_task": self.cpus_per_task, "tasks_per_node": 1, "nodes": 1,
+             "slurm_array_parallelism": self.array_parallelism, "slurm_signal_delay_s": self.signal_delay_s}
+        if self.gpus_per_node:
+            p["gpus_per_node"] = self.gpus_per_node
+        if self.mem_gb is not None:
+            p["mem_gb"] = self.mem_gb
+        if self.partition:
+            p["slurm_partition"] = self.partition
+        if self.additional:
+            p["slurm_additional_parameters"] = dict(self.additional)
+        return p
+
+
+def _coerce(k: str, v, source: str):
+    want = {"partition": str, "gpus_per_node": int, "cpus_per_task": int, "mem_gb": float, "timeout_min": int,
+            "array_parallelism": int, "cells_per_task": int, "signal_delay_s": int, "max_requeues": int,
+            "additional": dict}[k]
+    try:
+        if want is dict:
+            v = json.loads(v) if isinstance(v, str) else v
+            if not isinstance(v, dict):
+                raise ValueError
+            return v
+        if want is str:
+            return str(v)
+        v = want(v)
+    except (TypeError, ValueError):
+        raise UsageError(f"{source}: Slurm setting {k} must be {'a table' if want is dict else want.__name__}, "
+                         f"got {v!r}") from None
+    minimum = {"gpus_per_node": 0, "mem_gb": 0.01, "signal_delay_s": 0, "max_requeues": 0}.get(k, 1)
+    if v < minimum:
+        raise UsageError(f"{source}: Slurm setting {k} must be >= {minimum}, got {v!r}")
+    return v
+
+
+def parse_slurm_sets(items: list[str]) -> dict:
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise UsageError(f"--slurm-set expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+# ---------------------------------------------------------------- in the job
+
+
+class SlurmTask:
+    """What one array task runs (submitit's checkpointable protocol: ``__call__`` and ``checkpoint``)."""
+
+    def __init__(self, out: str, data_root: str | None) -> None:
+        self.out, self.data_root = out, data_root
+        self._proc: subprocess.Popen | None = None
+        self._stopping = False
+
+    def __getstate__(self) -> dict:
+        return {"out": self.out, "data_root": self.data_root}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["out"], state["data_root"])
+
+    def _started(self, proc: subprocess.Popen) -> None:
+        self._proc = proc
+
+    def __call__(self, cell_configs: list[dict]) -> dict:
+        from .launch import run_in_subprocess, stored_ok
+
+        out = Path(self.out)
+        restarts_at_start = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+        done: dict[str, str] = {}
+        for cfg in cell_configs:
+            cell = Cell(**cfg)
+            fp = stored_ok(out).get(cell.key, False)
+            if fp is not False and is_current(fp, cell.device):
+                done[cell.key] = "ok"
+                continue
+            st, err = run_in_subprocess(cell, out, self.data_root, lambda d: None, on_start=self._started,
+                                        stopping=lambda: self._stopping)
+            self._proc = None
+            done[cell.key] = st
+            if st == "preempted" or self._stopping:
+                if not self._stopping and not _requeued(restarts_at_start):
+                    _mark_cancelled(out, cell)
+                    done[cell.key] = "cancelled"
+                break  # the job is being requeued or cancelled: no further cell starts
+        return done
+
+    def checkpoint(self, cell_configs: list[dict]):
+        """submitit's USR2 handler (a time limit or a preemption ahead): the worker checkpoints, then the task is
+        requeued to run the same cells again (those stored ok are skipped, the stopped one resumes)."""
+        import submitit
+
+        self._stopping = True
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            try:
+                proc.send_signal(signal.SIGUSR1)
+                proc.wait(timeout=max(10, int(os.environ.get("SNNBENCH_CHECKPOINT_WAIT_S", "60"))))
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+        return submitit.helpers.DelayedSubmission(SlurmTask(self.out, self.data_root), cell_configs)
+
+
+def _requeued(restarts_at_start: int) -> bool:
+    """Whether Slurm is requeueing this job (its restart count grew since it started), as it does for
+    ``scontrol requeue`` and a preemption; ``scancel`` and a time limit without requeue leave it as it was."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return False
+    try:
+        text = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return True  # cannot tell: keep the cell as preempted (a rerun resumes it either way)
+    for tok in text.split():
+        if tok.startswith("Restarts="):
+            return int(tok.split("=", 1)[1]) > restarts_at_start
+    return True
+
+
+def _mark_cancelled(out: Path, cell: Cell) -> None:
+    path = out / "cells" / f"{cell.key}.parquet"
+    try:
+        import pandas as pd
+
+        row = pd.read_parquet(path).iloc[0].to_dict()
+    except (OSError, ValueError, IndexError):
+        return
+    if row.get("status") != "preempted":
+        return
+    row.pop("schema_version", None)
+    job = os.environ.get("SLURM_JOB_ID", "?")
+    row.update(status="cancelled", error=f"Slurm job {job} ended without a requeue (scancel, or its time limit); "
+               f"{row.get('error')}")
+    write_cell(out, cell.key, row)
+
+
+# ---------------------------------------------------------------- submitting and watching
+
+
+def submit(cells: list[Cell], out: Path, data_root: str | None, settings: SlurmSettings) -> list[dict]:
+    """Submit the cells as one job array (``cells_per_task`` per task); record and return the jobs."""
+    if shutil.which("sbatch") is None:
+        raise UsageError("--slurm: no sbatch on PATH (is this a Slurm login node? scripts/slurm-local.sh starts a "
+                         "one-node Slurm on this machine)")
+    try:
+        import submitit
+    except ImportError:
+        raise UsageError('the Slurm launcher needs submitit: pip install -e ".[slurm]"') from None
+    ex = submitit.AutoExecutor(folder=str(out / "slurm" / "%j"), cluster="slurm",
+                               slurm_max_num_timeout=settings.max_requeues)
+    ex.update_parameters(name=f"snnbench-{cells[0].grid or 'grid'}", **settings.executor_parameters())
+    k = settings.cells_per_task
+    groups = [cells[i:i + k] for i in range(0, len(cells), k)]
+    try:
+        jobs = ex.map_array(SlurmTask(str(out), data_root), [[c.config() for c in g] for g in groups])
+    except (subprocess.CalledProcessError, submitit.core.utils.FailedJobError) as e:
+        msg = getattr(e, "stderr", None) or getattr(e, "output", None) or str(e)
+        msg = msg.decode(errors="replace") if isinstance(msg, bytes) else str(msg)
+        raise UsageError(f"sbatch refused the job array: {msg.strip().splitlines()[-1] if msg.strip() else e}") from None
+    now = time.time()
+    records = [{"job_id": str(j.job_id), "cells": [c.key for c in g], "submitted": now} for j, g in zip(jobs, groups)]
+    write_atomic(out / JOBS, lambda f: f.write(json.dumps(read_jobs(out) + records, indent=1).encode()))
+    return records
+
+
+def read_jobs(out: Path) -> list[dict]:
+    try:
+        jobs = json.loads((Path(out) / JOBS).read_text())
+        return jobs if isinstance(jobs, list) else []
+    except (OSError, ValueError):
+        return []
+
+
+def latest_jobs(out: Path) -> dict[str, dict]:
+    """cell key -> the record of the last job it was submitted in."""
+    latest: dict[str, dict] = {}
+    for rec in read_jobs(out):
+        for key in rec.get("cells", []):
+            latest[key] = rec
+    return latest
+
+
+def squeue() -> dict[str, str] | None:
+    """job id (``<array>_<task>`` for array tasks) -> state, for this user's jobs slurmctld still knows (finished
+    ones for MinJobAge); None where the scheduler cannot be asked."""
+    if shutil.which("squeue") is None:
+        return None
+    user = os.environ.get("USER") or os.environ.get("LOGNAME") or ""
+    cmd = ["squeue", "-h", "-r", "-t", "all", "-o", "%i|%T"] + (["-u", user] if user else [])
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if r.returncode != 0:
+        return None
+    states = {}
+    for line in r.stdout.splitlines():
+        if "|" in line:
+            jid, st = line.strip().split("|", 1)
+            states[jid] = st.split()[0]
+    return states
+
+
+def queue_states(out: Path) -> dict[str, tuple[str, str | None]] | None:
+    """cell key -> (job id, its state in the queue, or None when slurmctld no longer knows it), for every cell
+    submitted from this folder; None where the scheduler cannot be asked (no cell submitted: {})."""
+    latest = latest_jobs(out)
+    if not latest:
+        return {}
+    q = squeue()
+    if q is None:
+        return None
+    return {key: (rec["job_id"], q.get(rec["job_id"])) for key, rec in latest.items()}
+
+
+def active_cells(out: Path) -> dict[str, str]:
+    """cell key -> job id, for cells whose job is pending or running."""
+    states = queue_states(out) or {}
+    return {k: j for k, (j, st) in states.items() if st in ACTIVE}
+
+
+def wait(records: list[dict], cells: dict[str, Cell], out: Path, stream, poll_s: float = 10.0) -> list[tuple]:
+    """Watch the submitted cells until each has left the queue; returns (cell, status, error) for each. A job that
+    left the queue without storing its cell's row gets a row with status ``error`` naming its log."""
+    from .runner import failure_row
+
+    submitted = {key: rec for rec in records for key in rec["cells"] if key in cells}
+    left = dict(submitted)
+    gone_polls: dict[str, int] = {}
+    results: list[tuple] = []
+    last_line = ""
+    while left:
+        q = squeue()
+        rows = _fresh_rows(out, submitted)
+        counts: dict[str, int] = {}
+        for key, rec in list(left.items()):
+            st = q.get(rec["job_id"]) if q is not None else "UNKNOWN"
+            if q is None or st in ACTIVE:
+                counts[(st or "?").lower()] = counts.get((st or "?").lower(), 0) + 1
+                continue
+            if key in rows:
+                results.append((cells[key], rows[key][0], rows[key][1]))
+                del left[key]
+                continue
+            gone_polls[key] = gone_polls.get(key, 0) + 1
+            if gone_polls[key] >= 3:  # left the queue without a row (killed before it could store one)
+                log = out / "slurm" / rec["job_id"]
+                err = f"Slurm job {rec['job_id']} ended ({st or 'gone'}) without storing a result; see {log}/"
+                write_cell(out, key, failure_row(cells[key], "error", err))
+                results.append((cells[key], "error", err))
+                del left[key]
+        done = len(submitted) - len(left)
+        line = f"[{done}/{len(submitted)} done] " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+        if line != last_line:
+            stream.write(line + "\n")
+            stream.flush()
+            last_line = line
+        if left:
+            time.sleep(poll_s)
+    return results
+
+
+def _fresh_rows(out: Path, submitted: dict[str, dict]) -> dict[str, tuple[str, str | None]]:
+    """Stored rows written after the cell's submission: key -> (status, error)."""
+    rows: dict[str, tuple[str, str | None]] = {}
+    df = load_results(out, "cells")
+    if df.empty:
+        return rows
+    for r in df.to_dict("records"):
+        key = r["key"]
+        if key in submitted:
+            p = out / "cells" / f"{key}.parquet"
+            try:
+                if p.stat().st_mtime >= submitted[key]["submitted"] - 1:
+                    rows[key] = (r["status"], r.get("error"))
+            except OSError:
+                pass
+    return rows
+
+
+__all__ = ["ACTIVE", "SlurmSettings", "SlurmTask", "active_cells", "parse_slurm_sets", "queue_states", "submit", "wait"]
