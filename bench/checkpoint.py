@@ -52,7 +52,8 @@ class CellCheckpoint:
     def __init__(self, out: Path, key: str) -> None:
         self.out, self.key = Path(out), key
         self.path = self.out / CHECKPOINTS / f"{key}.pt"
-        self.write_s: list[float] = []  # the time each save took (the checkpoint benchmark reads it)
+        self.write_s: list[float] = []  # the time each save took
+        self.size_bytes: int | None = None  # of the last save
 
     def exists(self) -> bool:
         return self.path.is_file()
@@ -69,6 +70,7 @@ class CellCheckpoint:
         t0 = time.perf_counter()
         write_atomic(self.path, lambda f: torch.save({**state, "format": FORMAT, "key": self.key}, f))
         self.write_s.append(time.perf_counter() - t0)
+        self.size_bytes = self.path.stat().st_size
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)

@@ -199,10 +199,21 @@ def get_loaders(name: str, batch_size: int, eval_batch_size: int, seed: int, dev
             torch.utils.data.DataLoader(test_ds, eval_batch_size, shuffle=False, **kw))
 
 
+def available_cpus() -> int:
+    """The CPUs this process may use: a Slurm task's allocation, else its affinity mask, else the machine's."""
+    n = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if n.isdigit() and int(n) > 0:
+        return int(n)
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def loader_settings(device: str) -> dict:
     """DataLoader settings that keep a GPU busy: worker processes, pinned memory, persistent workers."""
     if str(device).startswith("cuda"):
-        workers = min(8, os.cpu_count() or 1)
+        workers = min(8, available_cpus())
         return {"num_workers": workers, "pin_memory": True, "persistent_workers": workers > 0,
                 **({"prefetch_factor": 4} if workers > 0 else {})}
     return {"num_workers": 0, "pin_memory": False}

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 # what can change a result: the methods, and bench's training loop, data, profilers and samplers
 # (grid expansion, launching, the store, the gate and the command line cannot: a change there keeps results)
 RESULT_SOURCES = ("methods", "bench/runner.py", "bench/profile.py", "bench/sampler.py", "bench/nvml_sampler.py",
-                  "bench/data.py", "bench/datasets.py")
+                  "bench/data.py", "bench/datasets.py", "bench/checkpoint.py")
 
 
 def _strip_docstrings(tree: ast.AST) -> ast.AST:

@@ -202,8 +202,12 @@ def run_cell(cell: Cell, data_root: str | None = None, progress: Progress | None
     if nvml_sampler:
         samples += [{"source": "nvml", "t_s": t, "mib": (v - nvml_sampler.baseline) / MIB} for t, v in nvml_sampler.samples]
     samples = attempt.merge_earlier(row, samples)
-    if attempt.checkpoint is not None and row["status"] == "ok":
-        attempt.checkpoint.remove()
+    ckpt = attempt.checkpoint
+    if ckpt is not None and ckpt.write_s:
+        row["checkpoint_s"] = sum(ckpt.write_s) / len(ckpt.write_s)
+        row["checkpoint_mib"] = ckpt.size_bytes / MIB
+    if ckpt is not None and row["status"] == "ok":
+        ckpt.remove()
     return Result(row, epochs, samples, series)
 
 

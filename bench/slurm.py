@@ -340,7 +340,7 @@ def wait(records: list[dict], cells: dict[str, Cell], out: Path, stream, poll_s:
                 results.append((cells[key], "error", err))
                 del left[key]
         done = len(submitted) - len(left)
-        line = f"[{done}/{len(submitted)} done] " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+        line = f"[{done}/{len(submitted)} done]" + "".join(f", {n} {s}" for s, n in sorted(counts.items()))
         if line != last_line:
             stream.write(line + "\n")
             stream.flush()

@@ -22,7 +22,7 @@ from .checkpoint import CHECKPOINTS
 from .fingerprint import is_current
 from .slurm import ACTIVE, queue_states
 
-STATES = ("ok", "stale", "running", "pending", "requeued", "preempted", "cancelled", "failed", "missing")
+STATES = ("ok", "stale", "failed", "missing", "running", "pending", "requeued", "preempted", "cancelled")
 
 
 BASIC = ("ok", "stale", "failed", "missing", "running")  # always counted; the others when they occur

@@ -22,11 +22,12 @@ from pathlib import Path  # noqa: E402
 
 def _threads_from_slurm() -> None:
     """Under Slurm, use the CPUs the job was given, not every core of the node."""
-    n = os.environ.get("SLURM_CPUS_PER_TASK")
-    if n and n.isdigit() and int(n) > 0:
+    if os.environ.get("SLURM_CPUS_PER_TASK"):
         import torch
 
-        torch.set_num_threads(int(n))
+        from .data import available_cpus
+
+        torch.set_num_threads(available_cpus())
 
 
 def main(argv=None) -> int:

@@ -98,6 +98,8 @@ METRICS: tuple[Metric, ...] = (
     Metric("num_params", "", "lower", 0.0, "parameters"),
     Metric("cell_wall_s", "s", "none", None, "wall time of the cell"),
     Metric("restarts", "", "none", None, "restarts from a checkpoint"),
+    Metric("checkpoint_s", "s", "lower", None, "time to write a checkpoint (mean, this attempt)"),
+    Metric("checkpoint_mib", "MiB", "none", None, "size of a checkpoint"),
     Metric("contention_cpu_s", "s", "none", None, "CPU time used by other processes"),
     Metric("contention_cpu_frac", "", "none", None, "share of the CPUs used by other processes"),
     Metric("contention_window_s", "s", "none", None, "contention window"),

@@ -158,7 +158,7 @@ def test_compare_finds_an_injected_slowdown_in_the_working_tree(tmp_path):
     git(src, "commit", "-qm", "base")
     load_calibration().inject_slowdown(src, "bptt_m", 100)
     r = subprocess.run([sys.executable, "run_bench.py", "compare", "HEAD", "--grid", "ci_cpu", "--filter",
-                        "method=bptt_m,rate_m", "--filter", "T=1", "--rounds", "1", "--set", "steps=9",
+                        "method=bptt_m,rate_m", "--filter", "T=1", "--rounds", "2", "--set", "steps=9",
                         "--out", str(tmp_path / "cmp")], cwd=src, capture_output=True, text=True, timeout=600)
     assert r.returncode == 1, r.stdout + r.stderr
     import pandas as pd
@@ -166,7 +166,7 @@ def test_compare_finds_an_injected_slowdown_in_the_working_tree(tmp_path):
     t = pd.read_parquet(tmp_path / "cmp" / "comparison.parquet").set_index("method")
     assert t.loc["bptt_m", "time"] == "slower" and t.loc["bptt_m", "low"] > 1.05
     assert t.loc["rate_m", "time"] != "slower"
-    assert t.loc["bptt_m", "pairs"] == 9 and (tmp_path / "cmp" / "compare.md").exists()
+    assert t.loc["bptt_m", "pairs"] == 18 and (tmp_path / "cmp" / "compare.md").exists()
     assert t.loc["bptt_m", "exact"] is None  # the slowdown changes no saved bytes
     shutil.rmtree(src)
 

@@ -1,0 +1,190 @@
+"""`run --slurm` against a real one-node Slurm (scripts/slurm-local.sh): a job array gives the rows of a local run,
+a requeued cell resumes, a cell longer than its time limit is requeued until it finishes, scancel gives
+cancelled and a rerun resubmits.
+
+The cluster is started for this module in a folder of its own, on ports of its own, and its daemons are stopped
+(by pid) when the module ends. Without Slurm and root here the tests are skipped, unless SNNBENCH_REQUIRE_SLURM=1
+(CI), where that is a failure.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import time
+
+import pandas as pd
+import pytest
+
+from bench.errors import UsageError
+from bench.grid import Cell
+from bench.slurm import SlurmSettings
+
+from .helpers import REPO, cli
+
+pytestmark = pytest.mark.slurm
+SCRIPT = REPO / "scripts" / "slurm-local.sh"
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    required = os.environ.get("SNNBENCH_REQUIRE_SLURM") == "1"
+    can = os.geteuid() == 0 or shutil.which("sbatch")
+    if not can:
+        if required:
+            pytest.fail("SNNBENCH_REQUIRE_SLURM=1 but Slurm is not installed and this is not root")
+        pytest.skip("needs root (to install and start a one-node Slurm) or a Slurm here")
+    d = tmp_path_factory.mktemp("slurm")
+    env = {**os.environ, "SNNBENCH_SLURM_DIR": str(d), "SNNBENCH_SLURMCTLD_PORT": "6917", "SNNBENCH_SLURMD_PORT": "6918"}
+    t0 = time.perf_counter()
+    r = subprocess.run(["bash", str(SCRIPT), "start"], env=env, capture_output=True, text=True, timeout=300)
+    if r.returncode != 0:
+        msg = f"could not start a one-node Slurm: {r.stderr[-2000:]}"
+        pytest.fail(msg) if required else pytest.skip(msg)
+    print(f"one-node Slurm started in {time.perf_counter() - t0:.1f} s")
+    env["SLURM_CONF"] = str(d / "slurm.conf")
+    try:
+        yield env
+    finally:
+        subprocess.run(["scancel", "--user", os.environ.get("USER", "root")], env=env, capture_output=True)
+        subprocess.run(["bash", str(SCRIPT), "stop"], env=env, capture_output=True, timeout=120)
+
+
+def grid_file(tmp_path, name, T, epochs, slurm="", seeds=(0,), methods=("bptt_m",)):
+    q = lambda xs: "[" + ", ".join(f'"{x}"' if isinstance(x, str) else str(x) for x in xs) + "]"  # noqa: E731
+    p = tmp_path / f"{name}.toml"
+    p.write_text(f'name = "{name}"\n[axes]\nmethod = {q(methods)}\narch = ["cnn_digits"]\ndataset = ["digits"]\n'
+                 f"T = {q(T)}\nseed = {q(seeds)}\n[fixed]\nepochs = {epochs}\nbatch_size = 32\neval_batch_size = 360\n"
+                 f"[slurm]\ncpus_per_task = 2\ntimeout_min = 10\n{slurm}")
+    return p
+
+
+def rows(out):
+    cells = pd.read_parquet(out / "cells").set_index("key").sort_index()
+    epochs = pd.read_parquet(out / "epochs").sort_values(["key", "epoch"])
+    return cells, epochs
+
+
+def job_of(out, n=0):
+    return json.loads((out / "slurm" / "jobs.json").read_text())[n]["job_id"]
+
+
+def wait_for(pred, timeout=120, what=""):
+    t0 = time.time()
+    while not pred():
+        if time.time() - t0 > timeout:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def test_job_array_gives_the_rows_of_a_local_run(slurm, tmp_path):
+    """4 cells as one array, packed 2 per task (each still in a fresh worker; 2 CPUs per task, as many threads as
+    the local run uses) end with the same accuracy and losses as `run` here; a second run submits nothing."""
+    g = grid_file(tmp_path, "four", T=[1, 2], epochs=2, methods=("bptt_m", "rate_m"), slurm="cells_per_task = 2\n")
+    t0 = time.perf_counter()
+    r = cli("run", str(g), "--slurm", "--out", str(tmp_path / "slurm"), "--poll-s", "1", env=slurm, timeout=600)
+    print(f"4-cell array: {time.perf_counter() - t0:.1f} s")
+    assert r.returncode == 0, r.stderr
+    assert "submitted 4 cell(s) as 2 Slurm task(s)" in r.stderr
+    assert len(list((tmp_path / "slurm" / "logs").glob("*.log"))) == 4  # one worker (and its log) per cell
+    local = cli("run", str(g), "--out", str(tmp_path / "local"), env=slurm, timeout=600)
+    assert local.returncode == 0, local.stderr
+    (cs, es), (cl, el) = rows(tmp_path / "slurm"), rows(tmp_path / "local")
+    assert list(cs.index) == list(cl.index) and (cs["status"] == "ok").all()
+    assert cs["acc_top1"].tolist() == cl["acc_top1"].tolist() and cs["acc_top1"].min() > 50
+    assert cs["train_loss"].tolist() == cl["train_loss"].tolist()
+    assert es["train_loss"].tolist() == el["train_loss"].tolist() and es["test_acc"].tolist() == el["test_acc"].tolist()
+    again = cli("run", str(g), "--slurm", "--out", str(tmp_path / "slurm"), env=slurm)
+    assert again.returncode == 0 and "4 cell(s) already stored with status ok: skipped" in again.stderr
+    assert "submitted 4 cell" not in again.stderr
+
+
+def test_scontrol_requeue_resumes_the_cell(slurm, tmp_path):
+    """A running 6-epoch cell requeued after its first checkpoint resumes there (restarts = 1) and ends with the
+    losses of an uninterrupted local run; while it waits, status says requeued and a second run does not submit."""
+    g = grid_file(tmp_path, "requeue", T=[4], epochs=6)
+    out = tmp_path / "out"
+    r = cli("run", str(g), "--slurm", "--detach", "--out", str(out), env=slurm)
+    assert r.returncode == 0 and "detached" in r.stderr, r.stderr
+    wait_for(lambda: (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()), what="a checkpoint")
+    job = job_of(out)
+    subprocess.run(["scontrol", "requeue", job], env=slurm, check=True)
+    wait_for(lambda: (out / "cells").is_dir() and any((out / "cells").iterdir()), what="the preempted row")
+    s = cli("status", str(out), env=slurm)
+    assert "requeued" in s.stdout or "running" in s.stdout, s.stdout  # pending again, or already restarted
+    w = cli("run", str(g), "--slurm", "--out", str(out), "--poll-s", "1", env=slurm, timeout=600)
+    assert w.returncode == 0, w.stderr
+    assert "pending or running under Slurm" in w.stderr and "submitted 1 cell" not in w.stderr
+    local = cli("run", str(g), "--out", str(tmp_path / "local"), env=slurm, timeout=600)
+    assert local.returncode == 0, local.stderr
+    (cs, es), (cl, el) = rows(out), rows(tmp_path / "local")
+    row = cs.iloc[0]
+    assert row["status"] == "ok" and row["restarts"] == 1
+    resumed = json.loads(row["resumed_at"])[0]
+    print(f"requeue transcript: job {job}, stopped and resumed at epoch {resumed['epoch']} batch {resumed['batch']} "
+          f"of 6 epochs, restarts {row['restarts']}, epochs stored {es['epoch'].tolist()}")
+    assert resumed["epoch"] >= 2
+    assert es["train_loss"].tolist() == el["train_loss"].tolist() and row["acc_top1"] == cl.iloc[0]["acc_top1"]
+    assert not any((out / "checkpoints").iterdir())
+
+
+def test_cell_longer_than_its_time_limit_is_requeued_and_finishes(slurm, tmp_path):
+    """A 1-minute limit with USR2 30 s ahead: each run of the task gets well under a minute, the cell needs more
+    (T=8, 40 epochs: ~45 s of training on 2 cores), so it goes on over requeues from its checkpoints."""
+    g = grid_file(tmp_path, "timelimit", T=[8], epochs=40, slurm="signal_delay_s = 30\n")
+    out = tmp_path / "out"
+    t0 = time.perf_counter()
+    r = cli("run", str(g), "--slurm", "--slurm-set", "timeout_min=1", "--out", str(out), "--poll-s", "1",
+            env=slurm, timeout=900)
+    print(f"time-limit cell: {time.perf_counter() - t0:.1f} s")
+    assert r.returncode == 0, r.stderr
+    cs, es = rows(out)
+    row = cs.iloc[0]
+    assert row["status"] == "ok" and row["restarts"] >= 1 and es["epoch"].tolist() == list(range(1, 41))
+    log = "".join(p.read_text() for p in (out / "slurm").glob("*/*.out"))
+    assert "this job is timed-out" in log and "Requeued job" in log
+
+
+def test_scancel_stores_cancelled_and_a_rerun_resubmits_and_resumes(slurm, tmp_path):
+    g = grid_file(tmp_path, "cancel", T=[4], epochs=6)
+    out = tmp_path / "out"
+    assert cli("run", str(g), "--slurm", "--detach", "--out", str(out), env=slurm).returncode == 0
+    wait_for(lambda: (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()), what="a checkpoint")
+    subprocess.run(["scancel", job_of(out)], env=slurm, check=True)
+    wait_for(lambda: (out / "cells").is_dir() and any((out / "cells").iterdir())
+             and pd.read_parquet(out / "cells")["status"].iloc[0] == "cancelled", what="the cancelled row")
+    s = cli("status", str(out), env=slurm)
+    assert "1 cancelled" in s.stdout, s.stdout
+    r = cli("run", str(g), "--slurm", "--out", str(out), "--poll-s", "1", env=slurm, timeout=600)
+    assert r.returncode == 0 and "submitted 1 cell(s)" in r.stderr, r.stderr
+    row = pd.read_parquet(out / "cells").iloc[0]
+    assert row["status"] == "ok" and row["restarts"] == 1
+
+
+def test_bad_slurm_input_is_one_message_and_exit_2(slurm, tmp_path):
+    g = grid_file(tmp_path, "bad", T=[1], epochs=1)
+    r = cli("run", str(g), "--slurm", "--slurm-set", "partition=nosuch", "--out", str(tmp_path / "o"), env=slurm)
+    assert r.returncode == 2 and "sbatch refused the job array" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = cli("run", str(g), "--slurm", "--slurm-set", "gpu=1", "--out", str(tmp_path / "o"), env=slurm)
+    assert r.returncode == 2 and "unknown Slurm setting 'gpu'" in r.stderr
+
+
+# ---------------------------------------------------------------- without a cluster
+
+
+def test_settings_ask_no_gpu_for_cpu_cells_and_check_their_values():
+    cpu = [Cell("bptt_m", "cnn_digits", "digits", 1)]
+    gpu = [Cell("bptt_m", "cnn_digits", "digits", 1, device="cuda")]
+    p = SlurmSettings.make({}, {}, cpu).executor_parameters()
+    assert "gpus_per_node" not in p and p["cpus_per_task"] == 2  # the gres error of a GPU-less node
+    p = SlurmSettings.make({"partition": "gpu", "mem_gb": 32}, {"timeout_min": "60"}, gpu).executor_parameters()
+    assert p["gpus_per_node"] == 1 and p["slurm_partition"] == "gpu" and p["timeout_min"] == 60 and p["mem_gb"] == 32
+    for bad in ({"timeout_min": 0}, {"cells_per_task": "two"}, {"additional": 3}, {"gpus": 1}):
+        with pytest.raises(UsageError):
+            SlurmSettings.make(bad, {}, cpu)
+
+
+def test_no_sbatch_is_one_message(tmp_path):
+    g = grid_file(tmp_path, "nosbatch", T=[1], epochs=1)
+    r = cli("run", str(g), "--slurm", "--out", str(tmp_path / "o"), env={"PATH": str(tmp_path)})
+    assert r.returncode == 2 and "no sbatch on PATH" in r.stderr and "Traceback" not in r.stderr, r.stderr
