@@ -3,7 +3,8 @@
     python run_bench.py                       # the default grid on this machine, then its report
     python run_bench.py report DIR            # figures, tables, summary.md, index.html
     python run_bench.py run GRID [--filter method=rate_m,bptt_m --filter T=1,2,4] [--set epochs=3]
-                                 [--data-root DIR] [--out DIR] [--in-process | --slurm [--detach]]
+                                 [--data-root DIR] [--out DIR] [--gpus all|0,1 | --jobs N]
+                                 [--in-process | --slurm [--detach]]
     python run_bench.py list                  # methods, architectures, datasets, grids
     python run_bench.py check --baseline B --results R [--tolerance METRIC=PCT] [--invariants R] [--report FILE]
     python run_bench.py baseline R OUT.parquet  # record R's cells as a baseline, on purpose
@@ -53,9 +54,23 @@ def cmd_run(a) -> int:
         from bench.errors import UsageError
 
         raise UsageError("--detach and --slurm-set go with --slurm")
+    slots = None
+    if a.gpus or a.jobs:
+        from bench.errors import UsageError
+        from bench.launch import check_slots, cpu_slots, gpu_slots
+
+        if a.gpus and a.jobs:
+            raise UsageError("--gpus and --jobs: one or the other (GPU cells go one per GPU, CPU cells N at a time)")
+        if a.gpus:
+            import torch
+
+            slots = gpu_slots(a.gpus, torch.cuda.device_count())
+        else:
+            slots = cpu_slots(a.jobs)
+        check_slots(cells, slots, a.share_cpu, launcher)
     print(f"grid {name}: {len(cells)} cell(s) -> {out}", file=sys.stderr)
     outcome = run_grid(cells, out, a.data_root, launcher, slurm, reuse_stale=a.reuse_stale, detach=a.detach,
-                       poll_s=a.poll_s)
+                       poll_s=a.poll_s, slots=slots)
     if a.slurm and a.detach:
         return 0
     if not getattr(a, "quiet_summary", False):
@@ -192,6 +207,7 @@ def cmd_baseline(a) -> int:
 def cmd_default(a) -> int:
     a.grid, a.filter, a.set, a.out, a.data_root, a.in_process, a.slurm, a.device = "default", [], [], None, None, False, False, None
     a.reuse_stale, a.detach, a.slurm_set, a.poll_s = False, False, [], 10.0
+    a.gpus, a.jobs, a.share_cpu = None, None, False
     a.quiet_summary = True
     rc = cmd_run(a)
     a.dir, a.out = REPO / "results" / "default", None
@@ -224,6 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--slurm-partition", help="= --slurm-set partition=P")
     r.add_argument("--slurm-timeout-min", type=int, help="= --slurm-set timeout_min=M")
     r.add_argument("--slurm-gpus", type=int, help="= --slurm-set gpus_per_node=N")
+    r.add_argument("--gpus", metavar="LIST", help="run cells side by side, one per GPU: 'all' or indices like 0,1,3 "
+                                               "(each worker sees only its GPU; cells ask for device cuda)")
+    r.add_argument("--jobs", type=int, metavar="N", help="run N CPU cells side by side (train cells; profile cells "
+                                                         "only with --share-cpu)")
+    r.add_argument("--share-cpu", action="store_true", help="with --jobs: let profile cells share the CPU anyway")
     r.add_argument("--detach", action="store_true",
                    help="with --slurm: return once the jobs are submitted (`status DIR` follows them)")
     r.add_argument("--poll-s", type=float, default=10.0, help="with --slurm: how often to look at the queue (default 10)")

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,67 +62,72 @@ class GridOutcome:
 
 
 class ProgressDisplay:
-    """One status line: cells done/left, the current cell, epoch and step, ETA."""
+    """One status line: cells done/left, every running cell (with its slot when cells run side by side), epoch
+    and step, ETA. Thread-safe: the slots of a pool report from their own threads."""
 
-    def __init__(self, total: int, stream=None, work_left: float | None = None) -> None:
-        self.total, self.done = total, 0
+    def __init__(self, total: int, stream=None, work_left: float | None = None, slots: int = 1) -> None:
+        self.total, self.done, self.slots = total, 0, max(1, slots)
         self.work_left = work_left  # estimated cost of the cells still to run (ETA weighting)
         self._work_done = 0.0
-        self._cell_work = 0.0
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
-        self.t0 = time.perf_counter()
-        self.cell_t0 = self.t0
-        self.current = ""
-        self.detail: dict = {}
+        self.running: dict[str | None, dict] = {}  # slot -> {"label", "t0", "work", "detail"}
         self._last = 0.0
         self._cell_times: list[float] = []
+        self._lock = threading.RLock()
 
-    def start_cell(self, cell: Cell) -> None:
-        self.current, self.detail = cell.label, {}
-        self._cell_work = cell_cost(cell)
-        self.cell_t0 = time.perf_counter()
-        self.render(force=True)
+    def start_cell(self, cell: Cell, slot: str | None = None) -> None:
+        with self._lock:
+            self.running[slot] = {"label": cell.label, "t0": time.perf_counter(), "work": cell_cost(cell), "detail": {}}
+            self.render(force=True)
 
-    def update(self, detail: dict) -> None:
-        self.detail = detail
-        self.render()
+    def update(self, detail: dict, slot: str | None = None) -> None:
+        with self._lock:
+            if slot in self.running:
+                self.running[slot]["detail"] = detail
+            self.render()
 
-    def end_cell(self, status: str) -> None:
-        self._cell_times.append(time.perf_counter() - self.cell_t0)
-        self.done += 1
-        self._work_done += self._cell_work
-        if self.work_left is not None:
-            self.work_left -= self._cell_work
-        self.render(force=True, final=status)
+    def end_cell(self, status: str, slot: str | None = None) -> None:
+        with self._lock:
+            r = self.running.get(slot) or {"label": "", "t0": time.perf_counter(), "work": 0.0, "detail": {}}
+            self._cell_times.append(time.perf_counter() - r["t0"])
+            self.done += 1
+            self._work_done += r["work"]
+            if self.work_left is not None:
+                self.work_left -= r["work"]
+            self.render(force=True, final=(slot, status))
+            self.running.pop(slot, None)
 
     def eta_s(self) -> float | None:
         left = self.total - self.done
         if not self._cell_times:
-            d = self.detail
-            if d.get("steps") and d.get("step"):
-                per_cell = (time.perf_counter() - self.cell_t0) * d["steps"] / d["step"]
-                return per_cell * left - (time.perf_counter() - self.cell_t0)
+            for r in self.running.values():
+                d = r["detail"]
+                if d.get("steps") and d.get("step"):
+                    spent = time.perf_counter() - r["t0"]
+                    return (spent * d["steps"] / d["step"] * left - spent) / self.slots
             return None
         if self.work_left is not None and self._work_done > 0:
-            return sum(self._cell_times) / self._work_done * self.work_left
-        return sum(self._cell_times) / len(self._cell_times) * left
+            return sum(self._cell_times) / self._work_done * self.work_left / self.slots
+        return sum(self._cell_times) / len(self._cell_times) * left / self.slots
 
-    def render(self, force: bool = False, final: str | None = None) -> None:
+    @staticmethod
+    def _where(d: dict) -> str:
+        where = f" epoch {d.get('epoch')}/{d['epochs']}" if d.get("epochs") else ""
+        return where + (f" step {d.get('step')}/{d['steps']}" if d.get("steps") else "")
+
+    def render(self, force: bool = False, final: tuple | None = None) -> None:
         now = time.perf_counter()
         if not force and now - self._last < (0.2 if self.tty else 5.0):
             return
         self._last = now
-        d = self.detail
-        where = ""
-        if d.get("epochs"):
-            where = f" epoch {d.get('epoch')}/{d['epochs']}"
-        if d.get("steps"):
-            where += f" step {d.get('step')}/{d['steps']}"
+        parts = []
+        for slot, r in self.running.items():
+            state = f" -> {final[1]}" if final and final[0] == slot else ""
+            parts.append((f"{slot}: " if slot is not None else "") + r["label"] + self._where(r["detail"]) + state)
         eta = self.eta_s()
         eta_s = f" ETA {int(eta // 60)}m{int(eta % 60):02d}s" if eta is not None else ""
-        state = f" -> {final}" if final else ""
-        line = f"[{self.done}/{self.total} done, {self.total - self.done} left] {self.current}{where}{state}{eta_s}"
+        line = f"[{self.done}/{self.total} done, {self.total - self.done} left] " + " | ".join(parts) + eta_s
         if self.tty:
             self.stream.write("\r\x1b[2K" + line + ("\n" if final else ""))
         else:
@@ -159,7 +165,8 @@ def _store(out: Path, cell: Cell, row: dict, epochs=None, samples=None) -> None:
 
 def run_in_subprocess(cell: Cell, out: Path, data_root: str | None, on_progress: Callable[[dict], None],
                       on_start: Callable[[subprocess.Popen], None] | None = None,
-                      stopping: Callable[[], bool] = lambda: False) -> tuple[str, str | None]:
+                      stopping: Callable[[], bool] = lambda: False, env: dict | None = None,
+                      concurrent: int = 1) -> tuple[str, str | None]:
     """Run a cell in a fresh worker (bench/worker.py) and return its (status, error). A worker that dies without
     storing its row gets one here (``oom`` for SIGKILL, else ``error``), unless it died while being stopped
     (``stopping()``): then its last checkpoint stands and the status is ``preempted``."""
@@ -168,7 +175,9 @@ def run_in_subprocess(cell: Cell, out: Path, data_root: str | None, on_progress:
     cmd = [sys.executable, "-m", "bench.worker", "--out", str(out), "--cell", json.dumps(cell.config())]
     if data_root:
         cmd += ["--data-root", str(data_root)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if concurrent > 1:
+        cmd += ["--concurrent", str(concurrent)]
+    env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     status: dict = {}
     try:
@@ -234,14 +243,15 @@ def stored_ok(out: Path) -> dict[str, str | None]:
 
 def run_grid(cells: list[Cell], out: Path, data_root: str | None = None, launcher: str = "subprocess",
              slurm=None, stream=None, reuse_stale: bool = False, detach: bool = False,
-             poll_s: float = 10.0) -> GridOutcome:
+             poll_s: float = 10.0, slots: list["Slot"] | None = None) -> GridOutcome:
     """Run the cells not yet stored ok with the current code. Cells stored ok by other code (stale) are rerun,
     or kept with ``reuse_stale``; cells pending or running under Slurm (submitted from this folder) are left
     to their jobs. Holds the folder's lock while it runs; raises StoreFailed when a result cannot be stored (the
     cells stored before stay as they are).
 
     SIGTERM, SIGUSR1 or SIGUSR2 to the grid process reach the running worker, which checkpoints and ends its
-    cell as ``preempted``; no further cell starts. ``launcher="slurm"`` submits the cells as a job array
+    cell as ``preempted``; no further cell starts. ``slots`` (``gpu_slots``, ``cpu_slots``) run that many cells
+    side by side, each in its own worker. ``launcher="slurm"`` submits the cells as a job array
     (``slurm``: bench.slurm.SlurmSettings) and watches them unless ``detach``."""
     out = Path(out)
     stream = stream or sys.stderr
@@ -287,47 +297,145 @@ def run_grid(cells: list[Cell], out: Path, data_root: str | None = None, launche
             if todo or outcome.queued:
                 _run_on_slurm(todo, out, data_root, slurm, outcome, stream, detach, poll_s)
             return outcome
-        display = ProgressDisplay(len(cells), stream, work_left=sum(cell_cost(c) for c in todo))
+        slots = slots or [Slot()]
+        display = ProgressDisplay(len(cells), stream, work_left=sum(cell_cost(c) for c in todo), slots=len(slots))
         display.done = len(cells) - len(todo)
         STOP.clear()
         STOP.install()
-        worker: list[subprocess.Popen] = []
+        workers: dict[str | None, subprocess.Popen] = {}
 
-        def forward(signum: int) -> None:  # a signal to the grid process reaches its worker
-            if worker and worker[0].poll() is None:
-                worker[0].send_signal(signum)
+        def forward(signum: int) -> None:  # a signal to the grid process reaches its workers
+            for p in list(workers.values()):
+                if p.poll() is None:
+                    p.send_signal(signum)
 
         undo = STOP.forward(forward)
+        running: dict[str | None, str] = {}
+
+        def run_one(cell: Cell, slot: Slot) -> None:
+            display.start_cell(cell, slot.name)
+            running[slot.name] = cell.label
+            lock.note_cell(list(running.values()) if len(slots) > 1 else cell.label)
+            progress = lambda d: display.update(d, slot.name)  # noqa: E731
+            try:
+                if launcher == "inprocess":
+                    st, err = run_in_process(cell, out, data_root, progress)
+                else:
+                    st, err = run_in_subprocess(cell, out, data_root, progress, stopping=lambda: STOP.requested,
+                                                on_start=lambda p: workers.__setitem__(slot.name, p),
+                                                env=slot.env, concurrent=len(slots))
+            finally:
+                workers.pop(slot.name, None)
+                running.pop(slot.name, None)
+            outcome.ran.append((cell, st, err))
+            display.end_cell(st, slot.name)
+
         try:
-            for i, cell in enumerate(todo):
-                if STOP.requested:
-                    outcome.not_started = todo[i:]
-                    break
-                display.start_cell(cell)
-                lock.note_cell(cell.label)
-                try:
-                    if launcher == "inprocess":
-                        st, err = run_in_process(cell, out, data_root, display.update)
-                    else:
-                        st, err = run_in_subprocess(cell, out, data_root, display.update,
-                                                    on_start=worker.append,
-                                                    stopping=lambda: STOP.requested)
-                except StoreFailed as e:
-                    left = todo[i:]
-                    raise StoreFailed(f"{e}\nthe grid stopped: {len(left)} cell(s) not stored ("
-                                      + ", ".join(c.label for c in left[:5]) + (", ..." if len(left) > 5 else "")
-                                      + f"); the {len(outcome.ran) + len(outcome.skipped)} cell(s) stored before stay "
-                                      "readable. Free the space and run the same command again.") from None
-                finally:
-                    worker.clear()
-                outcome.ran.append((cell, st, err))
-                display.end_cell(st)
+            left = run_pool(todo, slots, run_one, lambda: STOP.requested)
+            outcome.not_started = left if STOP.requested else []
             outcome.stopped_by = STOP.name
+        except StoreFailed as e:
+            done = {id(c) for c, _, _ in outcome.ran}
+            left = [c for c in todo if id(c) not in done]
+            raise StoreFailed(f"{e}\nthe grid stopped: {len(left)} cell(s) not stored ("
+                              + ", ".join(c.label for c in left[:5]) + (", ..." if len(left) > 5 else "")
+                              + f"); the {len(outcome.ran) + len(outcome.skipped)} cell(s) stored before stay "
+                              "readable. Free the space and run the same command again.") from None
         finally:
             undo()
             STOP.uninstall()
             lock.note_cell(None)
     return outcome
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where one cell runs at a time: a GPU of this machine (the worker sees only that GPU, as its cuda:0) or a
+    share of the CPU. ``name`` is None for the one slot of a plain sequential run."""
+
+    name: str | None = None
+    env: dict = field(default_factory=dict, hash=False)
+
+
+def gpu_slots(spec: str, count: int) -> list[Slot]:
+    """``--gpus 0,1,3`` or ``--gpus all``: one slot per GPU (``count``: the GPUs this machine has)."""
+    if count <= 0:
+        raise UsageError(f"--gpus {spec}: no CUDA device is available here")
+    if spec.strip() == "all":
+        ids = list(range(count))
+    else:
+        try:
+            ids = [int(x) for x in spec.split(",") if x.strip()]
+        except ValueError:
+            raise UsageError(f"--gpus expects 'all' or GPU indices like 0,1,2, got {spec!r}") from None
+        bad = [i for i in ids if not 0 <= i < count]
+        if bad or not ids or len(set(ids)) != len(ids):
+            raise UsageError(f"--gpus {spec}: this machine has {count} GPU(s), indices 0..{count - 1}, each once")
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    phys = [v.strip() for v in visible.split(",")] if visible else None  # indices are within what is visible
+    return [Slot(f"gpu{i}", {"CUDA_VISIBLE_DEVICES": phys[i] if phys else str(i)}) for i in ids]
+
+
+def cpu_slots(jobs: int) -> list[Slot]:
+    if jobs < 1:
+        raise UsageError(f"--jobs must be >= 1, got {jobs}")
+    return [Slot(f"cpu{i}" if jobs > 1 else None) for i in range(jobs)]
+
+
+def check_slots(cells: list[Cell], slots: list[Slot], share_cpu: bool = False, launcher: str = "subprocess") -> None:
+    """Refuse what a pool cannot do well, before any cell runs: GPU slots for cells that do not ask for ``cuda``
+    (the pool picks the GPU), and profile cells sharing the CPU (their timings are their point) unless asked."""
+    if len(slots) > 1 and launcher != "subprocess":
+        raise UsageError("--gpus and --jobs run cells side by side in fresh workers: not with --in-process or --slurm")
+    if any(s.name and s.name.startswith("gpu") for s in slots):
+        bad = sorted({c.device for c in cells if c.device != "cuda"})
+        if bad:
+            raise UsageError(f"--gpus picks each cell's GPU: the cells must ask for device 'cuda' (use --device cuda), "
+                             f"not {', '.join(bad)}")
+    elif len(slots) > 1:
+        if any(c.device != "cpu" for c in cells):
+            raise UsageError("--jobs runs CPU cells side by side; for GPU cells use --gpus")
+        profile = [c for c in cells if c.kind == "profile"]
+        if profile and not share_cpu:
+            raise UsageError(f"--jobs {len(slots)}: {len(profile)} profile cell(s) would share the CPU, and their "
+                             "timings are their point; run them alone, or pass --share-cpu to do it anyway (their "
+                             "rows record concurrent_cells and the CPU contention)")
+
+
+def run_pool(todo: list[Cell], slots: list[Slot], run_one: Callable[[Cell, Slot], None],
+             stopped: Callable[[], bool] = lambda: False) -> list[Cell]:
+    """Run ``run_one(cell, slot)`` for each cell, at most one cell per slot at a time, in order of ``todo``; stop
+    taking cells when ``stopped()``. Returns the cells not started. The first exception of a slot stops the
+    others taking cells and is raised once the running ones end."""
+    queue = list(todo)
+    if len(slots) == 1:  # in this thread: signals and Ctrl-C reach the loop directly
+        while queue and not stopped():
+            run_one(queue.pop(0), slots[0])
+        return queue
+    guard, errors = threading.Lock(), []
+
+    def work(slot: Slot) -> None:
+        while True:
+            with guard:
+                if not queue or errors or stopped():
+                    return
+                cell = queue.pop(0)
+            try:
+                run_one(cell, slot)
+            except BaseException as e:  # noqa: BLE001 - handed to the main thread
+                with guard:
+                    errors.append(e)
+                return
+
+    threads = [threading.Thread(target=work, args=(s,), name=f"slot-{s.name}", daemon=True) for s in slots]
+    for t in threads:
+        t.start()
+    for t in threads:
+        while t.is_alive():
+            t.join(0.2)  # wake up for signal handlers in the main thread
+    if errors:
+        raise errors[0]
+    return queue
 
 
 def _queued(out: Path, stream) -> dict[str, str]:

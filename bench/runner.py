@@ -139,12 +139,14 @@ class Preempted(Exception):
 
 
 def run_cell(cell: Cell, data_root: str | None = None, progress: Progress | None = None,
-             out: str | os.PathLike | None = None) -> Result:
+             out: str | os.PathLike | None = None, concurrent: int = 1) -> Result:
     """Run one cell; a failure becomes a row with status ``oom`` or ``error``, never an exception.
 
     With a results folder ``out``, a train cell checkpoints there (bench/checkpoint.py) at every epoch end (but
     the last), every ``checkpoint_minutes``, and when a stop signal arrives (then it ends with status
-    ``preempted``); it resumes from that checkpoint when run again, and removes it when it ends ok."""
+    ``preempted``); it resumes from that checkpoint when run again, and removes it when it ends ok.
+    ``concurrent``: how many cells the launcher runs side by side (recorded; the contention columns say what
+    that did to the timings)."""
     t_cell = time.perf_counter()
     progress = progress or (lambda d: None)
     device = torch.device(cell.device)
@@ -154,6 +156,7 @@ def run_cell(cell: Cell, data_root: str | None = None, progress: Progress | None
     row = base_row(cell, "ok")
     row.update(environment(device))
     row["gpu_null_reason"] = gpu_reason
+    row["concurrent_cells"] = concurrent
     if nvml:
         row.update(gpu_uuid=nvml.uuid, nvml_driver=nvml.driver, mig_mode=nvml.mig_mode,
                    gpu_other_processes=json.dumps(nvml.other_processes), gpu_name=nvml.name)
@@ -326,23 +329,27 @@ class StepMeasure:
         self.step_ms: list[float] = []
         self.phase_ms: dict[str, list[float]] = {}
         self.saved_bytes: int | None = None
+        self.wait_ms: list[float] = []  # per timed step, the time it waited for its batch (train cells)
         self.rewarm = 0  # steps still to leave out of the timings after a resume (a fresh process warms up again)
 
     def state(self) -> dict:
         p = self.probe
-        return {"steps": self.steps, "step_ms": list(self.step_ms), "phase_ms": {k: list(v) for k, v in self.phase_ms.items()},
+        return {"steps": self.steps, "step_ms": list(self.step_ms), "wait_ms": list(self.wait_ms),
+                "phase_ms": {k: list(v) for k, v in self.phase_ms.items()},
                 "saved_bytes": self.saved_bytes, "phase_peak_alloc": dict(p.phase_peak_alloc),
                 "phase_peak_reserved": dict(p.phase_peak_reserved)}
 
     def load_state(self, s: dict) -> None:
         self.steps, self.saved_bytes = s["steps"], s["saved_bytes"]
-        self.step_ms = list(s["step_ms"])
+        self.step_ms, self.wait_ms = list(s["step_ms"]), list(s["wait_ms"])
         self.phase_ms = {k: list(v) for k, v in s["phase_ms"].items()}
         self.probe.phase_peak_alloc.update(s["phase_peak_alloc"])
         self.probe.phase_peak_reserved.update(s["phase_peak_reserved"])
         self.rewarm = self.warmup
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def step(self, x: torch.Tensor, y: torch.Tensor, wait_ms: float | None = None) -> torch.Tensor:
+        """One training step on (x, y); ``wait_ms``: how long the loop waited for this batch (recorded with the
+        step's time when the step is timed)."""
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         if self.steps == self.warmup:
             out = self._memory_step(x, y)
@@ -355,6 +362,8 @@ class StepMeasure:
                 self.rewarm -= 1
             elif self.steps > self.warmup:
                 self.step_ms.append(dt)
+                if wait_ms is not None:
+                    self.wait_ms.append(wait_ms)
                 for k, v in phases.items():
                     self.phase_ms.setdefault(k, []).append(v)
         self.steps += 1
@@ -373,8 +382,11 @@ class StepMeasure:
 
     def series(self) -> dict[str, list[float]]:
         """The measured steps' times, in order: the whole step and each phase."""
-        return {"step_ms": list(self.step_ms),
-                **{f"{ph}_ms": list(self.phase_ms.get(ph, [])) for ph in ("forward", "backward", "optimizer")}}
+        out = {"step_ms": list(self.step_ms),
+               **{f"{ph}_ms": list(self.phase_ms.get(ph, [])) for ph in ("forward", "backward", "optimizer")}}
+        if self.wait_ms:
+            out["data_wait_ms"] = list(self.wait_ms)
+        return out
 
     def columns(self) -> dict:
         ms = self.step_ms
@@ -471,8 +483,8 @@ def _train(cell: Cell, device, model, method, opt, sched, train, test, measure: 
         sync(device)
         t_epoch = time.perf_counter()
         paused = 0.0  # checkpoint writes inside the epoch: not training time
-        for b, (x, y) in enumerate(train.batches(epoch - 1, first), first + 1):
-            losses.append(measure.step(x, y))
+        for b, (wait_ms, (x, y)) in enumerate(_timed(train.batches(epoch - 1, first)), first + 1):
+            losses.append(measure.step(x, y, wait_ms))
             tell(epoch)
             if ckpt is not None and (STOP.requested or (every_s and time.perf_counter() - last_save >= every_s)):
                 t0 = time.perf_counter()
@@ -508,3 +520,15 @@ def _train(cell: Cell, device, model, method, opt, sched, train, test, measure: 
         row.update(acc_top1=last["test_acc"], acc_top1_best=best if best > -math.inf else None,
                    train_loss=last["train_loss"], firing_rate_mean=last["firing_rate_mean"],
                    **summarise({"epoch_s": [e["epoch_time_s"] for e in epochs]}))
+
+
+def _timed(batches):
+    """(milliseconds waited for the batch, batch) for each batch of an iterable."""
+    it = iter(batches)
+    while True:
+        t0 = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        yield (time.perf_counter() - t0) * 1e3, batch

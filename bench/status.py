@@ -67,8 +67,9 @@ def cell_states(folder: Path) -> pd.DataFrame:
             rows[r["key"]] = {"key": r["key"], "label": label, "state": "stale", "detail": why}
     holder = read_lock(folder)
     if lock_holder_alive(holder) and holder.get("cell"):
+        now = holder["cell"] if isinstance(holder["cell"], list) else [holder["cell"]]
         for row in rows.values():
-            if row["label"] == holder["cell"] and row["state"] != "ok":
+            if row["label"] in now and row["state"] != "ok":
                 row.update(state="running", detail=f"host {holder.get('host')}, pid {holder.get('pid')}")
     queue = queue_states(folder)
     for key, (job, st) in (queue or {}).items():

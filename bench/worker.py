@@ -41,6 +41,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--cell", required=True)
     p.add_argument("--data-root")
+    p.add_argument("--concurrent", type=int, default=1, help="cells the launcher runs side by side (recorded)")
     a = p.parse_args(argv)
     cell = Cell(**json.loads(a.cell))
     _threads_from_slurm()
@@ -52,7 +53,7 @@ def main(argv=None) -> int:
             last[0] = now
             print(PROGRESS_PREFIX + json.dumps(d), flush=True)
 
-    res = run_cell(cell, a.data_root, progress, out=a.out)
+    res = run_cell(cell, a.data_root, progress, out=a.out, concurrent=a.concurrent)
     try:
         if res.status == "preempted":  # the checkpoint holds its progress; the row says where it stopped
             write_cell(a.out, cell.key, res.row)

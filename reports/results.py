@@ -71,6 +71,7 @@ SERIES = {
     "backward_ms": "backward time of each measured step [ms]",
     "optimizer_ms": "optimizer time of each measured step [ms]",
     "epoch_s": "time of each epoch's training steps [s]",
+    "data_wait_ms": "time each measured step of a train cell waited for its batch [ms]",
 }
 
 METRICS: tuple[Metric, ...] = (
@@ -82,6 +83,8 @@ METRICS: tuple[Metric, ...] = (
     Metric("optimizer_ms", "ms", "lower", None, "optimizer time per step", series="optimizer_ms", stat="median"),
     Metric("epoch_time_s", "s", "lower", None, "time per epoch", summary=True, series="epoch_s", stat="median"),
     Metric("throughput_samples_per_s", "samples/s", "higher", None, "throughput"),
+    Metric("data_wait_ms", "ms", "lower", None, "time a step waited for its batch (mean)", series="data_wait_ms",
+           stat="mean"),
     Metric("peak_alloc_mib", "MiB", "lower", 5.0, "peak memory, torch allocator", summary=True),
     Metric("peak_reserved_mib", "MiB", "lower", 5.0, "peak memory reserved, torch allocator"),
     Metric("peak_nvml_mib", "MiB", "lower", 5.0, "peak memory, NVML", summary=True),
@@ -98,6 +101,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("num_params", "", "lower", 0.0, "parameters"),
     Metric("cell_wall_s", "s", "none", None, "wall time of the cell"),
     Metric("restarts", "", "none", None, "restarts from a checkpoint"),
+    Metric("concurrent_cells", "", "none", None, "cells run side by side"),
     Metric("checkpoint_s", "s", "lower", None, "time to write a checkpoint (mean, this attempt)"),
     Metric("checkpoint_mib", "MiB", "none", None, "size of a checkpoint"),
     Metric("contention_cpu_s", "s", "none", None, "CPU time used by other processes"),
@@ -433,8 +437,8 @@ class FolderLock:
             return self
         raise FolderBusy(f"could not take the lock {self.path}")
 
-    def note_cell(self, label: str | None) -> None:
-        """Record the cell running now (``status`` shows it)."""
+    def note_cell(self, label: str | list[str] | None) -> None:
+        """Record the cell(s) running now (``status`` shows them)."""
         body = json.dumps({**self._me, "cell": label})
         try:
             write_atomic(self.path, lambda f: f.write(body.encode()))
