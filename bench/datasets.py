@@ -285,25 +285,80 @@ class DVSAugment:
         return torch.roll(x, shifts=(dy, dx), dims=(-2, -1))
 
 
-class EventFolder(torch.utils.data.Dataset):
-    """Event recordings on disk, turned into [T, C, H, W] frames per sample when read (no cache: a recording is
-    parsed and binned in a few milliseconds, and DataLoader workers do it in parallel on a GPU machine)."""
+def cache_root() -> Path | None:
+    """Where event frames are cached: $SNNBENCH_CACHE, else $XDG_CACHE_HOME/snnbench, else ~/.cache/snnbench;
+    ``SNNBENCH_CACHE=off`` turns the cache off."""
+    env = os.environ.get("SNNBENCH_CACHE")
+    if env == "off":
+        return None
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "snnbench"
 
-    def __init__(self, files: list[tuple[Path, int]], read, to_frames, size: int | None = None, augment=None) -> None:
+
+def _describe(f) -> str:
+    """A framing function's name and bound parameters (functools.partial), for the cache's key."""
+    if isinstance(f, partial):
+        return f"{f.func.__module__}.{f.func.__qualname__}{sorted(f.keywords.items())}{f.args}"
+    return f"{getattr(f, '__module__', '')}.{getattr(f, '__qualname__', repr(f))}"
+
+
+class EventFolder(torch.utils.data.Dataset):
+    """Event recordings on disk, turned into [T, C, H, W] frames per sample when read, then augmented.
+
+    The frames (before augmentation) are cached, one ``.npy`` per sample, the first time a sample is read
+    (as SpikingJelly caches its frame datasets): under ``cache_root()/frames/<name>-<hash>/``, where the hash
+    covers every source file's name, size and modification time, the reader, the framing function and its
+    parameters (T, resolution, encoding) and the output size. A changed recording or framing gives another
+    folder, so a stale cache is never read. Each file is written atomically (a temporary file, then a rename),
+    so builders running at once (DataLoader workers, other cells, other ranks) never read half a file."""
+
+    FORMAT = 1
+
+    def __init__(self, files: list[tuple[Path, int]], read, to_frames, size: int | None = None, augment=None,
+                 name: str = "events") -> None:
         self.files, self.read, self.to_frames, self.size, self.augment = files, read, to_frames, size, augment
+        root = cache_root()
+        self.cache = root / "frames" / f"{name}-{self._key()}" if root is not None else None
+
+    def _key(self) -> str:
+        import hashlib
+
+        h = hashlib.sha256(f"{self.FORMAT}|{_describe(self.read)}|{_describe(self.to_frames)}|{self.size}".encode())
+        for path, label in self.files:
+            st = Path(path).stat()
+            h.update(f"{Path(path).resolve()}|{st.st_size}|{st.st_mtime_ns}|{label}\n".encode())
+        return h.hexdigest()[:16]
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int):
-        path, label = self.files[i]
-        x = torch.from_numpy(self.to_frames(self.read(path)))
+    def frames(self, i: int) -> torch.Tensor:
+        """Sample i's frames, unaugmented: from the cache, or computed (and cached)."""
+        cached = self.cache / f"{i}.npy" if self.cache is not None else None
+        if cached is not None:
+            try:
+                return torch.from_numpy(np.load(cached))
+            except (OSError, ValueError):
+                pass  # not built yet (or being replaced): compute it
+        x = torch.from_numpy(self.to_frames(self.read(self.files[i][0])))
         if self.size is not None and x.shape[-1] != self.size:
             x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False,
                                                 antialias=True)
+        if cached is not None:
+            try:
+                from reports.results import write_atomic
+
+                write_atomic(cached, lambda f: np.save(f, x.numpy()))
+            except OSError:
+                pass  # a read-only or full cache: go on uncached
+        return x
+
+    def __getitem__(self, i: int):
+        x = self.frames(i)
         if self.augment is not None:
             x = self.augment(x)
-        return x, label
+        return x, self.files[i][1]
 
 
 def _class_files(folder: Path, classes, suffix: str) -> list[tuple[Path, int]]:
@@ -402,8 +457,8 @@ register(DatasetInfo("imagenet", (3, 224, 224), 1000, folder="imagenet", expecte
 def open_cifar10_dvs(folder: Path, T: int = 10, encoding: str = "frames"):
     splits = cifar10_dvs_files(folder)
     to_frames = partial(count_frames, T=T, H=128, W=128)  # picklable: DataLoader workers may be spawned
-    return (EventFolder(splits[True], read_cifar10_dvs, to_frames, 48, DVSAugment(5)),
-            EventFolder(splits[False], read_cifar10_dvs, to_frames, 48), time_major)
+    return (EventFolder(splits[True], read_cifar10_dvs, to_frames, 48, DVSAugment(5), name="cifar10_dvs-train"),
+            EventFolder(splits[False], read_cifar10_dvs, to_frames, 48, name="cifar10_dvs-test"), time_major)
 
 
 register(DatasetInfo("cifar10_dvs", (2, 48, 48), 10, events=True, folder="CIFAR10-DVS", expected=CIFAR10_CLASSES,
@@ -416,7 +471,8 @@ register(DatasetInfo("cifar10_dvs", (2, 48, 48), 10, events=True, folder="CIFAR1
 def open_nmnist(folder: Path, T: int = 10, encoding: str = "frames"):
     splits = nmnist_files(folder)
     to_frames = partial(spike_bins if encoding == "spikes" else count_frames, T=T, H=34, W=34)
-    return EventFolder(splits[True], read_nmnist, to_frames), EventFolder(splits[False], read_nmnist, to_frames), time_major
+    return (EventFolder(splits[True], read_nmnist, to_frames, name="nmnist-train"),
+            EventFolder(splits[False], read_nmnist, to_frames, name="nmnist-test"), time_major)
 
 
 register(DatasetInfo("nmnist", (2, 34, 34), 10, events=True, folder="NMNIST", expected=("Train", "Test"),

@@ -20,3 +20,18 @@ def digits_batch():
     x = torch.tensor(d.images[:64] / 16.0, dtype=torch.float32).unsqueeze(1)
     y = torch.tensor(d.target[:64], dtype=torch.long)
     return x, y
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _frame_cache(tmp_path_factory):
+    """Event frames are cached under a folder of this test session, never the user's ~/.cache (the CLI's
+    subprocesses inherit it)."""
+    import os
+
+    old = os.environ.get("SNNBENCH_CACHE")
+    os.environ["SNNBENCH_CACHE"] = str(tmp_path_factory.mktemp("snnbench-cache"))
+    yield
+    if old is None:
+        os.environ.pop("SNNBENCH_CACHE", None)
+    else:
+        os.environ["SNNBENCH_CACHE"] = old

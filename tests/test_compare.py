@@ -146,8 +146,8 @@ def load_calibration():
 
 
 def test_compare_finds_an_injected_slowdown_in_the_working_tree(tmp_path):
-    """A copy of the project as a git repository; its working tree's bptt_m step made 2x slower (uncommitted):
-    compare HEAD against the working tree calls bptt_m slower (exit 1) and leaves rate_m alone."""
+    """A copy of the project as a git repository; its working tree's bptt_m step made 4x slower (uncommitted; a
+    size that no noise of a shared machine hides): compare HEAD against the working tree calls bptt_m slower (exit 1) and leaves rate_m alone."""
     src = tmp_path / "proj"
     label = checkout(REPO, None, src)
     assert "working tree" in label
@@ -156,7 +156,7 @@ def test_compare_finds_an_injected_slowdown_in_the_working_tree(tmp_path):
     git(src, "config", "user.name", "t")
     git(src, "add", ".")
     git(src, "commit", "-qm", "base")
-    load_calibration().inject_slowdown(src, "bptt_m", 100)
+    load_calibration().inject_slowdown(src, "bptt_m", 300)
     r = subprocess.run([sys.executable, "run_bench.py", "compare", "HEAD", "--grid", "ci_cpu", "--filter",
                         "method=bptt_m,rate_m", "--filter", "T=1", "--rounds", "2", "--set", "steps=9",
                         "--out", str(tmp_path / "cmp")], cwd=src, capture_output=True, text=True, timeout=600)

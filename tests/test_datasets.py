@@ -332,3 +332,59 @@ def test_digits_split_cache_equals_scikit_learn(tmp_path, monkeypatch):
         assert xtr.dtype == torch.float32 and ytr.dtype == torch.long
     _digits_cache_path().write_bytes(b"damaged")
     assert torch.equal(load_digits_split()[1], first[1])  # a damaged cache is rebuilt
+
+
+def test_event_frames_are_cached_per_sample_and_rebuilt_when_a_recording_changes(tmp_path, monkeypatch):
+    """The first read of a sample computes and caches its frames; later reads come from the cache (the reader is
+    not called), equal to the computed ones; a changed recording or another T gives another cache."""
+    monkeypatch.setenv("SNNBENCH_CACHE", str(tmp_path / "cache"))
+    write_cifar10_dvs(tmp_path / "data")
+    test = open_dataset("cifar10_dvs", tmp_path / "data", False, 10)
+    first = [test[i][0] for i in range(len(test))]
+    files = sorted(test.cache.glob("*.npy"))
+    assert len(files) == len(test) == 2
+    calls = []
+    again = open_dataset("cifar10_dvs", tmp_path / "data", False, 10)
+    again.read = lambda p: calls.append(p)  # a read would fail: the frames must come from the cache
+    assert again.cache == test.cache and all(torch.equal(again[i][0], first[i]) for i in range(len(again)))
+    assert calls == []
+    assert open_dataset("cifar10_dvs", tmp_path / "data", False, 8).cache != test.cache  # other framing
+    path, _ = test.files[0]
+    write_aedat(path, random_events(99, 128))  # the recording changed: its size and mtime with it
+    changed = open_dataset("cifar10_dvs", tmp_path / "data", False, 10)
+    assert changed.cache != test.cache
+    want = pil_resize(loop_count_frames(read_events_as_list(path), 10, 128, 128), 48)
+    assert np.allclose(changed[0][0].numpy(), want, atol=1e-4, rtol=1e-3)
+
+
+def read_events_as_list(path):
+    from bench.datasets import read_cifar10_dvs
+
+    t, x, y, p = read_cifar10_dvs(path)
+    return list(zip(t.tolist(), x.tolist(), y.tolist(), p.tolist()))
+
+
+def test_event_cache_built_by_two_processes_at_once_is_whole(tmp_path):
+    """Two processes build one cache at the same time (as two cells, two ranks or loader workers may): every
+    cached sample equals the frames computed without a cache."""
+    import os
+    import subprocess
+    import sys
+
+    write_cifar10_dvs(tmp_path / "data", per_class=3)
+    code = ("import sys; from bench.data import open_dataset; d = open_dataset('cifar10_dvs', sys.argv[1], True, 10)\n"
+            "for i in range(len(d)): d.frames(i)\nprint(d.cache)")
+    env = {**os.environ, "SNNBENCH_CACHE": str(tmp_path / "cache")}
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "data")], env=env, stdout=subprocess.PIPE,
+                              text=True, cwd=Path(__file__).resolve().parents[1]) for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0].strip() for p in procs]
+    assert all(p.returncode == 0 for p in procs) and outs[0] == outs[1]
+    os.environ["SNNBENCH_CACHE"], old = "off", os.environ.get("SNNBENCH_CACHE")
+    try:
+        plain = open_dataset("cifar10_dvs", tmp_path / "data", True, 10)
+        assert plain.cache is None
+        for i in range(len(plain)):
+            assert np.array_equal(np.load(Path(outs[0]) / f"{i}.npy"), plain.frames(i).numpy())
+    finally:
+        os.environ["SNNBENCH_CACHE"] = old
+    assert not list(Path(outs[0]).glob(".*.tmp"))  # no temporary file left behind

@@ -3,6 +3,7 @@ the standard library and a brute-force percentile; the runner's row carries ever
 
 import statistics
 
+import numpy as np
 import pytest
 
 from reports.results import METRIC, METRICS, SERIES, _statistic, summarise
@@ -52,7 +53,18 @@ def test_a_profile_row_has_every_step_statistic():
     assert row["status"] == "ok", row["error"]
     assert row["measured_steps"] == 5
     for m in METRICS:
-        if m.series and m.series != "epoch_s":
+        if m.series and m.series not in ("epoch_s", "data_wait_ms"):
             assert row[m.name] is not None and row[m.name] > 0, m.name
     assert row["step_time_ms_p10"] <= row["step_time_ms_median"] <= row["step_time_ms_p90"]
     assert METRIC["epoch_time_s"].series == "epoch_s" and row["epoch_time_s"] is None  # a profile cell has no epochs
+    assert row["data_wait_ms"] is None  # its batches are loaded before the steps: it never waits for one
+
+
+def test_a_train_row_says_how_long_steps_waited_for_their_batches():
+    from bench.grid import Cell
+    from bench.runner import run_cell
+
+    res = run_cell(Cell("bptt_m", "cnn_digits", "digits", 1, epochs=1, batch_size=64, train_subset=640, warmup_steps=1))
+    waits = res.series["data_wait_ms"]
+    assert res.status == "ok" and len(waits) == res.row["measured_steps"] == 8  # 10 steps: 1 warm-up, 1 memory
+    assert all(w > 0 for w in waits) and res.row["data_wait_ms"] == pytest.approx(float(np.mean(waits)))

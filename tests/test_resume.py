@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
+from reports.results import load_results
 from bench.checkpoint import CellCheckpoint
 from bench.grid import Cell
 from bench.launch import run_in_subprocess
@@ -156,7 +157,7 @@ def test_grid_process_sigterm_reaches_the_worker_exit_75_then_rerun_finishes(tmp
     assert "1 preempted" in s.stdout and "1 missing" in s.stdout, s.stdout
     r = cli("run", str(grid), "--out", str(out))
     assert r.returncode == 0, r.stderr
-    rows = pd.read_parquet(out / "cells")
+    rows = load_results(out)
     assert sorted(rows["status"]) == ["ok", "ok"] and sorted(rows["restarts"]) == [0, 1]
 
 

@@ -13,9 +13,9 @@ import shutil
 import subprocess
 import time
 
-import pandas as pd
 import pytest
 
+from reports.results import load_results
 from bench.errors import UsageError
 from bench.grid import Cell
 from bench.slurm import SlurmSettings
@@ -60,8 +60,8 @@ def grid_file(tmp_path, name, T, epochs, slurm="", seeds=(0,), methods=("bptt_m"
 
 
 def rows(out):
-    cells = pd.read_parquet(out / "cells").set_index("key").sort_index()
-    epochs = pd.read_parquet(out / "epochs").sort_values(["key", "epoch"])
+    cells = load_results(out).set_index("key").sort_index()
+    epochs = load_results(out, "epochs").sort_values(["key", "epoch"])
     return cells, epochs
 
 
@@ -152,12 +152,12 @@ def test_scancel_stores_cancelled_and_a_rerun_resubmits_and_resumes(slurm, tmp_p
     wait_for(lambda: (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()), what="a checkpoint")
     subprocess.run(["scancel", job_of(out)], env=slurm, check=True)
     wait_for(lambda: (out / "cells").is_dir() and any((out / "cells").iterdir())
-             and pd.read_parquet(out / "cells")["status"].iloc[0] == "cancelled", what="the cancelled row")
+             and load_results(out)["status"].iloc[0] == "cancelled", what="the cancelled row")
     s = cli("status", str(out), env=slurm)
     assert "1 cancelled" in s.stdout, s.stdout
     r = cli("run", str(g), "--slurm", "--out", str(out), "--poll-s", "1", env=slurm, timeout=600)
     assert r.returncode == 0 and "submitted 1 cell(s)" in r.stderr, r.stderr
-    row = pd.read_parquet(out / "cells").iloc[0]
+    row = load_results(out).iloc[0]
     assert row["status"] == "ok" and row["restarts"] == 1
 
 
