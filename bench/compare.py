@@ -18,6 +18,8 @@ tolerances. ``benchmarks/calibrate_compare.py`` measures the false-alarm and det
 
 from __future__ import annotations
 
+import dataclasses
+
 import io
 import json
 import math
@@ -39,7 +41,7 @@ import pandas as pd
 from reports.results import METRIC, atomic_write_parquet, write_atomic
 
 from .errors import UsageError
-from .grid import Cell
+from .grid import CELL_FIELDS, Cell
 
 REPO = Path(__file__).resolve().parents[1]
 PREFIX = "@cmp "
@@ -102,7 +104,9 @@ def checkout(repo: Path, rev: str | None, dest: Path, paths: tuple[str, ...] | N
 # ---------------------------------------------------------------- running both sides, step by step
 
 class SideFailed(RuntimeError):
-    pass
+    def __init__(self, message: str, side: str | None = None) -> None:
+        super().__init__(message)
+        self.side = side
 
 
 class SideWorker:
@@ -124,7 +128,8 @@ class SideWorker:
             line = self.proc.stdout.readline()
             if not line:
                 err = self.proc.stderr.read() if self.proc.poll() is not None else ""
-                raise SideFailed(f"side {self.name}: worker ended: {err.strip().splitlines()[-1] if err.strip() else ''}")
+                raise SideFailed(f"side {self.name}: worker ended: {err.strip().splitlines()[-1] if err.strip() else ''}",
+                                 self.name)
             if line.startswith(PREFIX):
                 return json.loads(line[len(PREFIX):])
 
@@ -144,13 +149,26 @@ class SideWorker:
             self.proc.wait()
 
 
+def cell_message(cell: Cell) -> dict:
+    """The cell for a side's worker: its identity and every field that differs from this checkout's default. A
+    side whose code predates a field (say, ``checkpoint_minutes``) then builds the same cell with its own
+    defaults; one that cannot honour a field the cell sets fails that cell, naming it."""
+    out = {}
+    for name, f in CELL_FIELDS.items():
+        v = getattr(cell, name)
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if default is dataclasses.MISSING or v != default or name == "device":
+            out[name] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
 def run_cell_interleaved(workers: list[SideWorker], cell: Cell) -> dict[str, dict]:
     """Run one cell on every side, the sides taking turns step by step: step k in the order of ``workers`` for
     even k and the reverse for odd k (A B B A ...). The first step (a warm-up or the memory step, never timed) runs
     on all sides at once, after their set-up; from then on one worker runs at a time, a cell's closing bookkeeping
     included (a worker that reported its last step finishes the cell on its next "go"). Returns
     side -> {"row": ..., "series": ...}."""
-    cfg = cell.config()
+    cfg = cell_message(cell)
     for w in workers:
         w.send({"cell": cfg})
     results: dict[str, dict] = {}
@@ -185,6 +203,7 @@ class Comparison:
     rows: pd.DataFrame  # side, round, key, and the row's fields
     wall_s: float = 0.0
     failures: list[str] = field(default_factory=list)
+    crashes: list[dict] = field(default_factory=list)  # a side's worker died in a cell: key, round, side, error
 
 
 def measure(roots: dict[str, Path], labels: dict[str, str], cells: list[Cell], rounds: int,
@@ -193,7 +212,7 @@ def measure(roots: dict[str, Path], labels: dict[str, str], cells: list[Cell], r
     order reverse every round) and collect the per-step times and rows."""
     progress = progress or (lambda s: None)
     names = list(roots)
-    steps, rows, failures = [], [], []
+    steps, rows, failures, crashes = [], [], [], []
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="snnbench-cmp-") as tmp:
         script = Path(tmp) / "compare_worker.py"
@@ -213,6 +232,7 @@ def measure(roots: dict[str, Path], labels: dict[str, str], cells: list[Cell], r
                         res = run_cell_interleaved(workers, cell)
                     except SideFailed as e:  # a side's worker died: this cell and round are lost for all sides
                         failures.append(f"{cell.label}, round {r + 1}: {e}")
+                        crashes.append({"key": cell.key, "round": r, "side": e.side, "error": str(e)})
                         for w in workers:
                             w.close()
                         workers[:] = [SideWorker(n, roots[n], script, (env or {}).get(n)) for n in order]
@@ -220,11 +240,11 @@ def measure(roots: dict[str, Path], labels: dict[str, str], cells: list[Cell], r
                             stack.callback(w.close)
                         continue
                     for side, out in res.items():
-                        rows.append({"side": side, "round": r, "key": cell.key, **out["row"]})
+                        rows.append({**out["row"], "side": side, "round": r, "key": cell.key})
                         for j, ms in enumerate(out["series"].get("step_ms") or []):
                             steps.append({"side": side, "round": r, "key": cell.key, "step": j, "step_ms": ms})
     return Comparison(cells, dict(labels), pd.DataFrame(steps, columns=["side", "round", "key", "step", "step_ms"]),
-                      pd.DataFrame(rows), time.perf_counter() - t0, failures)
+                      pd.DataFrame(rows), time.perf_counter() - t0, failures, crashes)
 
 
 # ---------------------------------------------------------------- the decision
@@ -316,8 +336,11 @@ def judge(cmp: Comparison, base: str, head: str, threshold: float) -> pd.DataFra
         problems = []
         for side in (base, head):
             bad = rows[(rows["side"] == side) & (rows["status"] != "ok")] if len(rows) else rows
+            crashed = [c for c in cmp.crashes if c["key"] == cell.key and c["side"] == side]
             if len(bad):
                 problems.append(f"{side}: {bad.iloc[0]['status']}: {str(bad.iloc[0]['error'] or '').splitlines()[0][:160]}")
+            elif crashed:  # its worker died in this cell: a failure of that side like any other
+                problems.append(f"{side}: {crashed[0]['error'].split(': ', 1)[-1][:160]}")
         line["problem"] = "; ".join(problems) or None
         exact = []
         for m in EXACT_METRICS:
@@ -411,8 +434,9 @@ def compare(base_rev: str, head_rev: str | None, cells: list[Cell], rounds: int,
             raise UsageError(f"cannot run a side of the comparison: {e}") from None
     threshold = threshold_pct / 100
     table = judge(cmp, "base", "head", threshold)
-    base_failed = table["problem"].fillna("").str.contains("base: ")
-    if base_failed.all():
+    cells_only = table[table["scope"] == "cell"]
+    base_failed = cells_only["problem"].fillna("").str.contains("base: ")
+    if len(cells_only) and base_failed.all():
         raise UsageError(f"the base revision {labels['base']} ran no cell: {table['problem'].iloc[0]}")
     md = markdown(table, cmp, "base", "head", threshold)
     if out is not None:

@@ -206,3 +206,61 @@ def test_judge_counts_head_failures_and_exact_metrics_but_not_base_failures():
     assert t["problem"].notna().tolist() == [True, False, False, False] and verdict_code(t) == 0
     rows[3] = row("head", cells[0], status="oom")
     assert verdict_code(judge(Comparison(cells, ok.sides, ok.steps, pd.DataFrame(rows)), "base", "head", 0.05)) == 1
+
+
+def test_a_worker_that_dies_in_a_cell_fails_that_side():
+    """A side whose worker dies in a cell (an import error, a segfault in new code) has no row for it: the head
+    dying fails the gate, the base dying alone does not; compare() calls a base that ran no cell unusable."""
+    import pandas as pd
+
+    from bench.compare import Comparison, judge, verdict_code
+    from bench.grid import Cell
+
+    cells = [Cell("bptt_m", "cnn_digits", "synthetic:cifar10", T, kind="profile") for T in (1, 4)]
+    empty = pd.DataFrame(columns=["side", "round", "key", "step", "step_ms"])
+
+    def crash(side, cell):
+        return {"key": cell.key, "round": 0, "side": side, "error": f"side {side}: worker ended: TypeError: boom"}
+
+    t = judge(Comparison(cells, {"base": "b", "head": "h"}, empty, pd.DataFrame(), crashes=[crash("head", cells[0])]),
+              "base", "head", 0.05)
+    assert t["problem"].iloc[0] == "head: worker ended: TypeError: boom" and verdict_code(t) == 1
+    t = judge(Comparison(cells, {"base": "b", "head": "h"}, empty, pd.DataFrame(),
+                         crashes=[crash("base", c) for c in cells]), "base", "head", 0.05)
+    assert t[t["scope"] == "cell"]["problem"].str.startswith("base: ").all() and verdict_code(t) == 0
+
+
+def test_a_side_builds_the_cell_from_the_fields_that_differ_from_the_defaults():
+    """What compare sends a side's worker: the cell's identity and its non-default fields, so that code older than
+    a field (a base without `checkpoint_minutes`, say) builds the same cell; the message rebuilds the cell."""
+    from bench.compare import cell_message
+    from bench.grid import Cell
+
+    plain = Cell("rate_m", "cnn_digits", "synthetic:cifar10", 8, kind="profile", lr=0.01, grid="ci_cpu")
+    msg = cell_message(plain)
+    assert "checkpoint_minutes" not in msg and "save_weights_at" not in msg and "momentum" not in msg
+    assert Cell(**msg) == plain and Cell(**msg).key == plain.key
+    odd = Cell("rate_m", "cnn_digits", "synthetic:cifar10", 8, save_weights_at=(1, 2), method_options={"x": 1})
+    assert cell_message(odd)["save_weights_at"] == [1, 2] and Cell(**cell_message(odd)) == odd
+
+
+def test_a_base_that_fails_every_cell_is_unusable_input(tmp_path):
+    """A base revision whose every step raises stores only failed rows: compare says the base ran no cell and exits 2
+    (a gate that passes because its reference never ran would pass anything)."""
+    src = tmp_path / "proj"
+    checkout(REPO, None, src)
+    init = src / "methods" / "__init__.py"
+    good = init.read_text()
+    init.write_text(good + "\nfor _m in METHODS.values():\n    _m.train_step = lambda *a, **k: (_ for _ in ()).throw("
+                    "RuntimeError('broken base'))\n")
+    git(src, "init", "-q")
+    git(src, "config", "user.email", "t@example.org")
+    git(src, "config", "user.name", "t")
+    git(src, "add", ".")
+    git(src, "commit", "-qm", "broken base")
+    init.write_text(good)  # the working tree (head) is fixed
+    r = subprocess.run([sys.executable, "run_bench.py", "compare", "HEAD", "--grid", "ci_cpu", "--filter",
+                        "method=bptt_m", "--filter", "T=1,4", "--rounds", "1", "--set", "steps=3"],
+                       cwd=src, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and "ran no cell" in r.stderr and "broken base" in r.stderr, r.stdout + r.stderr
+    shutil.rmtree(src)
