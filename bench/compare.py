@@ -19,7 +19,6 @@ tolerances. ``benchmarks/calibrate_compare.py`` measures the false-alarm and det
 from __future__ import annotations
 
 import dataclasses
-
 import io
 import json
 import math

@@ -60,10 +60,15 @@ def open_dataset(name: str, root, train: bool, T: int = 1, encoding: str = "fram
     return spec.open(check_dataset(name, root), T, encoding)[0 if train else 1]
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of epoch ``epoch`` (0-based) of a cell seeded ``seed``: its order and its samples' augmentation."""
+    return seed * 100003 + epoch
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The shuffled order of epoch ``epoch`` (0-based): a function of the seed and the epoch alone, so that a cell
     resumed in the middle of an epoch continues the same permutation."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+    return torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed(seed, epoch)))
 
 
 class TensorLoader:
@@ -110,7 +115,7 @@ class EpochSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         order = epoch_order(self.n, self.seed, self.epoch).tolist()
-        base = (self.seed * 100003 + self.epoch) * self.n
+        base = epoch_seed(self.seed, self.epoch) * self.n
         for i in order[self.start:]:
             yield i, base + i
 

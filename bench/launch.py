@@ -98,6 +98,11 @@ class ProgressDisplay:
             self.render(force=True, final=(slot, status))
             self.running.pop(slot, None)
 
+    def labels(self) -> list[str]:
+        """The cells running now."""
+        with self._lock:
+            return [r["label"] for r in self.running.values()]
+
     def eta_s(self) -> float | None:
         left = self.total - self.done
         if not self._cell_times:
@@ -225,10 +230,7 @@ def run_in_process(cell: Cell, out: Path, data_root: str | None, on_progress: Ca
     from .runner import run_cell
 
     res = run_cell(cell, data_root, on_progress, out=out)
-    if res.status == "preempted":
-        _store(out, cell, res.row)
-    else:
-        _store(out, cell, res.row, res.epochs, res.samples)
+    _store(out, cell, res.row, res.epochs, res.samples)
     return res.status, res.row.get("error")
 
 
@@ -239,6 +241,11 @@ def stored_ok(out: Path) -> dict[str, str | None]:
         return {}
     fps = df["code_fingerprint"] if "code_fingerprint" in df else [None] * len(df)
     return {k: (None if not isinstance(fp, str) else fp) for k, st, fp in zip(df["key"], df["status"], fps) if st == "ok"}
+
+
+def done_here(stored: dict[str, str | None], cell: Cell) -> bool:
+    """Whether ``cell`` is stored ok by this code (``stored``: ``stored_ok(out)``): nothing left to run."""
+    return cell.key in stored and is_current(stored[cell.key], cell.device)
 
 
 def run_grid(cells: list[Cell], out: Path, data_root: str | None = None, launcher: str = "subprocess",
@@ -272,10 +279,10 @@ def run_grid(cells: list[Cell], out: Path, data_root: str | None = None, launche
         for c in cells:
             if c.key in queued:
                 outcome.queued.append(c)
+            elif done_here(stored, c):
+                outcome.skipped.append(c)
             elif c.key not in stored:
                 todo.append(c)
-            elif is_current(stored[c.key], c.device):
-                outcome.skipped.append(c)
             elif reuse_stale:
                 outcome.stale_kept.append(c)
             else:
@@ -310,12 +317,10 @@ def run_grid(cells: list[Cell], out: Path, data_root: str | None = None, launche
                     p.send_signal(signum)
 
         undo = STOP.forward(forward)
-        running: dict[str | None, str] = {}
 
         def run_one(cell: Cell, slot: Slot) -> None:
             display.start_cell(cell, slot.name)
-            running[slot.name] = cell.label
-            lock.note_cell(list(running.values()) if len(slots) > 1 else cell.label)
+            lock.note_cell(display.labels() if len(slots) > 1 else cell.label)
             progress = lambda d: display.update(d, slot.name)  # noqa: E731
             try:
                 if launcher == "inprocess":
@@ -326,7 +331,6 @@ def run_grid(cells: list[Cell], out: Path, data_root: str | None = None, launche
                                                 env=slot.env, concurrent=len(slots))
             finally:
                 workers.pop(slot.name, None)
-                running.pop(slot.name, None)
             outcome.ran.append((cell, st, err))
             display.end_cell(st, slot.name)
 

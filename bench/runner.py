@@ -211,6 +211,8 @@ def run_cell(cell: Cell, data_root: str | None = None, progress: Progress | None
         row["checkpoint_mib"] = ckpt.size_bytes / MIB
     if ckpt is not None and row["status"] == "ok":
         ckpt.remove()
+    if row["status"] == "preempted":  # its checkpoint holds the epochs and samples so far; the row says where
+        epochs, samples = [], []
     return Result(row, epochs, samples, series)
 
 
@@ -231,30 +233,34 @@ class Attempt:
         self.restarts = state["restarts"] + 1
         self.resumed_at = state["resumed_at"] + [{"epoch": state["epoch"], "batch": state["batch"]}]
 
+    def _this(self, wall_s: float, peak_rss: float, footprint: float | None, contention: dict) -> dict:
+        """This attempt's resources in the checkpoint's form (bytes; RSS samples as a [n, 2] tensor)."""
+        return {"wall_s": wall_s, "peak_rss": float(peak_rss), "footprint": None if footprint is None else float(footprint),
+                "contention": contention,
+                "rss_samples": torch.tensor(list(self.rss.samples), dtype=torch.float64).reshape(-1, 2)}
+
     def so_far(self) -> dict:
         """The resources of this attempt and the earlier ones up to now, for a checkpoint."""
         footprint, peak = self.window.footprint.peek()
-        now = {"wall_s": time.perf_counter() - self.t0, "peak_rss": float(peak),
-               "footprint": None if footprint is None else float(footprint),
-               "contention": self.window.cpu.peek(),
-               "rss_samples": torch.tensor(list(self.rss.samples), dtype=torch.float64).reshape(-1, 2)}
-        return _add_attempts(self.earlier, now)
+        return _add_attempts(self.earlier, self._this(time.perf_counter() - self.t0, peak, footprint,
+                                                      self.window.cpu.peek()))
 
     def merge_earlier(self, row: dict, samples: list[dict]) -> list[dict]:
-        """Fold the earlier attempts into this attempt's row and samples; returns the samples."""
+        """Fold the earlier attempts into this attempt's row and samples (by ``_add_attempts``, as a checkpoint
+        does); returns the samples."""
         row["restarts"] = self.restarts
         row["resumed_at"] = json.dumps(self.resumed_at) if self.resumed_at else None
         e = self.earlier
         if not e:
             return samples
-        row["cell_wall_s"] += e["wall_s"]
-        row["peak_rss_mib"] = max(row["peak_rss_mib"], e["peak_rss"] / MIB)
-        if e["footprint"] is not None and row.get("footprint_mib") is not None:
-            row["footprint_mib"] = max(row["footprint_mib"], e["footprint"] / MIB)
-        c = _add_contention(e["contention"], {k: row.get(k) for k in _CONTENTION})
-        row.update(c)
-        earlier = [{"source": "rss", "t_s": float(t), "mib": float(v) / MIB} for t, v in e["rss_samples"].tolist()]
-        return earlier + [{**s, "t_s": s["t_s"] + e["wall_s"]} for s in samples]
+        fp = row.get("footprint_mib")
+        total = _add_attempts(e, self._this(row["cell_wall_s"], row["peak_rss_mib"] * MIB,
+                                            None if fp is None else fp * MIB, {k: row.get(k) for k in _CONTENTION}))
+        row.update(cell_wall_s=total["wall_s"], peak_rss_mib=total["peak_rss"] / MIB, **total["contention"])
+        if fp is not None and total["footprint"] is not None:  # none measured in this attempt: none stated
+            row["footprint_mib"] = total["footprint"] / MIB
+        rss = [{"source": "rss", "t_s": t, "mib": v / MIB} for t, v in total["rss_samples"].tolist()]
+        return rss + [{**s, "t_s": s["t_s"] + e["wall_s"]} for s in samples if s["source"] != "rss"]
 
 
 _CONTENTION = ("contention_cpu_s", "contention_cpu_frac", "contention_window_s")
@@ -276,6 +282,8 @@ def _add_contention(a: dict, b: dict) -> dict:
 
 
 def _add_attempts(earlier: dict | None, now: dict) -> dict:
+    """Two stretches of a cell's resources as one: wall times add, peaks take the larger, contention adds
+    (``_add_contention``), the later RSS samples follow the earlier ones in time."""
     if not earlier:
         return now
     shifted = now["rss_samples"].clone()

@@ -44,7 +44,6 @@ from pathlib import Path
 from reports.results import load_results, write_atomic, write_cell
 
 from .errors import UsageError
-from .fingerprint import is_current
 from .grid import Cell
 
 JOBS = Path("slurm") / "jobs.json"
@@ -153,15 +152,14 @@ class SlurmTask:
         self._proc = proc
 
     def __call__(self, cell_configs: list[dict]) -> dict:
-        from .launch import run_in_subprocess, stored_ok
+        from .launch import done_here, run_in_subprocess, stored_ok
 
         out = Path(self.out)
         restarts_at_start = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
         done: dict[str, str] = {}
         for cfg in cell_configs:
             cell = Cell(**cfg)
-            fp = stored_ok(out).get(cell.key, False)
-            if fp is not False and is_current(fp, cell.device):
+            if done_here(stored_ok(out), cell):
                 done[cell.key] = "ok"
                 continue
             st, err = run_in_subprocess(cell, out, self.data_root, lambda d: None, on_start=self._started,

@@ -20,6 +20,7 @@ from reports.results import load_results, lock_holder_alive, read_lock, read_man
 
 from .checkpoint import CHECKPOINTS
 from .fingerprint import is_current
+from .launch import TO_CONTINUE
 from .slurm import ACTIVE, queue_states
 
 STATES = ("ok", "stale", "failed", "missing", "running", "pending", "requeued", "preempted", "cancelled")
@@ -48,15 +49,13 @@ def cell_states(folder: Path) -> pd.DataFrame:
             rows[key] = {"key": key, "label": _label(cfg), "state": "missing", "detail": "not run yet"}
     for r in stored.to_dict("records"):
         label = _label(r)
-        if r["status"] in ("preempted", "cancelled"):
-            first = str(r.get("error") or "").strip().splitlines()
-            rows[r["key"]] = {"key": r["key"], "label": label, "state": r["status"],
-                              "detail": (first[0][:120] if first else "") + _restarts(r)}
-            continue
         if r["status"] != "ok":
             first = str(r.get("error") or "").strip().splitlines()
-            rows[r["key"]] = {"key": r["key"], "label": label, "state": "failed",
-                              "detail": r["status"] + (f": {first[0][:100]}" if first else "")}
+            if r["status"] in TO_CONTINUE:  # a checkpoint stands: a rerun resumes it
+                state, detail = r["status"], (first[0][:120] if first else "") + _restarts(r)
+            else:
+                state, detail = "failed", r["status"] + (f": {first[0][:100]}" if first else "")
+            rows[r["key"]] = {"key": r["key"], "label": label, "state": state, "detail": detail}
             continue
         fp = r.get("code_fingerprint")
         if is_current(fp, r.get("device")):
@@ -77,7 +76,7 @@ def cell_states(folder: Path) -> pd.DataFrame:
         if row is None or st not in ACTIVE or row["state"] == "ok":
             continue
         if st == "PENDING" or st.startswith("REQUEUE"):
-            again = row["state"] in ("preempted", "cancelled") or (folder / CHECKPOINTS / f"{key}.pt").exists()
+            again = row["state"] in TO_CONTINUE or (folder / CHECKPOINTS / f"{key}.pt").exists()
             row.update(state="requeued" if again else "pending",
                        detail=f"Slurm job {job} {st.lower()}" + (" (resumes from its checkpoint)" if again else ""))
         else:
