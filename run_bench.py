@@ -170,7 +170,8 @@ def cmd_compare(a) -> int:
 
     _, cells, out, _ = prepare_run(a.grid, a.filter, a.set, a.device, None, a.out or str(REPO / "results" / "compare"))
     rc, _, md = compare(a.base, a.head, cells, a.rounds, a.threshold, out,
-                        progress=lambda s: print(s, file=sys.stderr, flush=True) if a.verbose else None)
+                        progress=lambda s: print(s, file=sys.stderr, flush=True) if a.verbose else None,
+                        confirm_rounds=a.confirm_rounds)
     print(md)
     if a.report:
         Path(a.report).write_text(md)
@@ -275,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a field of every cell")
     cp.add_argument("--device", help="cpu, cuda, cuda:N, or auto (default: the grid's, else auto)")
     cp.add_argument("--rounds", type=int, default=3, help="fresh worker pairs per cell (default 3)")
+    cp.add_argument("--confirm-rounds", type=int, metavar="N",
+                    help="measure the cells of a slower verdict again for N fresh rounds; the verdict stands only if "
+                         "they give it too (default: --rounds; 0: no confirmation)")
     cp.add_argument("--threshold", type=float, default=5.0, metavar="PCT",
                     help="a slowdown counts when the interval's lower end is above 1 + PCT/100 (default 5)")
     cp.add_argument("--out", help="folder for steps.parquet, comparison.parquet and compare.md (default results/compare)")

@@ -13,7 +13,14 @@ ratio head/base of their medians is estimated with a 95% bootstrap interval that
 1 + threshold, an improvement one whose upper end is below 1 - threshold; anything else is "no change", printed with
 the interval and the smallest slowdown this run could have detected, (1 + threshold) * ratio / lower - 1. Metrics
 that do not vary between runs (bytes saved for backward, parameters) are compared with the metric table's
-tolerances. ``benchmarks/calibrate_compare.py`` measures the false-alarm and detection rates of this rule.
+tolerances.
+
+A "slower" verdict is then confirmed: the cells it rests on (the cell, or every cell of a method slower over its cells)
+run again for ``confirm_rounds`` fresh rounds, and the verdict stands only when those new steps alone give it too;
+otherwise the line says "not confirmed" and the gate passes. A round's workers share a state (where their memory
+landed, what the machine did meanwhile) that the pairs of that round do not average out, so one comparison's false
+alarms come in rounds; a second, independent set of rounds makes a false alarm need two, while a real slowdown shows in
+both. ``benchmarks/calibrate_compare.py`` measures the false-alarm and detection rates of this rule.
 """
 
 from __future__ import annotations
@@ -367,6 +374,46 @@ def judge(cmp: Comparison, base: str, head: str, threshold: float) -> pd.DataFra
     return t
 
 
+def to_confirm(table: pd.DataFrame) -> set[str]:
+    """The keys of the cells a "slower" verdict rests on: each slower cell, and every cell of a method slower over
+    its cells."""
+    if table.empty:
+        return set()
+    cells = table[table["scope"] == "cell"]
+    methods = set(table[(table["scope"] == "method") & (table["time"] == "slower")]["method"])
+    return set(cells[(cells["time"] == "slower") | cells["method"].isin(methods)]["key"])
+
+
+def confirmed(first: pd.DataFrame, second: pd.DataFrame) -> pd.DataFrame:
+    """``first``'s lines with each "slower" verdict kept only where ``second`` (fresh rounds of those cells, judged
+    alone) calls the same line slower; otherwise "not confirmed". The second interval goes beside the first
+    (``confirm_*``), and a head failure in the second measurement is a problem of the line like any other."""
+    out = first.copy()
+    for c in ("confirm_ratio", "confirm_low", "confirm_high"):
+        out[c] = math.nan
+    out["confirm_pairs"] = 0
+
+    def line_id(r):
+        return ("cell", r["key"]) if r["scope"] == "cell" else ("method", r["method"])
+
+    again = {line_id(r): r for _, r in second.iterrows()}
+    for i, r in out.iterrows():
+        s = again.get(line_id(r))
+        if s is None:
+            if r["time"] == "slower":
+                out.at[i, "time"] = "not confirmed"
+            continue
+        out.at[i, "confirm_ratio"], out.at[i, "confirm_low"], out.at[i, "confirm_high"] = s["ratio"], s["low"], s["high"]
+        out.at[i, "confirm_pairs"] = s["pairs"]
+        if r["time"] == "slower" and s["time"] != "slower":
+            out.at[i, "time"] = "not confirmed"
+        if s.get("problem") and "head: " in s["problem"] and not (r.get("problem") and "head: " in r["problem"]):
+            out.at[i, "problem"] = "; ".join(x for x in (r.get("problem"), f"confirmation: {s['problem']}") if x)
+        if s.get("exact") and not r.get("exact"):
+            out.at[i, "exact"] = s["exact"]
+    return out
+
+
 def verdict_code(table: pd.DataFrame) -> int:
     """1 when any cell is slower, grew in an exact metric, or failed on the head side where the base ran; else 0."""
     if table.empty:
@@ -376,70 +423,100 @@ def verdict_code(table: pd.DataFrame) -> int:
     return 1 if bad.any() else 0
 
 
-def markdown(table: pd.DataFrame, cmp: Comparison, base: str, head: str, threshold: float) -> str:
+def markdown(table: pd.DataFrame, cmp: Comparison, base: str, head: str, threshold: float,
+             confirm: Comparison | None = None) -> str:
     from tabulate import tabulate
 
-    def interval(r):
-        return "" if math.isnan(r["ratio"]) else f"{r['ratio']:.3f} [{r['low']:.3f}, {r['high']:.3f}]"
+    def interval(r, pre=""):
+        x = r.get(pre + "ratio", math.nan)
+        return "" if x is None or math.isnan(x) else f"{x:.3f} [{r[pre + 'low']:.3f}, {r[pre + 'high']:.3f}]"
 
+    def detectable(r):
+        return "" if not np.isfinite(r["detectable"]) else f"{r['detectable'] * 100:.1f}%"
+
+    rounds = int(cmp.rows["round"].max()) + 1 if len(cmp.rows) else 0
     lines = [f"# Speed comparison: {cmp.sides[head]} against {cmp.sides[base]}", "",
-             f"{len(cmp.cells)} cell(s), {int(cmp.rows['round'].max()) + 1 if len(cmp.rows) else 0} round(s), "
-             f"threshold {threshold * 100:g}%, {CONFIDENCE:.0%} intervals; measured in {cmp.wall_s:.0f} s.", ""]
+             f"{len(cmp.cells)} cell(s), {rounds} round(s), threshold {threshold * 100:g}%, {CONFIDENCE:.0%} intervals; "
+             f"measured in {cmp.wall_s:.0f} s."]
+    if confirm is not None:
+        again = int(confirm.rows["round"].max()) + 1 if len(confirm.rows) else 0
+        lines[-1] += (f" A slower verdict was measured again: {len(confirm.cells)} cell(s), {again} fresh round(s), "
+                      f"{confirm.wall_s:.0f} s (column 'again'; the verdict stands only if it holds there too).")
+    lines.append("")
+    shown = confirm is not None
     cells = table[table["scope"] == "cell"] if len(table) else table
     pooled = table[table["scope"] == "method"] if len(table) else table
     rows = [[r["method"], int(r["T"]), "" if pd.isna(r["base_ms"]) else f"{r['base_ms']:.2f}",
              "" if pd.isna(r["head_ms"]) else f"{r['head_ms']:.2f}", interval(r), r["pairs"], r["time"],
-             "" if not np.isfinite(r["detectable"]) else f"{r['detectable'] * 100:.1f}%",
-             r["exact"] or "", r["problem"] or ""] for _, r in cells.iterrows()]
+             detectable(r)] + ([interval(r, "confirm_")] if shown else []) + [r["exact"] or "", r["problem"] or ""]
+            for _, r in cells.iterrows()]
     lines.append(tabulate(rows, headers=["method", "T", "base ms", "head ms", "head/base [95% CI]", "pairs", "time",
-                                         "detectable", "exact metrics", "problems"], tablefmt="github"))
+                                         "detectable"] + (["again [95% CI]"] if shown else [])
+                          + ["exact metrics", "problems"], tablefmt="github"))
     if len(pooled):
-        rows = [[r["method"], interval(r), r["pairs"], r["time"],
-                 "" if not np.isfinite(r["detectable"]) else f"{r['detectable'] * 100:.1f}%"]
-                for _, r in pooled.iterrows()]
+        rows = [[r["method"], interval(r), r["pairs"], r["time"], detectable(r)]
+                + ([interval(r, "confirm_")] if shown else []) for _, r in pooled.iterrows()]
         lines += ["", "Each method over its cells (geometric mean of their ratios, every cell's steps resampled):", "",
-                  tabulate(rows, headers=["method", "head/base [95% CI]", "pairs", "time", "detectable"],
-                           tablefmt="github")]
-    n_slow = int((cells["time"] == "slower").sum()) if len(cells) else 0
-    n_fast = int((cells["time"] == "faster").sum()) if len(cells) else 0
+                  tabulate(rows, headers=["method", "head/base [95% CI]", "pairs", "time", "detectable"]
+                           + (["again [95% CI]"] if shown else []), tablefmt="github")]
+
+    def count(t, verdict):
+        return int((t["time"] == verdict).sum()) if len(t) else 0
+
+    n_slow, n_fast, n_unconf = count(cells, "slower"), count(cells, "faster"), count(cells, "not confirmed")
     n_exact = int(cells["exact"].notna().sum()) if len(cells) else 0
-    m_slow = int((pooled["time"] == "slower").sum()) if len(pooled) else 0
     lines += ["", f"Summary: {n_slow} cell(s) slower, {n_fast} faster, {n_exact} exact-metric regression(s), "
-                  f"{len(cells) - n_slow - n_fast} without a change beyond the threshold; {m_slow} method(s) slower "
-                  "over their cells."]
-    if cmp.failures:
-        lines += ["", "Workers that died:"] + [f"- {f}" for f in cmp.failures]
+                  f"{n_unconf} slower at first but not confirmed, {len(cells) - n_slow - n_fast - n_unconf} without a "
+                  f"change beyond the threshold; {count(pooled, 'slower')} method(s) slower over their cells"
+                  + (f" ({count(pooled, 'not confirmed')} not confirmed)." if count(pooled, "not confirmed") else ".")]
+    failures = cmp.failures + ([f"(again) {f}" for f in confirm.failures] if confirm is not None else [])
+    if failures:
+        lines += ["", "Workers that died:"] + [f"- {f}" for f in failures]
     return "\n".join(lines) + "\n"
 
 
 def compare(base_rev: str, head_rev: str | None, cells: list[Cell], rounds: int, threshold_pct: float,
-            out: Path | None = None, repo: Path = REPO, progress: Callable[[str], None] | None = None
-            ) -> tuple[int, pd.DataFrame, str]:
-    """Check out both sides, measure, decide. Returns (exit code, table, markdown)."""
+            out: Path | None = None, repo: Path = REPO, progress: Callable[[str], None] | None = None,
+            confirm_rounds: int | None = None) -> tuple[int, pd.DataFrame, str]:
+    """Check out both sides, measure, decide, and measure a slower verdict again (``confirm_rounds``, default
+    ``rounds``; 0: no confirmation). Returns (exit code, table, markdown)."""
     cells = [c for c in cells if c.kind == "profile"]
+    confirm_rounds = rounds if confirm_rounds is None else confirm_rounds
     if not cells:
         raise UsageError("compare runs profile cells, and the grid has none")
     if rounds < 1:
         raise UsageError(f"--rounds must be at least 1, not {rounds}")
+    if confirm_rounds < 0:
+        raise UsageError(f"--confirm-rounds must be 0 or more, not {confirm_rounds}")
     if not 0 <= threshold_pct < 100:
         raise UsageError(f"--threshold is a percentage in [0, 100), not {threshold_pct}")
+    threshold = threshold_pct / 100
+    again = None
     with tempfile.TemporaryDirectory(prefix="snnbench-sides-") as tmp:
         roots = {"base": Path(tmp) / "base", "head": Path(tmp) / "head"}
         labels = {"base": checkout(repo, base_rev, roots["base"], CODE_PATHS),
                   "head": checkout(repo, head_rev, roots["head"], CODE_PATHS)}
         try:
             cmp = measure(roots, labels, cells, rounds, progress)
+            table = judge(cmp, "base", "head", threshold)
+            cells_only = table[table["scope"] == "cell"]
+            base_failed = cells_only["problem"].fillna("").str.contains("base: ")
+            if len(cells_only) and base_failed.all():
+                raise UsageError(f"the base revision {labels['base']} ran no cell: {table['problem'].iloc[0]}")
+            keys = to_confirm(table)
+            if keys and confirm_rounds:
+                if progress:
+                    progress(f"{len(keys)} cell(s) slower: measuring them again, {confirm_rounds} round(s)")
+                again = measure(roots, labels, [c for c in cells if c.key in keys], confirm_rounds, progress)
+                table = confirmed(table, judge(again, "base", "head", threshold))
         except SideFailed as e:
             raise UsageError(f"cannot run a side of the comparison: {e}") from None
-    threshold = threshold_pct / 100
-    table = judge(cmp, "base", "head", threshold)
-    cells_only = table[table["scope"] == "cell"]
-    base_failed = cells_only["problem"].fillna("").str.contains("base: ")
-    if len(cells_only) and base_failed.all():
-        raise UsageError(f"the base revision {labels['base']} ran no cell: {table['problem'].iloc[0]}")
-    md = markdown(table, cmp, "base", "head", threshold)
+    md = markdown(table, cmp, "base", "head", threshold, again)
     if out is not None:
-        atomic_write_parquet(cmp.steps, out / "steps.parquet")
+        steps = cmp.steps.assign(stage="first")
+        if again is not None:
+            steps = pd.concat([steps, again.steps.assign(stage="again")], ignore_index=True)
+        atomic_write_parquet(steps, out / "steps.parquet")
         atomic_write_parquet(table, out / "comparison.parquet")
         write_atomic(out / "compare.md", lambda f: f.write(md.encode()))
     return verdict_code(table), table, md

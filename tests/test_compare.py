@@ -168,6 +168,8 @@ def test_compare_finds_an_injected_slowdown_in_the_working_tree(tmp_path):
     assert t.loc["rate_m", "time"] != "slower"
     assert t.loc["bptt_m", "pairs"] == 18 and (tmp_path / "cmp" / "compare.md").exists()
     assert t.loc["bptt_m", "exact"] is None  # the slowdown changes no saved bytes
+    assert t.loc["bptt_m", "confirm_low"] > 1.05 and t.loc["bptt_m", "confirm_pairs"] == 18  # measured again, agreed
+    assert np.isnan(t.loc["rate_m", "confirm_ratio"])  # nothing to confirm there
     shutil.rmtree(src)
 
 
@@ -264,3 +266,75 @@ def test_a_base_that_fails_every_cell_is_unusable_input(tmp_path):
                        cwd=src, capture_output=True, text=True, timeout=600)
     assert r.returncode == 2 and "ran no cell" in r.stderr and "broken base" in r.stderr, r.stdout + r.stderr
     shutil.rmtree(src)
+
+
+def comparison_with_round_effects(cells, ratio, rounds, rng, round_sd=0.10, steps=7):
+    """A comparison whose rounds each carry a shared state of the head's worker (log-normal, sd round_sd) on top of
+    the per-pair drift and per-step noise: the pairs of a round are not independent, as on a real machine."""
+    import pandas as pd
+
+    from bench.compare import Comparison
+
+    out = []
+    for c in cells:
+        for r in range(rounds):
+            b, h = simulated_steps(ratio * np.exp(rng.normal(0, round_sd)), steps, rng)
+            for side, xs in (("base", b), ("head", h)):
+                out += [{"side": side, "round": r, "key": c.key, "step": j, "step_ms": x} for j, x in enumerate(xs)]
+    return Comparison(cells, {"base": "b", "head": "h"}, pd.DataFrame(out), pd.DataFrame())
+
+
+def test_a_slower_verdict_stands_only_when_fresh_rounds_give_it_too():
+    """Round effects make single comparisons call unchanged code slower more often than their 95% intervals say
+    (2.5% one-sided; at threshold 0, about 10% here); measuring the flagged cells again and keeping the verdict only
+    when the new rounds agree cuts those false alarms to a fraction, while a real 25% slowdown is still confirmed at
+    the 5% threshold. 150 simulated A/A comparisons of one cell (4 rounds of 7 steps, round effects of sd 10%)."""
+    from bench.compare import confirmed, judge, to_confirm, verdict_code
+    from bench.grid import Cell
+
+    cells = [Cell("bptt_m", "cnn_digits", "synthetic:cifar10", 8, kind="profile")]
+    rng = np.random.default_rng(11)
+    first_alarms = confirmed_alarms = 0
+    for _ in range(150):
+        t = judge(comparison_with_round_effects(cells, 1.0, 4, rng), "base", "head", 0.0)
+        keys = to_confirm(t)
+        first_alarms += bool(keys)
+        if keys:
+            again = judge(comparison_with_round_effects(cells, 1.0, 4, rng), "base", "head", 0.0)
+            c = confirmed(t, again)
+            assert c["time"].iloc[0] in ("slower", "not confirmed") and c["confirm_pairs"].iloc[0] == 28
+            confirmed_alarms += verdict_code(c)
+    assert first_alarms >= 8  # the round effects do produce false alarms in one comparison...
+    assert confirmed_alarms <= first_alarms / 4  # ...and confirmation removes most of them
+    found = 0
+    for _ in range(40):
+        t = judge(comparison_with_round_effects(cells, 1.25, 4, rng), "base", "head", 0.05)
+        if to_confirm(t):
+            found += verdict_code(confirmed(t, judge(comparison_with_round_effects(cells, 1.25, 4, rng),
+                                                     "base", "head", 0.05)))
+    assert found >= 36
+
+
+def test_confirmation_covers_every_cell_of_a_method_slower_over_its_cells():
+    """A method called slower only over its cells gets all its cells measured again; a line the second measurement
+    lacks, or calls no change, is 'not confirmed' and passes the gate."""
+    import pandas as pd
+
+    from bench.compare import confirmed, to_confirm, verdict_code
+
+    t = pd.DataFrame([{"scope": "cell", "method": "a", "key": "k1", "time": "no change", "problem": None, "exact": None},
+                      {"scope": "cell", "method": "a", "key": "k2", "time": "no change", "problem": None, "exact": None},
+                      {"scope": "cell", "method": "b", "key": "k3", "time": "slower", "problem": None, "exact": None},
+                      {"scope": "cell", "method": "b", "key": "k4", "time": "no change", "problem": None, "exact": None},
+                      {"scope": "method", "method": "a", "key": None, "time": "slower", "problem": None, "exact": None},
+                      {"scope": "method", "method": "b", "key": None, "time": "no change", "problem": None,
+                       "exact": None}]).assign(ratio=1.1, low=1.06, high=1.2, pairs=28)
+    assert to_confirm(t) == {"k1", "k2", "k3"}
+    second = t[t["key"].isin(["k1", "k2", "k3"]) | (t["method"] == "a")].copy()
+    second["time"] = ["no change", "no change", "no change", "slower"]
+    c = confirmed(t, second)
+    assert c["time"].tolist() == ["no change", "no change", "not confirmed", "no change", "slower", "no change"]
+    assert verdict_code(c) == 1
+    second["time"] = "no change"
+    assert verdict_code(confirmed(t, second)) == 0
+    assert verdict_code(confirmed(t, second.iloc[:0])) == 0  # nothing measured again: nothing confirmed
