@@ -68,6 +68,7 @@ class Method:
     memory_in_T: str | None = None  # how the bytes autograd saves for backward grow with T: "flat", "linear", None
     faster_than: str | None = None  # a method whose training step this one's beats at the largest T both ran
     event_encoding = "frames"  # how event datasets reach this method: "frames" (event counts) or "spikes" (binary bins)
+    data_parallel: str | None = None  # why the method cannot run data parallel (methods/distributed.py); None: it can
 
     def __init__(self, cfg: MethodConfig | None = None, **kw) -> None:
         cfg = cfg or MethodConfig(**kw)

@@ -211,36 +211,50 @@ class RateBatchNorm(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mean_s, invstd_s, eps):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, mean_s, invstd_s, eps, group=None, synced=False):  # type: ignore[override]
         dims, shape = _bn_dims(x), _bn_shape(x)
         s = invstd_s.view(shape)
         xhat = (x - mean_s.view(shape)) * s
-        shift = (mean_s.view(shape) - x.mean(dims, keepdim=True)) * s
+        n = x.numel() // x.shape[1]
+        if synced:  # data parallel: the rate batch is every rank's (methods/distributed.py)
+            sums = torch.cat([x.detach().sum(dims), x.new_tensor([float(n)])])
+            torch.distributed.all_reduce(sums, group=group)
+            n = float(sums[-1])
+            mean_r = (sums[:-1] / n).view(shape)
+        else:
+            mean_r = x.mean(dims, keepdim=True)
+        shift = (mean_s.view(shape) - mean_r) * s
         y = xhat if weight is None else xhat * weight.view(shape)
         if bias is not None:
             y = y + bias.view(shape)
         ctx.save_for_backward(xhat, s, shift, weight)
-        ctx.has_bias = bias is not None
+        ctx.has_bias, ctx.n, ctx.group, ctx.synced = bias is not None, n, group, synced
         return y
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         xhat, s, shift, weight = ctx.saved_tensors
         dims = _bn_dims(grad)
-        n = grad.numel() // grad.shape[1]
         g_bias = grad.sum(dims, keepdim=True)
         g_weight = (grad * xhat).sum(dims, keepdim=True)
-        scale = s if weight is None else s * weight.view(_bn_shape(grad))
-        g_x = scale * (grad - g_bias / n - (xhat + shift) * (g_weight / n))
         gw = None if weight is None else g_weight.view(-1)
         gb = g_bias.view(-1) if ctx.has_bias else None
-        return g_x, gw, gb, None, None, None
+        if ctx.synced:  # the means below are over the global batch; this rank's parameter gradients stay its own
+            both = torch.cat([g_bias, g_weight])
+            torch.distributed.all_reduce(both, group=ctx.group)
+            g_bias, g_weight = both[:1], both[1:]
+        scale = s if weight is None else s * weight.view(_bn_shape(grad))
+        g_x = scale * (grad - g_bias / ctx.n - (xhat + shift) * (g_weight / ctx.n))
+        return g_x, gw, gb, None, None, None, None, None
 
 
 class BatchNorm(nn.modules.batchnorm._BatchNorm, SpikingModule):
     """BatchNorm over dim 1 of a ``[N, C]`` or ``[N, C, ...]`` input, driven by the current mode."""
 
     MODES: dict[str, Callable] = {}
+    # data parallel (methods/distributed.py): statistics over every rank's batch in all modes
+    synced = False
+    group = None
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True) -> None:
         nn.modules.batchnorm._BatchNorm.__init__(self, num_features, eps=eps, momentum=momentum, affine=affine)
@@ -261,6 +275,10 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm, SpikingModule):
         self.steps = 0
 
     def _standard(self, x: torch.Tensor) -> torch.Tensor:
+        if self.synced and self.training:
+            from .distributed import sync_batchnorm
+
+            return sync_batchnorm(self, x)
         return nn.modules.batchnorm._BatchNorm.forward(self, x)
 
     @torch.no_grad()
@@ -270,11 +288,22 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm, SpikingModule):
             return self._standard(x)
         if self.mode == "spike_multi":
             self.reset_state()
-        self.num_batches_tracked.add_(1)
-        momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-        y, mean, invstd = torch.native_batch_norm(
-            x, self.weight, self.bias, self.running_mean, self.running_var, True, momentum, self.eps
-        )
+        if self.synced:
+            from .distributed import global_moments, update_running
+
+            mean, var, count = global_moments(x, self.group)
+            update_running(self, mean, var, count)
+            invstd = torch.rsqrt(var + self.eps)
+            shape = _bn_shape(x)
+            y = (x - mean.view(shape)) * invstd.view(shape)
+            if self.affine:
+                y = y * self.weight.view(shape) + self.bias.view(shape)
+        else:
+            self.num_batches_tracked.add_(1)
+            momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+            y, mean, invstd = torch.native_batch_norm(
+                x, self.weight, self.bias, self.running_mean, self.running_var, True, momentum, self.eps
+            )
         self.last_mean, self.last_invstd = mean, invstd
         if self.mean_sum is None:
             self.mean_sum, self.invstd_sq_sum = mean.clone(), invstd * invstd
@@ -302,7 +331,7 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm, SpikingModule):
             return self._standard(x)
         mean_s, invstd_s = self.spike_statistics()
         self.reset_state()
-        return RateBatchNorm.apply(x, self.weight, self.bias, mean_s, invstd_s, self.eps)
+        return RateBatchNorm.apply(x, self.weight, self.bias, mean_s, invstd_s, self.eps, self.group, self.synced)
 
     forward = SpikingModule.forward
 

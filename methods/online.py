@@ -369,6 +369,9 @@ class OS(OnlineBase):
     name = "os"
     OPTIONS = {"mse_weight": 0.05, "mse_target": "onehot", "fixed_test_threshold": False}
     lif_mode = "os"
+    data_parallel = ("its threshold stabilizer (OTS) takes each layer's mean and std over the batch, and its "
+                     "renormalization (OSR) differentiates through batch statistics; neither is synchronised "
+                     "across ranks yet")
 
     def flags(self) -> dict:
         return {"fixed_threshold": self.options["fixed_test_threshold"]}
