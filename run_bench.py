@@ -57,7 +57,7 @@ def cmd_run(a) -> int:
     slots = None
     if a.gpus or a.jobs:
         from bench.errors import UsageError
-        from bench.launch import check_slots, cpu_slots, gpu_slots
+        from bench.launch import cpu_slots, gpu_slots
 
         if a.gpus and a.jobs:
             raise UsageError("--gpus and --jobs: one or the other (GPU cells go one per GPU, CPU cells N at a time)")
@@ -67,7 +67,9 @@ def cmd_run(a) -> int:
             slots = gpu_slots(a.gpus, torch.cuda.device_count())
         else:
             slots = cpu_slots(a.jobs)
-        check_slots(cells, slots, a.share_cpu, launcher)
+    from bench.launch import check_slots
+
+    check_slots(cells, slots or [], a.share_cpu, launcher)
     print(f"grid {name}: {len(cells)} cell(s) -> {out}", file=sys.stderr)
     outcome = run_grid(cells, out, a.data_root, launcher, slurm, reuse_stale=a.reuse_stale, detach=a.detach,
                        poll_s=a.poll_s, slots=slots)

@@ -49,8 +49,9 @@ def set_rng_state(s: dict) -> None:
 class CellCheckpoint:
     """The checkpoint file of one cell in a results folder."""
 
-    def __init__(self, out: Path, key: str) -> None:
+    def __init__(self, out: Path, key: str, writer: bool = True) -> None:
         self.out, self.key = Path(out), key
+        self.writer = writer  # False: reads only (the ranks of a multi-device cell but rank 0)
         self.path = self.out / CHECKPOINTS / f"{key}.pt"
         self.write_s: list[float] = []  # the time each save took
         self.size_bytes: int | None = None  # of the last save
@@ -67,15 +68,20 @@ class CellCheckpoint:
         return state
 
     def save(self, state: dict) -> None:
+        if not self.writer:
+            return
         t0 = time.perf_counter()
         write_atomic(self.path, lambda f: torch.save({**state, "format": FORMAT, "key": self.key}, f))
         self.write_s.append(time.perf_counter() - t0)
         self.size_bytes = self.path.stat().st_size
 
     def remove(self) -> None:
-        self.path.unlink(missing_ok=True)
+        if self.writer:
+            self.path.unlink(missing_ok=True)
 
-    def save_weights(self, epoch: int, model: torch.nn.Module) -> Path:
+    def save_weights(self, epoch: int, model: torch.nn.Module) -> Path | None:
+        if not self.writer:
+            return None
         path = self.out / WEIGHTS / self.key / f"epoch_{epoch}.pt"
         write_atomic(path, lambda f: torch.save(model.state_dict(), f))
         return path

@@ -71,17 +71,43 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed(seed, epoch)))
 
 
+Shard = tuple[int, int]  # (rank, world): this rank's part of every global batch (a multi-device cell)
+
+
+def shard_of(idx: torch.Tensor, shard: Shard | None) -> torch.Tensor:
+    """This rank's part of one global batch of sample indices: every world-th from its rank on, after the batch is
+    cut to a multiple of world (so every rank gets as many samples, and each rank's mean loss weighs alike; at
+    most world - 1 samples of an epoch's last batch are left out)."""
+    if shard is None:
+        return idx
+    rank, world = shard
+    return idx[rank:len(idx) - len(idx) % world:world]
+
+
+def global_batches(n: int, batch_size: int, shard: Shard | None) -> int:
+    """The number of batches of an epoch of n samples: those that still hold a sample for every rank."""
+    full, rest = divmod(n, batch_size)
+    world = shard[1] if shard else 1
+    return full + (1 if rest - rest % world > 0 else 0)
+
+
+def test_share(n: int, shard: Shard | None) -> range:
+    """The test samples a rank evaluates: every world-th, so the ranks cover the whole test set once."""
+    return range(n) if shard is None else range(shard[0], n, shard[1])
+
+
 class TensorLoader:
-    """Batches of in-memory tensors: a seeded shuffle per epoch, no per-sample Python work."""
+    """Batches of in-memory tensors: a seeded shuffle per epoch, no per-sample Python work. With ``shard``, each
+    batch is this rank's part of the global batch of ``batch_size`` samples."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, seed: int = 0,
-                 device: str | torch.device = "cpu") -> None:
+                 device: str | torch.device = "cpu", shard: Shard | None = None) -> None:
         self.x, self.y = x.to(device), y.to(device)
-        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.batch_size, self.shuffle, self.seed, self.shard = batch_size, shuffle, seed, shard
         self.epoch = 0
 
     def __len__(self) -> int:
-        return (len(self.x) + self.batch_size - 1) // self.batch_size
+        return global_batches(self.num_samples, self.batch_size, self.shard)
 
     @property
     def num_samples(self) -> int:
@@ -96,10 +122,12 @@ class TensorLoader:
         n = len(self.x)
         order = epoch_order(n, self.seed, epoch).to(self.x.device) if self.shuffle else None
         for i in range(start * self.batch_size, n, self.batch_size):
-            if order is None:
+            if order is None and self.shard is None:
                 yield self.x[i:i + self.batch_size], self.y[i:i + self.batch_size]
-            else:
-                idx = order[i:i + self.batch_size]
+                continue
+            idx = order[i:i + self.batch_size] if order is not None else torch.arange(i, min(i + self.batch_size, n))
+            idx = shard_of(idx, self.shard)
+            if len(idx):
                 yield self.x[idx], self.y[idx]
 
 
@@ -107,16 +135,23 @@ class EpochSampler(torch.utils.data.Sampler):
     """A DataLoader's sample order: ``epoch_order`` of the epoch, from sample ``start`` on. Yields (index, seed of
     that sample's augmentation) pairs for ``SeededSamples``."""
 
-    def __init__(self, n: int, seed: int) -> None:
+    def __init__(self, n: int, seed: int, batch_size: int = 1, shard: Shard | None = None) -> None:
         self.n, self.seed, self.epoch, self.start = n, seed, 0, 0
+        self.batch_size, self.shard = batch_size, shard
+
+    def _indices(self) -> torch.Tensor:
+        order = epoch_order(self.n, self.seed, self.epoch)[self.start:]
+        if self.shard is None:
+            return order
+        return torch.cat([shard_of(order[i:i + self.batch_size], self.shard)
+                          for i in range(0, len(order), self.batch_size)] or [order[:0]])
 
     def __len__(self) -> int:
-        return self.n - self.start
+        return len(self._indices())
 
     def __iter__(self):
-        order = epoch_order(self.n, self.seed, self.epoch).tolist()
         base = epoch_seed(self.seed, self.epoch) * self.n
-        for i in order[self.start:]:
+        for i in self._indices().tolist():
             yield i, base + i
 
 
@@ -145,15 +180,17 @@ class ResumableLoader:
     """A DataLoader over a dataset read from disk, shuffled by ``EpochSampler``, with ``batches(epoch, start)``
     as TensorLoader's."""
 
-    def __init__(self, ds: torch.utils.data.Dataset, batch_size: int, seed: int, **kw) -> None:
-        self.sampler = EpochSampler(len(ds), seed)
-        self.batch_size = batch_size
-        self.loader = torch.utils.data.DataLoader(SeededSamples(ds), batch_size, sampler=self.sampler,
+    def __init__(self, ds: torch.utils.data.Dataset, batch_size: int, seed: int, shard: Shard | None = None,
+                 **kw) -> None:
+        self.sampler = EpochSampler(len(ds), seed, batch_size, shard)
+        self.batch_size, self.shard = batch_size, shard
+        local = batch_size // shard[1] if shard else batch_size  # a rank's part of each global batch
+        self.loader = torch.utils.data.DataLoader(SeededSamples(ds), local, sampler=self.sampler,
                                                   generator=torch.Generator().manual_seed(seed), **kw)
         self.epoch = 0
 
     def __len__(self) -> int:
-        return (self.sampler.n + self.batch_size - 1) // self.batch_size
+        return global_batches(self.sampler.n, self.batch_size, self.shard)
 
     @property
     def num_samples(self) -> int:
@@ -180,27 +217,37 @@ def synthetic(name: str, n: int, seed: int, T: int = 1) -> tuple[torch.Tensor, t
 
 def get_loaders(name: str, batch_size: int, eval_batch_size: int, seed: int, device: str = "cpu",
                 data_root: str | None = None, train_subset: int = 0, T: int = 1,
-                encoding: str = "frames") -> tuple[TensorLoader | ResumableLoader, TensorLoader | torch.utils.data.DataLoader | None]:
+                encoding: str = "frames", shard: Shard | None = None,
+                ) -> tuple[TensorLoader | ResumableLoader, TensorLoader | torch.utils.data.DataLoader | None]:
     """(train loader, test loader) for a dataset name. Synthetic data has no test loader. Event data comes as
-    T frames per sample; ``encoding`` picks count frames or binary spike trains (see bench/datasets.py)."""
+    T frames per sample; ``encoding`` picks count frames or binary spike trains (see bench/datasets.py).
+    ``shard=(rank, world)``: a rank's loaders in a multi-device cell: its part of every global batch of
+    ``batch_size`` samples (a multiple of world), and every world-th test sample."""
+    if shard is not None and batch_size % shard[1]:
+        raise ValueError(f"batch_size {batch_size} does not split over {shard[1]} devices")
     info = dataset_info(name)
     if name.startswith("synthetic:"):
         n = max(batch_size * 4, batch_size)
         x, y = synthetic(name, n, seed, T)
         if info.events:  # [T, N, ...] frames: batch along dim 1
-            return FrameLoader(x, y, batch_size, device), None
-        return TensorLoader(x, y, batch_size, shuffle=False, device=device), None
+            return FrameLoader(x, y, batch_size, device, shard), None
+        return TensorLoader(x, y, batch_size, shuffle=False, device=device, shard=shard), None
     if info.arrays is not None:
         xtr, ytr, xte, yte = info.arrays()
         if train_subset:
             xtr, ytr = xtr[:train_subset], ytr[:train_subset]
-        return (TensorLoader(xtr, ytr, batch_size, True, seed, device),
+        if shard is not None:
+            part = torch.tensor(test_share(len(yte), shard))
+            xte, yte = xte[part], yte[part]
+        return (TensorLoader(xtr, ytr, batch_size, True, seed, device, shard),
                 TensorLoader(xte, yte, eval_batch_size, False, device=device))
     train_ds, test_ds, collate = info.open(check_dataset(name, data_root), T, encoding)
     if train_subset:
         train_ds = torch.utils.data.Subset(train_ds, range(min(train_subset, len(train_ds))))
+    if shard is not None:
+        test_ds = torch.utils.data.Subset(test_ds, test_share(len(test_ds), shard))
     kw = dict(loader_settings(device), collate_fn=collate)
-    return (ResumableLoader(train_ds, batch_size, seed, drop_last=False, **kw),
+    return (ResumableLoader(train_ds, batch_size, seed, shard, drop_last=False, **kw),
             torch.utils.data.DataLoader(test_ds, eval_batch_size, shuffle=False, **kw))
 
 
@@ -227,14 +274,18 @@ def loader_settings(device: str) -> dict:
 class FrameLoader(TensorLoader):
     """Synthetic event frames ``[T, N, ...]`` batched along N."""
 
-    def __len__(self) -> int:
-        return (self.x.shape[1] + self.batch_size - 1) // self.batch_size
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, device: str | torch.device = "cpu",
+                 shard: Shard | None = None) -> None:
+        super().__init__(x, y, batch_size, False, 0, device, shard)
 
     @property
     def num_samples(self) -> int:
         return self.x.shape[1]
 
     def batches(self, epoch: int, start: int = 0):
-        for i in range(start * self.batch_size, self.x.shape[1], self.batch_size):
-            yield self.x[:, i:i + self.batch_size], self.y[i:i + self.batch_size]
+        n = self.x.shape[1]
+        for i in range(start * self.batch_size, n, self.batch_size):
+            idx = shard_of(torch.arange(i, min(i + self.batch_size, n)), self.shard)
+            if len(idx):
+                yield self.x[:, idx], self.y[idx]
 

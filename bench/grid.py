@@ -82,9 +82,12 @@ class Cell:
     grid: str = field(default="", compare=False)
     checkpoint_minutes: float = 0.0  # train cells: a checkpoint also every so many minutes (0: at epoch ends only)
     save_weights_at: tuple = field(default=(), hash=False)  # train cells: keep the weights after these epochs
+    devices: int = 1  # ranks of one data-parallel cell (bench/distributed.py); batch_size is the global batch
 
     # fields that do not change a result, so are left out of the key
     NOT_IN_KEY = ("grid", "checkpoint_minutes", "save_weights_at")
+    # fields added after cells were stored: in the key only when not at their default, so older keys still hold
+    KEY_IF_SET = ("devices",)
 
     def __post_init__(self) -> None:
         if not isinstance(self.save_weights_at, tuple):  # JSON and TOML give a list
@@ -95,7 +98,8 @@ class Cell:
 
     @property
     def key(self) -> str:
-        cfg = {k: v for k, v in self.config().items() if k not in self.NOT_IN_KEY}
+        cfg = {k: v for k, v in self.config().items() if k not in self.NOT_IN_KEY
+               and not (k in self.KEY_IF_SET and v == CELL_DEFAULTS[k])}
         cfg["version"] = __version__
         blob = json.dumps(cfg, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -106,6 +110,7 @@ class Cell:
 
 
 CELL_FIELDS = {f.name: f for f in fields(Cell)}
+CELL_DEFAULTS = {f.name: f.default for f in fields(Cell)}
 AXES_REQUIRED = ("method", "arch", "dataset", "T")
 DICT_FIELDS = ("method_options", "arch_options")
 
@@ -302,6 +307,15 @@ def validate(cell: Cell) -> None:
     if cell.epochs < 0 or cell.warmup_steps < 0 or cell.train_subset < 0 or cell.seed < 0:
         raise UsageError("epochs, warmup_steps, train_subset and seed must be >= 0, got "
                          f"{cell.epochs}, {cell.warmup_steps}, {cell.train_subset}, {cell.seed}")
+    if not isinstance(cell.devices, int) or isinstance(cell.devices, bool) or cell.devices < 1:
+        raise UsageError(f"devices must be a whole number >= 1, got {cell.devices!r}")
+    if cell.devices > 1:
+        reason = METHODS[cell.method].data_parallel
+        if reason is not None:
+            raise UsageError(f"{cell.method} cannot run on {cell.devices} devices: {reason}")
+        if cell.batch_size % cell.devices:
+            raise UsageError(f"batch_size {cell.batch_size} is the global batch of a cell on {cell.devices} devices: "
+                             f"it must be a multiple of {cell.devices}")
     if not (math.isfinite(cell.checkpoint_minutes) and cell.checkpoint_minutes >= 0):
         raise UsageError(f"checkpoint_minutes must be a finite number >= 0 (0: at epoch ends only), got {cell.checkpoint_minutes}")
     if not (math.isfinite(cell.lr) and cell.lr > 0):

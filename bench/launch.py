@@ -391,6 +391,13 @@ def check_slots(cells: list[Cell], slots: list[Slot], share_cpu: bool = False, l
     (the pool picks the GPU), and profile cells sharing the CPU (their timings are their point) unless asked."""
     if len(slots) > 1 and launcher != "subprocess":
         raise UsageError("--gpus and --jobs run cells side by side in fresh workers: not with --in-process or --slurm")
+    wide = [c for c in cells if c.devices > 1]
+    if wide and launcher == "inprocess":
+        raise UsageError(f"{wide[0].label} runs on {wide[0].devices} devices: its ranks need a worker of their own "
+                         "(drop --in-process)")
+    if wide and len(slots) > 1:
+        raise UsageError(f"{wide[0].label} runs on {wide[0].devices} devices and takes the GPUs it sees (the first "
+                         f"{wide[0].devices}; set CUDA_VISIBLE_DEVICES to choose): not with --gpus or --jobs")
     if any(s.name and s.name.startswith("gpu") for s in slots):
         bad = sorted({c.device for c in cells if c.device != "cuda"})
         if bad:

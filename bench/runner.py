@@ -16,12 +16,15 @@ import numpy as np
 import torch
 
 from methods import METHODS, MethodConfig
+from methods.distributed import data_parallel
 from methods.layers import LIF, count_parameters
 
 from reports.results import MEASURE_COLUMNS, summarise
 
 from .checkpoint import CellCheckpoint, rng_state, set_rng_state
 from .data import dataset_info, get_loaders
+from .distributed import Ranks, agree, all_sum
+from .distributed import init as init_ranks
 from .env import environment
 from .fingerprint import fingerprint
 from .grid import Cell
@@ -112,13 +115,16 @@ class _FiringRate:
     def _hook(self, module, inputs, output) -> None:
         self.sums.append(output.detach().float().mean())
 
-    def close(self) -> float | None:
+    def close(self) -> tuple[float | None, int]:
+        """(the mean rate, how many layer calls it averages)."""
         for h in self.handles:
             h.remove()
-        return float(torch.stack(self.sums).mean()) if self.sums else None
+        return (float(torch.stack(self.sums).mean()) if self.sums else None), len(self.sums)
 
 
-def evaluate(method, model, loader, device) -> tuple[float, float | None]:
+def evaluate(method, model, loader, device, ranks: Ranks | None = None) -> tuple[float, float | None]:
+    """Top-1 accuracy (%) and mean firing rate over the loader's samples; the ranks of a multi-device cell each
+    evaluate their part of the test set and add up their counts."""
     model.eval()
     fr = _FiringRate(model)
     correct = torch.zeros((), dtype=torch.long, device=device)
@@ -129,9 +135,13 @@ def evaluate(method, model, loader, device) -> tuple[float, float | None]:
             correct += (method.infer(model, x).argmax(1) == y).sum()
             n += len(y)
     finally:
-        rate = fr.close()
+        rate, layers = fr.close()
         model.train()
-    return 100.0 * correct.item() / max(n, 1), rate
+    hits = correct.item()
+    if ranks is not None:  # rates weighted by the calls each rank made
+        hits, n, rate_sum, calls = all_sum([hits, n, (rate or 0.0) * layers, layers], device)
+        rate = rate_sum / calls if calls else None
+    return 100.0 * hits / max(n, 1), rate
 
 
 class Preempted(Exception):
@@ -139,17 +149,22 @@ class Preempted(Exception):
 
 
 def run_cell(cell: Cell, data_root: str | None = None, progress: Progress | None = None,
-             out: str | os.PathLike | None = None, concurrent: int = 1) -> Result:
+             out: str | os.PathLike | None = None, concurrent: int = 1, ranks: Ranks | None = None) -> Result:
     """Run one cell; a failure becomes a row with status ``oom`` or ``error``, never an exception.
 
     With a results folder ``out``, a train cell checkpoints there (bench/checkpoint.py) at every epoch end (but
     the last), every ``checkpoint_minutes``, and when a stop signal arrives (then it ends with status
     ``preempted``); it resumes from that checkpoint when run again, and removes it when it ends ok.
     ``concurrent``: how many cells the launcher runs side by side (recorded; the contention columns say what
-    that did to the timings)."""
+    that did to the timings). ``ranks``: this process is one rank of a multi-device cell (bench/distributed.py)."""
     t_cell = time.perf_counter()
     progress = progress or (lambda d: None)
     device = torch.device(cell.device)
+    if ranks is not None:
+        try:
+            device = init_ranks(ranks, device.type)
+        except Exception as e:
+            return Result(failure_row(cell, "error", f"rank {ranks.rank} of {ranks.world}: {type(e).__name__}: {e}"))
     nvml, gpu_reason = nvml_device(device)
     nvml_sampler = NvmlProcessSampler(nvml.uuid, SAMPLE_INTERVAL_S) if nvml else None
     rss = Sampler(rss_reader(), RSS_INTERVAL_S, baseline=0)
@@ -163,8 +178,8 @@ def run_cell(cell: Cell, data_root: str | None = None, progress: Progress | None
     epochs: list[dict] = []
     series: dict[str, list[float]] = {}
     window = MeasureWindow(nvml, nvml_sampler)
-    attempt = Attempt(t_cell, rss, window,
-                      CellCheckpoint(out, cell.key) if out is not None and cell.kind == "train" else None)
+    attempt = Attempt(t_cell, rss, window, CellCheckpoint(out, cell.key, writer=ranks is None or ranks.main)
+                      if out is not None and cell.kind == "train" else None)
     rss.start()
     try:
         if nvml_sampler:  # its first reading, before this process allocates on the GPU, is the baseline
@@ -173,7 +188,7 @@ def run_cell(cell: Cell, data_root: str | None = None, progress: Progress | None
             except RuntimeError as e:
                 row["gpu_null_reason"] = f"NVML sampler: {e}"
                 nvml_sampler = None
-        series = _train_or_profile(cell, device, data_root, row, epochs, progress, window, attempt)
+        series = _train_or_profile(cell, device, data_root, row, epochs, progress, window, attempt, ranks)
     except Preempted as e:
         row.update(status="preempted", error=str(e))
     except torch.cuda.OutOfMemoryError as e:
@@ -411,19 +426,33 @@ class StepMeasure:
         return row
 
 
+def stop_requested(ranks: Ranks | None, device: torch.device, due: bool = False) -> tuple[bool, bool]:
+    """(a stop was requested, a checkpoint is due): on every rank of a multi-device cell alike."""
+    if ranks is None:
+        return STOP.requested, due
+    stop, due = agree([STOP.requested, due], device)
+    return stop, due
+
+
 def _train_or_profile(cell: Cell, device: torch.device, data_root, row: dict, epochs: list[dict], progress: Progress,
-                      window: MeasureWindow, attempt: Attempt | None = None) -> dict[str, list[float]]:
-    _seed(cell.seed)
+                      window: MeasureWindow, attempt: Attempt | None = None,
+                      ranks: Ranks | None = None) -> dict[str, list[float]]:
+    _seed(cell.seed)  # every rank alike: the same draws where a method draws (sltt_k's steps)
     info = dataset_info(cell.dataset)
     method = METHODS[cell.method](MethodConfig(T=cell.T, neuron=cell.neuron, options=dict(cell.method_options)))
     model = method.build(cell.arch, num_classes=info.num_classes, in_channels=info.shape[0], input_shape=info.shape,
                          **cell.arch_options).to(device)
     row["num_params"] = count_parameters(model)
     opt = make_optimizer(cell, model)
+    if ranks is not None:
+        if method.data_parallel is not None:
+            raise ValueError(f"{cell.method} cannot run on several devices: {method.data_parallel}")
+        data_parallel(model, opt)
     n_epochs = cell.epochs if cell.kind == "train" else 0
     sched = make_schedule(cell, opt, n_epochs)
     train, test = get_loaders(cell.dataset, cell.batch_size, cell.eval_batch_size, cell.seed, str(device), data_root,
-                              cell.train_subset, cell.T, method.event_encoding)
+                              cell.train_subset, cell.T, method.event_encoding,
+                              shard=(ranks.rank, ranks.world) if ranks is not None else None)
     measure = StepMeasure(method, model, opt, device, cell.warmup_steps, cell.batch_size)
     total = (len(train) * n_epochs) if cell.kind == "train" else (cell.warmup_steps + 1 + cell.steps)
 
@@ -437,18 +466,18 @@ def _train_or_profile(cell: Cell, device: torch.device, data_root, row: dict, ep
         for i in range(total):
             measure.step(*batches[i % len(batches)])
             tell(0)
-            if STOP.requested:  # a profile cell is short: it starts afresh when run again
-                raise Preempted(f"stopped by {STOP.name} at step {i + 1} of {total}; a rerun profiles it afresh")
+            if stop_requested(ranks, device)[0]:  # a profile cell is short: it starts afresh when run again
+                raise Preempted(f"stopped by {STOP.name or 'a stop request to another rank'} at step {i + 1} of {total}; a rerun profiles it afresh")
         row["train_loss"] = None
     else:
-        _train(cell, device, model, method, opt, sched, train, test, measure, epochs, row, window, attempt, tell)
+        _train(cell, device, model, method, opt, sched, train, test, measure, epochs, row, window, attempt, tell, ranks)
     window.stop(row)
     row.update(measure.columns())
     return measure.series()
 
 
 def _train(cell: Cell, device, model, method, opt, sched, train, test, measure: StepMeasure, epochs: list[dict],
-           row: dict, window: MeasureWindow, attempt: Attempt | None, tell) -> None:
+           row: dict, window: MeasureWindow, attempt: Attempt | None, tell, ranks: Ranks | None = None) -> None:
     """The epochs of a train cell, resumed from its checkpoint when there is one, checkpointing as it goes."""
     n_epochs = cell.epochs
     ckpt = attempt.checkpoint if attempt is not None else None
@@ -477,7 +506,7 @@ def _train(cell: Cell, device, model, method, opt, sched, train, test, measure: 
                    "restarts": attempt.restarts, "resumed_at": attempt.resumed_at, "attempts": attempt.so_far()})
 
     def stop(epoch: int, batch: int) -> Preempted:
-        return Preempted(f"stopped by {STOP.name} at epoch {epoch}, batch {batch} of {len(train)}; checkpointed, "
+        return Preempted(f"stopped by {STOP.name or 'a stop request to another rank'} at epoch {epoch}, batch {batch} of {len(train)}; checkpointed, "
                          "it resumes there when run again")
 
     window.start()  # model, optimizer and data are set up: what grows from here is the training's
@@ -494,12 +523,15 @@ def _train(cell: Cell, device, model, method, opt, sched, train, test, measure: 
         for b, (wait_ms, (x, y)) in enumerate(_timed(train.batches(epoch - 1, first)), first + 1):
             losses.append(measure.step(x, y, wait_ms))
             tell(epoch)
-            if ckpt is not None and (STOP.requested or (every_s and time.perf_counter() - last_save >= every_s)):
+            if ckpt is None:
+                continue
+            stopping, due = stop_requested(ranks, device, bool(every_s) and time.perf_counter() - last_save >= every_s)
+            if stopping or due:
                 t0 = time.perf_counter()
                 save(epoch, b, epoch_before_s + t0 - t_epoch - paused, losses)
                 last_save = time.perf_counter()
                 paused += last_save - t0
-                if STOP.requested:
+                if stopping:
                     raise stop(epoch, b)
         sync(device)
         epoch_s = epoch_before_s + time.perf_counter() - t_epoch - paused
@@ -508,7 +540,7 @@ def _train(cell: Cell, device, model, method, opt, sched, train, test, measure: 
             sched.step()
         train_loss = float(torch.stack(losses).mean()) if losses else None
         window.footprint.pause()  # evaluation's memory is not training memory
-        acc, rate = evaluate(method, model, test, device) if test is not None else (None, None)
+        acc, rate = evaluate(method, model, test, device, ranks) if test is not None else (None, None)
         window.footprint.resume()
         if acc is not None:
             best = max(best, acc)
@@ -521,7 +553,7 @@ def _train(cell: Cell, device, model, method, opt, sched, train, test, measure: 
         if ckpt is not None and epoch < n_epochs:
             save(epoch + 1, 0, 0.0, [])
             last_save = time.perf_counter()
-            if STOP.requested:
+            if stop_requested(ranks, device)[0]:
                 raise stop(epoch + 1, 0)
     if epochs:
         last = epochs[-1]

@@ -5,8 +5,8 @@ A grid's ``[slurm]`` table (and ``--slurm-set KEY=VALUE``) sets the resources of
 
     [slurm]
     partition = "gpu"
-    gpus_per_node = 1          # default: 1 when the cells run on cuda, else 0 (no gres asked)
-    cpus_per_task = 8          # default: 8 for cuda cells (loader workers), 2 for CPU cells
+    gpus_per_node = 1          # default: the cells' devices (1, or N for a cell on N GPUs) on cuda, else 0 (no gres)
+    cpus_per_task = 8          # default: 8 per GPU (loader workers), 2 per rank for CPU cells
     mem_gb = 64                # default: the partition's
     timeout_min = 240          # each task's time limit; a cell that needs longer is requeued and resumes
     array_parallelism = 16     # tasks running at once
@@ -17,7 +17,9 @@ A grid's ``[slurm]`` table (and ``--slurm-set KEY=VALUE``) sets the resources of
 
 What happens to a task:
 
-- it runs its cells one after another, each in a fresh worker (bench/worker.py), skipping those stored ok;
+- it runs its cells one after another, each in a fresh worker (bench/worker.py), skipping those stored ok; a
+  cell on N devices (``devices = N``) runs its N ranks inside the one task, which asks N GPUs (cells of different
+  ``devices`` go to separate arrays);
 - USR2 before the time limit: submitit calls ``SlurmTask.checkpoint``, which asks the running worker to
   checkpoint (SIGUSR1), waits for it, and returns the same task for submitit to requeue (``scontrol requeue``);
 - a preemption or ``scontrol requeue`` sends SIGTERM to every process of the job: the worker checkpoints and
@@ -78,11 +80,24 @@ class SlurmSettings:
                     raise UsageError(f"{source}: unknown Slurm setting {k!r}; valid: {', '.join(valid)}")
                 values[k] = _coerce(k, v, source)
         s = cls(**values)
+        s.explicit = set(values)
         gpu = any(c.device.startswith("cuda") for c in cells)
-        if s.gpus_per_node is None:
-            s.gpus_per_node = 1 if gpu else 0
-        if s.cpus_per_task is None:
-            s.cpus_per_task = 8 if gpu else 2
+        widest = max((c.devices for c in cells if c.device.startswith("cuda")), default=1)
+        if gpu and s.gpus_per_node is not None and s.gpus_per_node < widest:
+            raise UsageError(f"a cell on {widest} devices runs its ranks in one task, which needs {widest} GPUs; "
+                             f"gpus_per_node is {s.gpus_per_node}")
+        return s.for_devices(max((c.devices for c in cells), default=1), gpu)
+
+    def for_devices(self, devices: int, gpu: bool) -> "SlurmSettings":
+        """These settings for a task whose cells run on ``devices`` devices each: unless set, that many GPUs
+        (cuda cells; none otherwise) and 8 CPUs per GPU (loader workers), or 2 CPUs per CPU rank."""
+        explicit = getattr(self, "explicit", set())
+        s = SlurmSettings(**{f.name: getattr(self, f.name) for f in fields(self)})
+        s.explicit = explicit
+        if "gpus_per_node" not in explicit:
+            s.gpus_per_node = devices if gpu else 0
+        if "cpus_per_task" not in explicit:
+            s.cpus_per_task = (8 if gpu else 2) * devices
         return s
 
     def executor_parameters(self) -> dict:
@@ -234,19 +249,24 @@ def submit(cells: list[Cell], out: Path, data_root: str | None, settings: SlurmS
         import submitit
     except ImportError:
         raise UsageError('the Slurm launcher needs submitit: pip install -e ".[slurm]"') from None
-    ex = submitit.AutoExecutor(folder=str(out / "slurm" / "%j"), cluster="slurm",
-                               slurm_max_num_timeout=settings.max_requeues)
-    ex.update_parameters(name=f"snnbench-{cells[0].grid or 'grid'}", **settings.executor_parameters())
-    k = settings.cells_per_task
-    groups = [cells[i:i + k] for i in range(0, len(cells), k)]
-    try:
-        jobs = ex.map_array(SlurmTask(str(out), data_root), [[c.config() for c in g] for g in groups])
-    except (subprocess.CalledProcessError, submitit.core.utils.FailedJobError) as e:
-        msg = getattr(e, "stderr", None) or getattr(e, "output", None) or str(e)
-        msg = msg.decode(errors="replace") if isinstance(msg, bytes) else str(msg)
-        raise UsageError(f"sbatch refused the job array: {msg.strip().splitlines()[-1] if msg.strip() else e}") from None
+    records = []
     now = time.time()
-    records = [{"job_id": str(j.job_id), "cells": [c.key for c in g], "submitted": now} for j, g in zip(jobs, groups)]
+    gpu = any(c.device.startswith("cuda") for c in cells)
+    for devices in sorted({c.devices for c in cells}):  # one array per devices count: a task asks what its cells need
+        mine = [c for c in cells if c.devices == devices]
+        ex = submitit.AutoExecutor(folder=str(out / "slurm" / "%j"), cluster="slurm",
+                                   slurm_max_num_timeout=settings.max_requeues)
+        ex.update_parameters(name=f"snnbench-{cells[0].grid or 'grid'}",
+                             **settings.for_devices(devices, gpu).executor_parameters())
+        k = settings.cells_per_task
+        groups = [mine[i:i + k] for i in range(0, len(mine), k)]
+        try:
+            jobs = ex.map_array(SlurmTask(str(out), data_root), [[c.config() for c in g] for g in groups])
+        except (subprocess.CalledProcessError, submitit.core.utils.FailedJobError) as e:
+            msg = getattr(e, "stderr", None) or getattr(e, "output", None) or str(e)
+            msg = msg.decode(errors="replace") if isinstance(msg, bytes) else str(msg)
+            raise UsageError(f"sbatch refused the job array: {msg.strip().splitlines()[-1] if msg.strip() else e}") from None
+        records += [{"job_id": str(j.job_id), "cells": [c.key for c in g], "submitted": now} for j, g in zip(jobs, groups)]
     write_atomic(out / JOBS, lambda f: f.write(json.dumps(read_jobs(out) + records, indent=1).encode()))
     return records
 

@@ -92,6 +92,12 @@ METRICS: tuple[Metric, ...] = (
     Metric("nvml_baseline_mib", "MiB", "none", None, "GPU memory in use before the cell, NVML"),
     Metric("peak_rss_mib", "MiB", "lower", 5.0, "peak resident memory (RSS)", summary=True),
     Metric("footprint_mib", "MiB", "lower", None, "RSS footprint of training"),
+    # a cell on several devices: the columns above are its largest rank's; these add up its ranks
+    Metric("peak_alloc_mib_sum", "MiB", "lower", None, "peak memory, torch allocator, sum over the ranks"),
+    Metric("peak_reserved_mib_sum", "MiB", "lower", None, "peak memory reserved, sum over the ranks"),
+    Metric("peak_nvml_mib_sum", "MiB", "lower", None, "peak memory, NVML, sum over the ranks"),
+    Metric("peak_rss_mib_sum", "MiB", "lower", None, "peak resident memory, sum over the ranks"),
+    Metric("footprint_mib_sum", "MiB", "lower", None, "RSS footprint of training, sum over the ranks"),
     Metric("saved_for_backward_mib", "MiB", "lower", 1.0, "bytes saved for backward", summary=True),
     Metric("acc_top1", "%", "higher", None, "test accuracy", summary=True),
     Metric("acc_top1_best", "%", "higher", None, "best test accuracy over epochs"),
@@ -140,7 +146,7 @@ for _m in METRICS:  # a misspelt series or statistic fails at import, not in the
 MEASURE_COLUMNS = tuple(METRIC)
 # configuration fields that are numbers (the rest of a cell's config is text)
 CONFIG_NUMERIC = ("T", "seed", "batch_size", "eval_batch_size", "epochs", "warmup_steps", "steps", "lr", "momentum",
-                  "weight_decay", "train_subset")
+                  "weight_decay", "train_subset", "devices")
 NUMERIC: dict[str, tuple[str, ...]] = {
     "cells": CONFIG_NUMERIC + MEASURE_COLUMNS + ("schema_version",),
     "epochs": ("epoch", "train_loss", "test_acc", "epoch_time_s", "lr", "firing_rate_mean"),

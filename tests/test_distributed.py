@@ -4,6 +4,8 @@ statistics, the same parameters after the optimizer's step; for every method tha
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -111,3 +113,117 @@ def test_os_says_it_is_not_data_parallel():
     assert METHODS["os"].data_parallel is not None
     assert all(METHODS[c.split("/")[0]].data_parallel is None for c in CASES)
 
+
+
+# ---------------------------------------------------------------- a 2-rank cell through the CLI
+
+
+def test_a_two_rank_cell_runs_through_the_cli_and_stores_one_row(tmp_path):
+    """run --set devices=2: torch.distributed.run starts two gloo ranks, each on half of every batch of 64; one row
+    is stored, with devices=2, per-rank memory (largest, and the sum), the slowest rank's step times, and the
+    accuracy over the whole test set (360 digits: a multiple of 1/360)."""
+    from reports.results import load_results
+
+    from .helpers import cli, tiny_grid
+
+    (tmp_path / "g.toml").write_text(tiny_grid(methods=("rate_m",), T=(2,), train_subset=256)
+                                     .replace("batch_size = 128", "batch_size = 64"))
+    r = cli("run", str(tmp_path / "g.toml"), "--set", "devices=2", "--out", str(tmp_path / "res"), timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    df = load_results(tmp_path / "res")
+    assert len(df) == 1
+    row = df.iloc[0]
+    assert row["status"] == "ok" and row["devices"] == 2, row["error"]
+    assert row["measured_steps"] == 3  # 256 samples: 4 global batches of 64 (32 per rank); the first measures memory
+    assert row["peak_rss_mib_sum"] > row["peak_rss_mib"] > 0
+    acc = row["acc_top1"] / 100 * 360
+    assert abs(acc - round(acc)) < 1e-6 and 0 < row["acc_top1"] <= 100
+
+
+def test_the_ranks_results_become_one_row():
+    """combine: each step's time is the slowest rank's; memory the largest rank's and the sum; a failed rank fails
+    the cell with its error, a rank without a result is named."""
+    from bench.distributed import combine
+    from bench.runner import Result
+
+    def res(step_ms, rss, status="ok", error=None):
+        return Result({"status": status, "error": error, "batch_size": 64, "peak_rss_mib": rss, "acc_top1": 50.0},
+                      [{"epoch": 1}], [], {"step_ms": step_ms})
+
+    c = combine([res([10.0, 30.0, 20.0], 100.0), res([12.0, 25.0, 21.0], 120.0)], 2)
+    assert c.series["step_ms"] == [12.0, 30.0, 21.0] and c.row["step_time_ms_median"] == 21.0
+    assert c.row["peak_rss_mib"] == 120.0 and c.row["peak_rss_mib_sum"] == 220.0 and c.row["devices"] == 2
+    assert abs(c.row["throughput_samples_per_s"] - 64 * 3 / 0.063) < 1e-6 and c.epochs == [{"epoch": 1}]
+    c = combine([res([1.0], 1.0, "error", "RuntimeError: peer closed"), res([1.0], 1.0, "oom", "CUDA out of memory"),
+                 None], 3)
+    assert c.row["status"] == "oom" and "rank 1: CUDA out of memory" in c.row["error"]
+    assert "rank(s) 2: stopped" in c.row["error"] and c.epochs == []
+    with pytest.raises(RuntimeError, match="rank\\(s\\) 1 of 2"):
+        combine([res([1.0], 1.0), None], 2)
+
+
+def test_multi_device_cells_that_cannot_run_exit_2(tmp_path):
+    from .helpers import cli, tiny_grid
+
+    (tmp_path / "g.toml").write_text(tiny_grid(methods=("os",)))
+    r = cli("run", str(tmp_path / "g.toml"), "--set", "devices=2", "--out", str(tmp_path / "res"))
+    assert r.returncode == 2 and "os cannot run on 2 devices" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "g.toml").write_text(tiny_grid(methods=("bptt_m",), train_subset=100))
+    r = cli("run", str(tmp_path / "g.toml"), "--set", "devices=3", "--out", str(tmp_path / "res"))
+    assert r.returncode == 2 and "must be a multiple of 3" in r.stderr
+    r = cli("run", str(tmp_path / "g.toml"), "--set", "devices=0", "--out", str(tmp_path / "res"))
+    assert r.returncode == 2 and "devices must be a whole number >= 1" in r.stderr
+
+
+def test_a_two_rank_cell_stopped_mid_epoch_resumes_exactly(tmp_path):
+    """SIGUSR1 to a 2-rank cell's worker: it passes the request to both ranks, which agree on the step, rank 0
+    checkpoints, the cell is stored as preempted; run again, every rank resumes from that checkpoint and the
+    epochs' losses and accuracies are exactly those of the same cell run without a stop."""
+    from bench.checkpoint import CellCheckpoint
+    from bench.grid import Cell
+
+    from .test_resume import assert_same_training, run_worker, stored
+
+    cell = Cell(method="bptt_m", arch="cnn_digits", dataset="digits", T=2, epochs=2, batch_size=32,
+                eval_batch_size=360, train_subset=640, devices=2)  # 20 global batches per epoch
+    ref = tmp_path / "ref"
+    assert run_worker(cell, ref)["status"] == "ok"
+    st = run_worker(cell, tmp_path / "cut", signal_at=25, sig=signal.SIGUSR1)
+    assert st["rc"] == 0 and st["status"] == "preempted", st
+    row, _ = stored(tmp_path / "cut", cell.key)
+    assert "stopped by SIGUSR1 at epoch 2, batch" in row["error"] and row["devices"] == 2
+    state = CellCheckpoint(tmp_path / "cut", cell.key).load()
+    assert state["epoch"] == 2 and 0 < state["batch"] < 20
+    assert run_worker(cell, tmp_path / "cut")["status"] == "ok"
+    again = stored(tmp_path / "cut", cell.key)
+    assert_same_training(again, stored(ref, cell.key))
+    assert again[0]["restarts"] == 1 and again[0]["devices"] == 2
+
+
+@pytest.mark.parametrize("n,batch,world", [(100, 16, 2), (100, 15, 3), (97, 32, 4), (5, 4, 2)])
+def test_ranks_split_every_global_batch_and_the_test_set(n, batch, world):
+    """Each rank's loader yields its part of every global batch of the epoch's order (the batch cut to a multiple
+    of the ranks, so all parts are as large); together the ranks see each global batch once, in the same number of
+    batches; the test set is split so that every sample is evaluated exactly once. For in-memory tensors and for
+    the DataLoader path of on-disk datasets (EpochSampler)."""
+    from bench.data import EpochSampler, TensorLoader, epoch_order, test_share
+
+    x, y = torch.arange(n).float(), torch.arange(n)
+    order = epoch_order(n, 7, 1)
+    want = [order[i:i + batch][: len(order[i:i + batch]) - len(order[i:i + batch]) % world]
+            for i in range(0, n, batch)]
+    want = [w for w in want if len(w)]
+    parts = [list(TensorLoader(x, y, batch, True, 7, shard=(r, world)).batches(1)) for r in range(world)]
+    assert all(len(p) == len(want) == len(TensorLoader(x, y, batch, True, 7, shard=(r, world)))
+               for r, p in enumerate(parts))
+    for b, w in enumerate(want):
+        got = torch.cat([parts[r][b][1] for r in range(world)])
+        assert sorted(got.tolist()) == sorted(w.tolist()) and all(len(parts[r][b][1]) == len(w) // world
+                                                                  for r in range(world))
+    samplers = [EpochSampler(n, 7, batch, (r, world)) for r in range(world)]
+    for s in samplers:
+        s.epoch = 1
+    seen = [i for s in samplers for i, _ in s]
+    assert sorted(seen) == sorted(torch.cat(want).tolist()) and len(samplers[0]) == len(list(samplers[0]))
+    tests = [list(test_share(n, (r, world))) for r in range(world)]
+    assert sorted(sum(tests, [])) == list(range(n))
