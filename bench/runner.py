@@ -160,6 +160,9 @@ def run_cell(cell: Cell, data_root: str | None = None, progress: Progress | None
     t_cell = time.perf_counter()
     progress = progress or (lambda d: None)
     device = torch.device(cell.device)
+    if cell.devices > 1 and ranks is None:  # in-process callers (compare's workers, tests) cannot start ranks
+        return Result(failure_row(cell, "error", f"a cell on {cell.devices} devices runs through bench/worker.py, "
+                                                 "which starts its ranks; this caller runs one process"))
     if ranks is not None:
         try:
             device = init_ranks(ranks, device.type)

@@ -74,8 +74,8 @@ def test_firing_rate_is_of_spikes_with_ottt_scaled_ws(digits_batch):
              for m in model.modules() if isinstance(m, LIF)]
     fr = _FiringRate(model)
     method.infer(model, x)
-    rate = fr.close()
+    rate, calls = fr.close()
     for h in hooks:
         h.remove()
-    assert 0.0 < rate < 1.0
+    assert 0.0 < rate < 1.0 and calls == len(means)
     assert rate == pytest.approx(sum(means) / len(means), rel=1e-6)

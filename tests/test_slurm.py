@@ -99,6 +99,21 @@ def test_job_array_gives_the_rows_of_a_local_run(slurm, tmp_path):
     assert "submitted 4 cell" not in again.stderr
 
 
+def test_a_two_rank_cell_runs_as_one_slurm_task(slurm, tmp_path):
+    """devices=2 on CPU through sbatch: one task starts both gloo ranks (torch.distributed.run inside the job) and
+    one row comes back, with the accuracy over the whole test set."""
+    g = grid_file(tmp_path, "wide", T=[2], epochs=1)
+    out = tmp_path / "out"
+    r = cli("run", str(g), "--slurm", "--set", "devices=2", "--set", "train_subset=320", "--out", str(out),
+            "--poll-s", "1", env=slurm, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "submitted 1 cell(s) as 1 Slurm task(s)" in r.stderr
+    cells, _ = rows(out)
+    row = cells.iloc[0]
+    assert row["status"] == "ok" and row["devices"] == 2 and row["acc_top1"] > 20, row["error"]
+    assert row["peak_rss_mib_sum"] > row["peak_rss_mib"]
+
+
 def test_scontrol_requeue_resumes_the_cell(slurm, tmp_path):
     """A running 6-epoch cell requeued after its first checkpoint resumes there (restarts = 1) and ends with the
     losses of an uninterrupted local run; while it waits, status says requeued and a second run does not submit."""
@@ -182,6 +197,24 @@ def test_settings_ask_no_gpu_for_cpu_cells_and_check_their_values():
     for bad in ({"timeout_min": 0}, {"cells_per_task": "two"}, {"additional": 3}, {"gpus": 1}):
         with pytest.raises(UsageError):
             SlurmSettings.make(bad, {}, cpu)
+
+
+def test_a_multi_device_cell_asks_its_gpus_in_one_task():
+    """A cell on 8 GPUs: its task asks 8 GPUs and 8 CPUs each, unless the grid says otherwise; a grid asking fewer
+    GPUs than a cell's devices is refused; 1-device cells of the same grid get their own, smaller tasks."""
+    wide = Cell("rate_m", "sew_resnet34", "imagenet", 4, batch_size=512, device="cuda", devices=8)
+    narrow = Cell("rate_m", "sew_resnet34", "imagenet", 4, batch_size=512, device="cuda")
+    s = SlurmSettings.make({"mem_gb": 256}, {}, [wide, narrow])
+    p = s.executor_parameters()
+    assert p["gpus_per_node"] == 8 and p["cpus_per_task"] == 64 and p["tasks_per_node"] == 1
+    p1 = s.for_devices(1, gpu=True).executor_parameters()
+    assert p1["gpus_per_node"] == 1 and p1["cpus_per_task"] == 8 and p1["mem_gb"] == 256
+    assert SlurmSettings.make({"cpus_per_task": 32}, {}, [wide]).executor_parameters()["cpus_per_task"] == 32
+    with pytest.raises(UsageError, match="needs 8 GPUs; gpus_per_node is 4"):
+        SlurmSettings.make({"gpus_per_node": 4}, {}, [wide])
+    cpu2 = Cell("bptt_m", "cnn_digits", "digits", 1, batch_size=32, devices=2)
+    p = SlurmSettings.make({}, {}, [cpu2]).executor_parameters()
+    assert "gpus_per_node" not in p and p["cpus_per_task"] == 4
 
 
 def test_no_sbatch_is_one_message(tmp_path):
