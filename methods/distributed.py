@@ -6,11 +6,12 @@ does what DistributedDataParallel and SyncBatchNorm do for an ordinary network, 
 can use, whatever its number of forward and backward passes:
 
 - parameters and buffers are broadcast from rank 0, so every rank starts from the same model;
-- every BN of the model normalises with the statistics of the global batch (``BatchNorm.synced``): the
+- every BN of the model normalises with the statistics of the global batch (``SpikingModule.synced``): the
   differentiable per-call statistics of BPTT and the online methods (``SyncBatchNormFunction``: the forward
   gathers each rank's count, mean and variance, the backward all-reduces the two per-channel gradient sums), the
   rate-BP spike pass (global statistics, recorded for the rate pass) and its rate pass (``RateBatchNorm`` with
-  the rate batch's global mean and gradient sums);
+  the rate batch's global mean and gradient sums), OS's renormalization (the same function, its scale and shift
+  from the global statistics); OS's threshold stabilizer takes each layer's mean and std over every rank;
 - before every ``optimizer.step()`` the gradients are averaged over the ranks (one all-reduce of all of them,
   flattened): with each rank's loss the mean over its share, the average is the gradient of the global
   batch's mean loss. That holds for a step with one backward (BPTT, rate-BP), several (SLTT and OTTT sum T
@@ -20,7 +21,7 @@ can use, whatever its number of forward and backward passes:
 
 Averaging at the step instead of during the backward (as DDP's buckets do) gives up overlapping the
 communication with the backward; it gives every method the same synchronisation, so their step times stay
-comparable. A method whose own statistics are per-batch in ways this does not synchronise says so in
+comparable. A method whose own statistics are per-batch in ways this does not synchronise would say so in
 ``Method.data_parallel`` (a reason; None when supported).
 """
 
@@ -141,13 +142,13 @@ class DataParallelHandle:
 
 def data_parallel(model: nn.Module, optimizer: torch.optim.Optimizer, group=None) -> DataParallelHandle:
     """Make ``model`` and ``optimizer`` one replica of a data-parallel run over ``group`` (module docstring)."""
-    from .layers import BatchNorm
+    from .layers import SpikingModule
 
     with torch.no_grad():
         for t in list(model.parameters()) + list(model.buffers()):
             dist.broadcast(t, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
     for m in model.modules():
-        if isinstance(m, BatchNorm):
+        if isinstance(m, SpikingModule):  # BN, and neurons whose thresholds take batch statistics (OS)
             m.synced, m.group = True, group
     params = [p for g in optimizer.param_groups for p in g["params"]]
     hook = optimizer.register_step_pre_hook(lambda opt, args, kwargs: average_gradients(params, group))

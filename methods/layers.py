@@ -47,6 +47,9 @@ class SpikingModule(nn.Module):
         pass
 
     disabled = False  # a wrapper may switch a BN off (identity) for a method's own normalisation
+    # data parallel (methods/distributed.py): batch statistics are every rank's batch's, in every mode
+    synced = False
+    group = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled:
@@ -252,9 +255,6 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm, SpikingModule):
     """BatchNorm over dim 1 of a ``[N, C]`` or ``[N, C, ...]`` input, driven by the current mode."""
 
     MODES: dict[str, Callable] = {}
-    # data parallel (methods/distributed.py): statistics over every rank's batch in all modes
-    synced = False
-    group = None
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True) -> None:
         nn.modules.batchnorm._BatchNorm.__init__(self, num_features, eps=eps, momentum=momentum, affine=affine)

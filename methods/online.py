@@ -287,7 +287,13 @@ def _os_lif(self: LIF, x: torch.Tensor) -> torch.Tensor:
         th = thresholds[t]
     else:
         with torch.no_grad():
-            std, mean = torch.std_mean(h)
+            if self.synced:  # data parallel: the layer's statistics over every rank's batch
+                from .distributed import global_moments
+
+                m, var, n = global_moments(h.reshape(-1, 1), self.group)
+                mean, std = m[0], torch.sqrt(var[0] * (n / max(n - 1, 1)))  # std_mean's unbiased std
+            else:
+                std, mean = torch.std_mean(h)
             std = std.clamp_min(1e-8)
             if t == 0:
                 self.rho = (cfg.threshold - mean) / std
@@ -312,17 +318,12 @@ def _osr_bn(self: BatchNorm, x: torch.Tensor) -> torch.Tensor:
     statistics are used for that step, as the official code does. Evaluation: the running statistics."""
     if not self.training:
         return self._standard(x)
+    if self.synced:
+        return _osr_bn_synced(self, x)
     dims = (0,) + tuple(range(2, x.dim()))
     shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
     var_b, mean_b = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
-    with torch.no_grad():
-        m = mean_b.view(-1)
-        if self.mean_sum is None:
-            self.mean_sum, self.invstd_sq_sum = m.clone(), (var_b.view(-1) + m * m)  # sums of mu_t and E_t[x^2]
-        else:
-            self.mean_sum.add_(m)
-            self.invstd_sq_sum.add_(var_b.view(-1) + m * m)
-        self.steps += 1
+    _osr_accumulate(self, mean_b.detach().view(-1), var_b.detach().view(-1))
     std_b = torch.sqrt(var_b + self.eps)
     xhat = (x - mean_b) / std_b
     if self.__dict__.get("osr_batches", 0) > 0:
@@ -333,6 +334,37 @@ def _osr_bn(self: BatchNorm, x: torch.Tensor) -> torch.Tensor:
             use_running = r.max() <= 20.0  # a device tensor: no host sync
         xhat = torch.where(use_running, xhat * r + d, xhat)
     return xhat * self.weight.view(shape) + self.bias.view(shape) if self.affine else xhat
+
+
+def _osr_accumulate(bn: BatchNorm, mean: torch.Tensor, var: torch.Tensor) -> None:
+    with torch.no_grad():
+        if bn.mean_sum is None:
+            bn.mean_sum, bn.invstd_sq_sum = mean.clone(), var + mean * mean  # sums of mu_t and E_t[x^2]
+        else:
+            bn.mean_sum.add_(mean)
+            bn.invstd_sq_sum.add_(var + mean * mean)
+        bn.steps += 1
+
+
+def _osr_bn_synced(self: BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """OSR over every rank's batch (methods/distributed.py): y = w (xhat r + d) + b is BN with the weight w r and
+    the bias w d + b, r and d constants, so the synchronised BN function gives its value and its gradient
+    through the global batch statistics."""
+    from .distributed import SyncBatchNormFunction, global_moments
+
+    mean, var, count = global_moments(x.detach(), self.group)
+    _osr_accumulate(self, mean, var)
+    invstd = torch.rsqrt(var + self.eps)
+    w = self.weight if self.affine else torch.ones_like(mean)
+    b = self.bias if self.affine else torch.zeros_like(mean)
+    if self.__dict__.get("osr_batches", 0) > 0:
+        with torch.no_grad():
+            std_run = torch.sqrt(self.running_var + self.eps)
+            r = torch.sqrt(var + self.eps) / std_run
+            d = (mean - self.running_mean) / std_run
+            use_running = r.max() <= 20.0
+        w, b = torch.where(use_running, w * r, w), torch.where(use_running, w * d + b, b)
+    return SyncBatchNormFunction.apply(x, w, b, mean, invstd, count, self.group)
 
 
 def osr_pooled_statistics(bn: BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
@@ -369,9 +401,6 @@ class OS(OnlineBase):
     name = "os"
     OPTIONS = {"mse_weight": 0.05, "mse_target": "onehot", "fixed_test_threshold": False}
     lif_mode = "os"
-    data_parallel = ("its threshold stabilizer (OTS) takes each layer's mean and std over the batch, and its "
-                     "renormalization (OSR) differentiates through batch statistics; neither is synchronised "
-                     "across ranks yet")
 
     def flags(self) -> dict:
         return {"fixed_threshold": self.options["fixed_test_threshold"]}
