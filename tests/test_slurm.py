@@ -110,7 +110,9 @@ def test_a_two_rank_cell_runs_as_one_slurm_task(slurm, tmp_path):
     assert "submitted 1 cell(s) as 1 Slurm task(s)" in r.stderr
     cells, _ = rows(out)
     row = cells.iloc[0]
-    assert row["status"] == "ok" and row["devices"] == 2 and row["acc_top1"] > 20, row["error"]
+    assert row["status"] == "ok", row.get("error")
+    hits = row["acc_top1"] / 100 * 360  # the whole digits test set, once
+    assert row["devices"] == 2 and abs(hits - round(hits)) < 1e-6 and row["acc_top1"] > 0
     assert row["peak_rss_mib_sum"] > row["peak_rss_mib"]
 
 
