@@ -147,7 +147,12 @@ class EpochSampler(torch.utils.data.Sampler):
                           for i in range(0, len(order), self.batch_size)] or [order[:0]])
 
     def __len__(self) -> int:
-        return len(self._indices())
+        """The samples ``__iter__`` yields (``start`` is a whole number of batches): no permutation drawn."""
+        if self.shard is None:
+            return self.n - self.start
+        world = self.shard[1]
+        full, rest = divmod(self.n - self.start, self.batch_size)
+        return full * (self.batch_size // world) + (rest - rest % world) // world
 
     def __iter__(self):
         base = epoch_seed(self.seed, self.epoch) * self.n

@@ -437,6 +437,10 @@ def stop_requested(ranks: Ranks | None, device: torch.device, due: bool = False)
     return stop, due
 
 
+def _stopped_by() -> str:
+    return STOP.name or "a stop request to another rank"
+
+
 def _train_or_profile(cell: Cell, device: torch.device, data_root, row: dict, epochs: list[dict], progress: Progress,
                       window: MeasureWindow, attempt: Attempt | None = None,
                       ranks: Ranks | None = None) -> dict[str, list[float]]:
@@ -470,7 +474,7 @@ def _train_or_profile(cell: Cell, device: torch.device, data_root, row: dict, ep
             measure.step(*batches[i % len(batches)])
             tell(0)
             if stop_requested(ranks, device)[0]:  # a profile cell is short: it starts afresh when run again
-                raise Preempted(f"stopped by {STOP.name or 'a stop request to another rank'} at step {i + 1} of {total}; a rerun profiles it afresh")
+                raise Preempted(f"stopped by {_stopped_by()} at step {i + 1} of {total}; a rerun profiles it afresh")
         row["train_loss"] = None
     else:
         _train(cell, device, model, method, opt, sched, train, test, measure, epochs, row, window, attempt, tell, ranks)
@@ -509,7 +513,7 @@ def _train(cell: Cell, device, model, method, opt, sched, train, test, measure: 
                    "restarts": attempt.restarts, "resumed_at": attempt.resumed_at, "attempts": attempt.so_far()})
 
     def stop(epoch: int, batch: int) -> Preempted:
-        return Preempted(f"stopped by {STOP.name or 'a stop request to another rank'} at epoch {epoch}, batch {batch} of {len(train)}; checkpointed, "
+        return Preempted(f"stopped by {_stopped_by()} at epoch {epoch}, batch {batch} of {len(train)}; checkpointed, "
                          "it resumes there when run again")
 
     window.start()  # model, optimizer and data are set up: what grows from here is the training's

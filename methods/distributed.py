@@ -31,6 +31,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .layers import SpikingModule, _bn_dims, _bn_shape
+
 __all__ = ["data_parallel", "SyncBatchNormFunction", "global_moments", "average_gradients", "world_size"]
 
 
@@ -38,19 +40,11 @@ def world_size(group=None) -> int:
     return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
 
 
-def bn_dims(x: torch.Tensor) -> tuple[int, ...]:
-    return (0,) + tuple(range(2, x.dim()))
-
-
-def bn_shape(x: torch.Tensor) -> tuple[int, ...]:
-    return (1, x.shape[1]) + (1,) * (x.dim() - 2)
-
-
 def global_moments(x: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Per-channel (mean, biased variance, count) of ``x`` over every rank's batch: each rank's count, mean and
     variance gathered (one all-gather of 2C+1 numbers per rank) and combined as Chan et al.'s parallel
     variance, in float64, so no sum of squares loses the variance to cancellation."""
-    dims = bn_dims(x)
+    dims = _bn_dims(x)
     n = x.numel() // x.shape[1]
     var, mean = torch.var_mean(x, dim=dims, correction=0)
     mine = torch.cat([mean.double(), var.double(), torch.tensor([float(n)], dtype=torch.float64, device=x.device)])
@@ -89,7 +83,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, mean, invstd, count, group):  # type: ignore[override]
-        shape = bn_shape(x)
+        shape = _bn_shape(x)
         xhat = (x - mean.view(shape)) * invstd.view(shape)
         y = xhat if weight is None else xhat * weight.view(shape)
         if bias is not None:
@@ -101,7 +95,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         xhat, invstd, weight = ctx.saved_tensors
-        dims, shape = bn_dims(grad), bn_shape(grad)
+        dims, shape = _bn_dims(grad), _bn_shape(grad)
         g_bias = grad.sum(dims)
         g_weight = (grad * xhat).sum(dims)
         both = torch.cat([g_bias, g_weight])
@@ -112,12 +106,13 @@ class SyncBatchNormFunction(torch.autograd.Function):
         return (g_x, None if weight is None else g_weight, g_bias if ctx.has_bias else None, None, None, None, None)
 
 
-def sync_batchnorm(bn, x: torch.Tensor) -> torch.Tensor:
-    """A training-mode forward of ``bn`` (a methods.layers.BatchNorm) with global statistics."""
+def sync_batchnorm(bn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A training-mode forward of ``bn`` (a methods.layers.BatchNorm) with global statistics, its running
+    statistics updated: (output, mean, inverse std)."""
     mean, var, count = global_moments(x.detach(), bn.group)
     update_running(bn, mean, var, count)
     invstd = torch.rsqrt(var + bn.eps)
-    return SyncBatchNormFunction.apply(x, bn.weight, bn.bias, mean, invstd, count, bn.group)
+    return SyncBatchNormFunction.apply(x, bn.weight, bn.bias, mean, invstd, count, bn.group), mean, invstd
 
 
 def average_gradients(params: list[nn.Parameter], group) -> None:
@@ -132,18 +127,9 @@ def average_gradients(params: list[nn.Parameter], group) -> None:
         g.copy_(avg)
 
 
-class DataParallelHandle:
-    def __init__(self, hook) -> None:
-        self.hook = hook
-
-    def remove(self) -> None:
-        self.hook.remove()
-
-
-def data_parallel(model: nn.Module, optimizer: torch.optim.Optimizer, group=None) -> DataParallelHandle:
-    """Make ``model`` and ``optimizer`` one replica of a data-parallel run over ``group`` (module docstring)."""
-    from .layers import SpikingModule
-
+def data_parallel(model: nn.Module, optimizer: torch.optim.Optimizer, group=None):
+    """Make ``model`` and ``optimizer`` one replica of a data-parallel run over ``group`` (module docstring).
+    Returns the handle of the gradient average's hook (``.remove()``)."""
     with torch.no_grad():
         for t in list(model.parameters()) + list(model.buffers()):
             dist.broadcast(t, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
@@ -151,5 +137,4 @@ def data_parallel(model: nn.Module, optimizer: torch.optim.Optimizer, group=None
         if isinstance(m, SpikingModule):  # BN, and neurons whose thresholds take batch statistics (OS)
             m.synced, m.group = True, group
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    hook = optimizer.register_step_pre_hook(lambda opt, args, kwargs: average_gradients(params, group))
-    return DataParallelHandle(hook)
+    return optimizer.register_step_pre_hook(lambda opt, args, kwargs: average_gradients(params, group))

@@ -278,7 +278,7 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm, SpikingModule):
         if self.synced and self.training:
             from .distributed import sync_batchnorm
 
-            return sync_batchnorm(self, x)
+            return sync_batchnorm(self, x)[0]
         return nn.modules.batchnorm._BatchNorm.forward(self, x)
 
     @torch.no_grad()
@@ -289,15 +289,9 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm, SpikingModule):
         if self.mode == "spike_multi":
             self.reset_state()
         if self.synced:
-            from .distributed import global_moments, update_running
+            from .distributed import sync_batchnorm
 
-            mean, var, count = global_moments(x, self.group)
-            update_running(self, mean, var, count)
-            invstd = torch.rsqrt(var + self.eps)
-            shape = _bn_shape(x)
-            y = (x - mean.view(shape)) * invstd.view(shape)
-            if self.affine:
-                y = y * self.weight.view(shape) + self.bias.view(shape)
+            y, mean, invstd = sync_batchnorm(self, x)
         else:
             self.num_batches_tracked.add_(1)
             momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)

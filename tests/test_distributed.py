@@ -224,5 +224,8 @@ def test_ranks_split_every_global_batch_and_the_test_set(n, batch, world):
         s.epoch = 1
     seen = [i for s in samplers for i, _ in s]
     assert sorted(seen) == sorted(torch.cat(want).tolist()) and len(samplers[0]) == len(list(samplers[0]))
+    for s in samplers:  # resumed after the first batch: the length still counts what it yields
+        s.start = batch
+        assert len(s) == len(list(s))
     tests = [list(test_share(n, (r, world))) for r in range(world)]
     assert sorted(sum(tests, [])) == list(range(n))
