@@ -183,16 +183,17 @@ def test_a_two_rank_cell_stopped_mid_epoch_resumes_exactly(tmp_path):
 
     from .test_resume import assert_same_training, run_worker, stored
 
+    # the whole digits: 45 global batches per epoch, so a stop sent 5 steps into epoch 2 lands well inside it
     cell = Cell(method="bptt_m", arch="cnn_digits", dataset="digits", T=2, epochs=2, batch_size=32,
-                eval_batch_size=360, train_subset=640, devices=2)  # 20 global batches per epoch
+                eval_batch_size=360, devices=2)
     ref = tmp_path / "ref"
     assert run_worker(cell, ref)["status"] == "ok"
-    st = run_worker(cell, tmp_path / "cut", signal_at=25, sig=signal.SIGUSR1)
+    st = run_worker(cell, tmp_path / "cut", signal_at=45 + 5, sig=signal.SIGUSR1)
     assert st["rc"] == 0 and st["status"] == "preempted", st
     row, _ = stored(tmp_path / "cut", cell.key)
     assert "stopped by SIGUSR1 at epoch 2, batch" in row["error"] and row["devices"] == 2
     state = CellCheckpoint(tmp_path / "cut", cell.key).load()
-    assert state["epoch"] == 2 and 0 < state["batch"] < 20
+    assert state["epoch"] == 2 and 0 < state["batch"] < 45
     assert run_worker(cell, tmp_path / "cut")["status"] == "ok"
     again = stored(tmp_path / "cut", cell.key)
     assert_same_training(again, stored(ref, cell.key))
