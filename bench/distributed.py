@@ -129,4 +129,4 @@ def combine(results: list, world: int):
         if all(v is not None for v in vals):
             row[col], row[f"{col}_sum"] = max(vals), sum(vals)
     row["devices"] = world
-    return Result(row, main.epochs, main.samples, series)
+    return Result(row, main.epochs, main.samples, series, main.details)

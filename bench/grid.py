@@ -51,6 +51,8 @@ from .errors import UsageError
 GRIDS_DIR = Path(__file__).resolve().parents[1] / "grids"
 T_MAX = 4096  # the largest T a cell may ask for (the papers use <= 540)
 GRID_NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")
+KINDS = ("train", "profile", "fidelity")
+LAST_EPOCH = -1  # in save_weights_at and weights_at: the train cell's last epoch, whatever its epochs
 
 
 @dataclass(frozen=True)
@@ -62,12 +64,12 @@ class Cell:
     dataset: str
     T: int
     seed: int = 0
-    kind: str = "train"  # "train" | "profile"
+    kind: str = "train"  # "train" | "profile" | "fidelity" (bench/fidelity.py)
     batch_size: int = 64
     eval_batch_size: int = 256
     epochs: int = 1  # train cells
     warmup_steps: int = 2  # steps excluded from step-time statistics
-    steps: int = 10  # profile cells: measured steps
+    steps: int = 10  # profile cells: measured steps; fidelity cells: batches
     optimizer: str = "sgd"
     lr: float = 0.1
     momentum: float = 0.9
@@ -81,17 +83,23 @@ class Cell:
     precision: str = "fp32"
     grid: str = field(default="", compare=False)
     checkpoint_minutes: float = 0.0  # train cells: a checkpoint also every so many minutes (0: at epoch ends only)
-    save_weights_at: tuple = field(default=(), hash=False)  # train cells: keep the weights after these epochs
+    save_weights_at: tuple = field(default=(), hash=False)  # train cells: keep the weights after these epochs (-1: last)
     devices: int = 1  # ranks of one data-parallel cell (bench/distributed.py); batch_size is the global batch
+    # fidelity cells (bench/fidelity.py)
+    reference: str = ""  # the method whose gradient is the reference ("": the method's Method.fidelity_reference)
+    trained_by: str = ""  # the method whose train cell saved the weights compared at epochs > 0 ("": this method)
+    weights_at: tuple = field(default=(0,), hash=False)  # the epochs whose weights are compared (0: init, -1: last)
 
     # fields that do not change a result, so are left out of the key
     NOT_IN_KEY = ("grid", "checkpoint_minutes", "save_weights_at")
     # fields added after cells were stored: in the key only when not at their default, so older keys still hold
-    KEY_IF_SET = ("devices",)
+    KEY_IF_SET = ("devices", "reference", "trained_by", "weights_at")
+    EPOCH_LISTS = ("save_weights_at", "weights_at")
 
     def __post_init__(self) -> None:
-        if not isinstance(self.save_weights_at, tuple):  # JSON and TOML give a list
-            object.__setattr__(self, "save_weights_at", tuple(self.save_weights_at))
+        for name in self.EPOCH_LISTS:  # JSON and TOML give a list
+            if not isinstance(getattr(self, name), tuple):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
 
     def config(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -129,14 +137,16 @@ def _coerce(name: str, value: Any) -> Any:
         if not isinstance(value, dict):
             raise UsageError(f"{name} must be a table/object, got {value!r}")
         return value
-    if name == "save_weights_at":
+    if name in Cell.EPOCH_LISTS:
         items = value.replace(",", " ").split() if isinstance(value, str) else _as_list(value)
         try:
             epochs = tuple(int(v) for v in items)
         except (TypeError, ValueError):
-            raise UsageError(f"save_weights_at must be a list of epochs (e.g. [1, 10, 300]), got {value!r}") from None
-        if any(e <= 0 for e in epochs):
-            raise UsageError(f"save_weights_at: epochs count from 1, got {value!r}")
+            raise UsageError(f"{name} must be a list of epochs (e.g. [1, 10, 300]), got {value!r}") from None
+        first = 0 if name == "weights_at" else 1  # weights_at: 0 is the weights at initialisation
+        if any(e < first and e != LAST_EPOCH for e in epochs) or not epochs and name == "weights_at":
+            raise UsageError(f"{name}: epochs count from {first}" + (" (0: at initialisation)" if first == 0 else "")
+                             + f"; {LAST_EPOCH} is the train cell's last epoch; got {value!r}")
         return epochs
     typ = type(default) if default is not dataclasses.MISSING else (int if name == "T" else str)
     try:
@@ -222,7 +232,7 @@ def list_grids() -> list[str]:
 
 def check_value(name: str, value: Any) -> Any:
     """Refuse a name the registries do not know, or a T <= 0, naming the valid choices."""
-    if name == "method" and value not in METHODS:
+    if name in ("method", "reference", "trained_by") and value and value not in METHODS:
         raise UsageError(f"unknown method {value!r}; valid: {', '.join(sorted(METHODS))}")
     if name == "arch" and value not in ARCHS:
         raise UsageError(f"unknown arch {value!r}; valid: {', '.join(sorted(ARCHS))}")
@@ -297,10 +307,10 @@ def expand(spec: dict, name: str = "", filters: dict | None = None, sets: dict |
 
 
 def validate(cell: Cell) -> None:
-    for name in ("method", "arch", "dataset", "T", "neuron"):  # the names a registry must know
+    for name in ("method", "arch", "dataset", "T", "neuron", "reference", "trained_by"):  # names a registry must know
         check_value(name, getattr(cell, name))
-    if cell.kind not in ("train", "profile"):
-        raise UsageError(f"kind must be 'train' or 'profile', got {cell.kind!r}")
+    if cell.kind not in KINDS:
+        raise UsageError(f"kind must be one of {', '.join(map(repr, KINDS))}, got {cell.kind!r}")
     for f in ("batch_size", "eval_batch_size", "steps"):
         if getattr(cell, f) <= 0:
             raise UsageError(f"{f} must be > 0, got {getattr(cell, f)}")
@@ -340,11 +350,32 @@ def validate(cell: Cell) -> None:
     if not m.supports(cell.arch):
         raise UsageError(f"method {cell.method} does not support arch {cell.arch!r}; it supports: "
                          + ", ".join(m.supported_archs()))
+    if cell.kind == "fidelity":
+        _validate_fidelity(cell, m)
     valid_opts = arch_options(cell.arch)
     unknown = sorted(set(cell.arch_options) - set(valid_opts))
     if unknown:
         raise UsageError(f"arch {cell.arch} has no option(s) {', '.join(map(repr, unknown))}; valid: "
                          + (", ".join(valid_opts) or "none"))
+
+
+def run_phases(cells: list[Cell]) -> list[list[Cell]]:
+    """The cells in the order they may run: every other cell, then the fidelity cells (which read the weights train
+    cells keep), each phase in the grid's order; a phase starts when the one before has ended."""
+    phases = [[c for c in cells if c.kind != "fidelity"], [c for c in cells if c.kind == "fidelity"]]
+    return [p for p in phases if p]
+
+
+def _validate_fidelity(cell: Cell, method) -> None:
+    reference = cell.reference or method.fidelity_reference
+    if reference is None:
+        raise UsageError(f"fidelity cell {cell.label}: {cell.method} names no reference method to compare its "
+                         "gradient with; set reference = \"<method>\"")
+    for role, name in (("reference", reference), ("trained_by", cell.trained_by or cell.method)):
+        if not METHODS[name](T=cell.T, neuron=cell.neuron).supports(cell.arch):
+            raise UsageError(f"fidelity cell {cell.label}: {role} {name} does not support arch {cell.arch!r}")
+    if cell.devices != 1:
+        raise UsageError(f"fidelity cell {cell.label}: it computes gradients on one device (devices = 1)")
 
 
 __all__ = ["Cell", "T_MAX", "check_grid_name", "expand", "load_grid", "list_grids", "parse_filters", "parse_sets", "validate", "DATASETS"]

@@ -23,7 +23,7 @@ from reports.results import (FolderLock, device_type, load_results, remove_stray
 
 from .errors import UsageError
 from .fingerprint import fingerprint, is_current
-from .grid import Cell
+from .grid import Cell, run_phases
 from .stop import STOP
 
 REPO = Path(__file__).resolve().parents[1]
@@ -143,6 +143,8 @@ class ProgressDisplay:
 def cell_cost(cell: Cell) -> float:
     """A rough relative cost of a cell for the ETA: steps x T x the method's cost of a timestep (plus a fixed
     start-up)."""
+    if cell.kind == "fidelity":  # two gradients per batch and weights
+        return 10.0 + cell.T * cell.steps * len(cell.weights_at) * 2 * ETA_TIMESTEP_COST.get(cell.method, 1.0)
     steps = cell.epochs * 50 if cell.kind == "train" else cell.warmup_steps + 1 + cell.steps
     per_t = ETA_TIMESTEP_COST.get(cell.method, 1.0)
     return 10.0 + cell.T * steps * per_t
@@ -161,9 +163,9 @@ def _set_pdeathsig() -> None:  # pragma: no cover - runs in the child
 STORE_FAILED_EXIT = 3  # the worker's exit code when it could not store its row
 
 
-def _store(out: Path, cell: Cell, row: dict, epochs=None, samples=None) -> None:
+def _store(out: Path, cell: Cell, row: dict, epochs=None, samples=None, details=None) -> None:
     try:
-        write_cell(out, cell.key, row, epochs, samples)
+        write_cell(out, cell.key, row, epochs, samples, details)
     except OSError as e:
         raise StoreFailed(f"cannot store the result of {cell.label} in {out}: {e}") from None
 
@@ -230,7 +232,7 @@ def run_in_process(cell: Cell, out: Path, data_root: str | None, on_progress: Ca
     from .runner import run_cell
 
     res = run_cell(cell, data_root, on_progress, out=out)
-    _store(out, cell, res.row, res.epochs, res.samples)
+    _store(out, cell, res.row, res.epochs, res.samples, res.details)
     return res.status, res.row.get("error")
 
 
@@ -335,7 +337,9 @@ def run_grid(cells: list[Cell], out: Path, data_root: str | None = None, launche
             display.end_cell(st, slot.name)
 
         try:
-            left = run_pool(todo, slots, run_one, lambda: STOP.requested)
+            left: list[Cell] = []
+            for phase in run_phases(todo):  # fidelity cells read the weights train cells keep: they start after them
+                left += phase if STOP.requested else run_pool(phase, slots, run_one, lambda: STOP.requested)
             outcome.not_started = left if STOP.requested else []
             outcome.stopped_by = STOP.name
         except StoreFailed as e:

@@ -27,6 +27,25 @@ class _Saved:
         self.meter._release(self.key)
 
 
+MODULE_PARTS = ("conv", "bn", "lif", "linear", "other")
+TENSOR_PARTS = ("activation", "spike", "rate", "membrane", "eligibility")
+
+
+def module_part(module: torch.nn.Module | None) -> str:
+    """The part of a network a module is, for the attribution of saved bytes."""
+    from methods.layers import LIF, BatchNorm
+
+    if isinstance(module, torch.nn.modules.conv._ConvNd):
+        return "conv"
+    if isinstance(module, (BatchNorm, torch.nn.modules.batchnorm._NormBase)):
+        return "bn"
+    if isinstance(module, LIF):
+        return "lif"
+    if isinstance(module, torch.nn.Linear):
+        return "linear"
+    return "other"
+
+
 class SavedTensorsMeter:
     """Bytes autograd saves for backward, measured with ``torch.autograd.graph.saved_tensors_hooks``.
 
@@ -34,27 +53,69 @@ class SavedTensorsMeter:
     given as ``exclude`` (the model's parameters: they are alive anyway). A saved tensor counts from
     the moment it is packed until its graph node is freed, so ``peak_bytes`` is the largest amount
     held at once: for BPTT the whole graph, for an online method one step's graph.
+
+    Given the ``model``, each storage is also attributed (``peak_parts``: the bytes held at the peak by
+    (module, tensor)) to the innermost module running when it was first saved (``module_part``: conv, bn, lif,
+    linear, other: whatever a container's own forward, the loss or the readout saves) and to a kind of tensor:
+    ``spike`` (a LIF layer's output in a spiking mode, saved by the layer after it), ``rate`` (its output in
+    rate-BP's rate pass), ``membrane`` (saved inside a LIF layer's forward: the membrane potential the
+    surrogate gradient needs), ``eligibility`` (saved inside a LIF layer in the rate pass), ``activation``
+    (anything else: inputs, conv and BN outputs, logits).
     """
 
-    def __init__(self, exclude: Iterable[torch.Tensor] = ()) -> None:
+    def __init__(self, exclude: Iterable[torch.Tensor] = (), model: torch.nn.Module | None = None) -> None:
         self._exclude = {t.untyped_storage().data_ptr() for t in exclude}
-        self._live: dict[int, list[int]] = {}
+        self._live: dict[int, list] = {}
         self._lock = threading.Lock()
         self.current_bytes = 0
         self.peak_bytes = 0
         self.packed = 0
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        self.model = model
+        self.parts: dict[tuple[str, str], int] = {}
+        self.peak_parts: dict[tuple[str, str], int] = {}
+        self._stack: list[torch.nn.Module] = []
+        self._outputs: dict[int, tuple[str, int]] = {}  # storage of a LIF output -> (tensor kind, its bytes)
+        self._handles: list = []
 
     @property
     def peak_mib(self) -> float:
         return self.peak_bytes / MIB
 
     def __enter__(self) -> "SavedTensorsMeter":
+        if self.model is not None:
+            from methods.layers import LIF
+
+            for m in self.model.modules():
+                self._handles.append(m.register_forward_pre_hook(lambda mod, args: self._stack.append(mod)))
+                self._handles.append(m.register_forward_hook(self._left(isinstance(m, LIF))))
         self._hooks.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
         self._hooks.__exit__(*exc)
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _left(self, lif: bool):
+        def hook(module, args, output) -> None:
+            if self._stack and self._stack[-1] is module:
+                self._stack.pop()
+            if lif and torch.is_tensor(output) and torch.is_grad_enabled():
+                st = output.untyped_storage()
+                self._outputs[st.data_ptr()] = ("rate" if module.mode == "rate" else "spike", st.nbytes())
+        return hook
+
+    def _part(self, storage) -> tuple[str, str]:
+        module = self._stack[-1] if self._stack else None
+        mpart = module_part(module)
+        out = self._outputs.get(storage.data_ptr())
+        if out is not None and out[1] == storage.nbytes():
+            return mpart, out[0]
+        if mpart == "lif":
+            return mpart, "eligibility" if module.mode == "rate" else "membrane"
+        return mpart, "activation"
 
     def _pack(self, t: torch.Tensor):
         storage = t.untyped_storage()
@@ -65,10 +126,15 @@ class SavedTensorsMeter:
             self.packed += 1
             entry = self._live.get(key)
             if entry is None:
-                self._live[key] = [1, storage.nbytes()]
+                part = self._part(storage) if self.model is not None else None
+                self._live[key] = [1, storage.nbytes(), part]
                 self.current_bytes += storage.nbytes()
+                if part is not None:
+                    self.parts[part] = self.parts.get(part, 0) + storage.nbytes()
                 if self.current_bytes > self.peak_bytes:
                     self.peak_bytes = self.current_bytes
+                    if part is not None:
+                        self.peak_parts = dict(self.parts)
             else:
                 entry[0] += 1
         return _Saved(t, self, key)
@@ -86,6 +152,12 @@ class SavedTensorsMeter:
             if entry[0] == 0:
                 del self._live[key]
                 self.current_bytes -= entry[1]
+                if entry[2] is not None:
+                    self.parts[entry[2]] -= entry[1]
+
+    def breakdown(self) -> list[dict]:
+        """The bytes held at the peak, one row per (module, tensor) that held any."""
+        return [{"module": m, "tensor": t, "bytes": b} for (m, t), b in sorted(self.peak_parts.items()) if b > 0]
 
 
 # --------------------------------------------------------------------------- timing

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -26,8 +27,9 @@ from .data import dataset_info, get_loaders
 from .distributed import Ranks, agree, all_sum
 from .distributed import init as init_ranks
 from .env import environment
+from .fidelity import WeightsMissing, run_fidelity
 from .fingerprint import fingerprint
-from .grid import Cell
+from .grid import LAST_EPOCH, Cell
 from .profile import (MIB, CpuContention, NvmlProcessSampler, RssFootprint, Sampler, SavedTensorsMeter, TimingProbe,
                       nvml_device, rss_reader, sync)
 from .stop import STOP
@@ -46,6 +48,7 @@ class Result:
     epochs: list[dict] = field(default_factory=list)
     samples: list[dict] = field(default_factory=list)
     series: dict[str, list[float]] = field(default_factory=dict)  # per measured step, in order (reports.SERIES)
+    details: dict[str, list[dict]] = field(default_factory=dict)  # the cell's analyses (reports.results.DETAILS)
 
     @property
     def status(self) -> str:
@@ -56,7 +59,8 @@ def config_columns(cell: Cell) -> dict:
     cfg = cell.config()
     for k in ("method_options", "arch_options"):
         cfg[k] = json.dumps(cfg[k], sort_keys=True)
-    cfg["save_weights_at"] = json.dumps(list(cfg["save_weights_at"]))
+    for k in Cell.EPOCH_LISTS:
+        cfg[k] = json.dumps(list(cfg[k]))
     return cfg
 
 
@@ -106,42 +110,105 @@ def make_schedule(cell: Cell, opt: torch.optim.Optimizer, n_epochs: int):
 
 
 class _FiringRate:
-    """Mean spike rate over the LIF layers during evaluation (forward hooks, no host sync per batch)."""
+    """Spike rates of the LIF layers during evaluation (forward hooks, no host sync per batch): per layer, the mean
+    over its calls of the mean of its output; over all layers, the mean over every layer call."""
 
     def __init__(self, model: torch.nn.Module) -> None:
-        self.sums: list[torch.Tensor] = []
-        self.handles = [m.register_forward_hook(self._hook) for m in model.modules() if isinstance(m, LIF)]
+        self.layers = [(name, m) for name, m in model.named_modules() if isinstance(m, LIF)]
+        self.sums: list[list[torch.Tensor]] = [[] for _ in self.layers]
+        self.handles = [m.register_forward_hook(self._hook(i)) for i, (_, m) in enumerate(self.layers)]
+        self.counting = True
 
-    def _hook(self, module, inputs, output) -> None:
-        self.sums.append(output.detach().float().mean())
+    def _hook(self, i: int):
+        def hook(module, inputs, output) -> None:
+            if self.counting:
+                self.sums[i].append(output.detach().float().mean())
+        return hook
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Forward passes that are not the evaluation proper (shuffled input) leave the rates alone."""
+        self.counting = False
+        try:
+            yield
+        finally:
+            self.counting = True
 
     def close(self) -> tuple[float | None, int]:
         """(the mean rate, how many layer calls it averages)."""
         for h in self.handles:
             h.remove()
-        return (float(torch.stack(self.sums).mean()) if self.sums else None), len(self.sums)
+        calls = [s for layer in self.sums for s in layer]
+        return (float(torch.stack(calls).mean()) if calls else None), len(calls)
+
+    def per_layer(self) -> list[tuple[str, float, int]]:
+        """(module name, sum of the per-call means, calls) for each LIF layer, in the model's order."""
+        return [(name, float(torch.stack(s).sum()) if s else 0.0, len(s)) for (name, _), s in zip(self.layers, self.sums)]
 
 
-def evaluate(method, model, loader, device, ranks: Ranks | None = None) -> tuple[float, float | None]:
-    """Top-1 accuracy (%) and mean firing rate over the loader's samples; the ranks of a multi-device cell each
-    evaluate their part of the test set and add up their counts."""
+SHUFFLES = 5  # permutations of the input frames in time for the shuffle analysis (event data)
+
+
+def evaluate(method, model, loader, device, ranks: Ranks | None = None,
+             analyses: bool = False) -> tuple[float, float | None, dict[str, list[dict]]]:
+    """Top-1 accuracy (%), mean firing rate and, with ``analyses`` (after the last epoch), the behaviour over time
+    steps (details "layers" and "anytime"): each LIF layer's firing rate; the accuracy with the first t = 1..T
+    steps (the mean of the per-step outputs, ``Method.infer_steps``); for event data, the accuracy with the frames
+    permuted in time, for ``SHUFFLES`` fixed permutations. The ranks of a multi-device cell each evaluate their
+    part of the test set and add up their counts."""
     model.eval()
     fr = _FiringRate(model)
+    T = method.T
+    perms = [torch.randperm(T, generator=torch.Generator().manual_seed(k)) for k in range(SHUFFLES)]
     correct = torch.zeros((), dtype=torch.long, device=device)
-    n = 0
+    at_t = torch.zeros(T, dtype=torch.long, device=device)
+    shuffled = torch.zeros(SHUFFLES, dtype=torch.long, device=device)
+    n, steps_readout, sequence = 0, analyses, False
     try:
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            correct += (method.infer(model, x).argmax(1) == y).sum()
+            if steps_readout:
+                try:
+                    out = method.infer_steps(model, x)
+                except NotImplementedError:
+                    steps_readout = False
+            if steps_readout:
+                correct += (out.mean(0).argmax(1) == y).sum()
+                for t in range(T):
+                    at_t[t] += (out[: t + 1].mean(0).argmax(1) == y).sum()
+            else:
+                correct += (method.infer(model, x).argmax(1) == y).sum()
+            if analyses and method.is_sequence(model, x):
+                sequence = True
+                with fr.paused():
+                    for k, p in enumerate(perms):
+                        shuffled[k] += (method.infer(model, x[p.to(x.device)]).argmax(1) == y).sum()
             n += len(y)
     finally:
         rate, layers = fr.close()
         model.train()
-    hits = correct.item()
+    per_layer = fr.per_layer()
+    counts = [correct.item(), n, (rate or 0.0) * layers, layers] + at_t.tolist() + shuffled.tolist() \
+        + [v for _, s, c in per_layer for v in (s, c)]
     if ranks is not None:  # rates weighted by the calls each rank made
-        hits, n, rate_sum, calls = all_sum([hits, n, (rate or 0.0) * layers, layers], device)
-        rate = rate_sum / calls if calls else None
-    return 100.0 * hits / max(n, 1), rate
+        counts = all_sum(counts, device)
+    hits, n, rate_sum, calls = counts[:4]
+    rate = rate_sum / calls if calls else None
+    acc = 100.0 * hits / max(n, 1)
+    details: dict[str, list[dict]] = {}
+    if analyses:
+        at_t, shuffled, layer_sums = counts[4:4 + T], counts[4 + T:4 + T + SHUFFLES], counts[4 + T + SHUFFLES:]
+        details["layers"] = [{"layer": i, "name": name, "firing_rate": layer_sums[2 * i] / layer_sums[2 * i + 1]}
+                             for i, (name, _, _) in enumerate(per_layer) if layer_sums[2 * i + 1]]
+        rows = []
+        if steps_readout:
+            rows += [{"analysis": "anytime", "t": t + 1, "permutation": -1, "order": "", "acc": 100.0 * h / max(n, 1)}
+                     for t, h in enumerate(at_t)]
+        if sequence:
+            rows += [{"analysis": "shuffle", "t": T, "permutation": k, "order": ",".join(map(str, p.tolist())),
+                      "acc": 100.0 * h / max(n, 1)} for k, (p, h) in enumerate(zip(perms, shuffled))]
+        details["anytime"] = rows
+    return acc, rate, details
 
 
 class Preempted(Exception):
@@ -180,6 +247,7 @@ def run_cell(cell: Cell, data_root: str | None = None, progress: Progress | None
                    gpu_other_processes=json.dumps(nvml.other_processes), gpu_name=nvml.name)
     epochs: list[dict] = []
     series: dict[str, list[float]] = {}
+    details: dict[str, list[dict]] = {}
     window = MeasureWindow(nvml, nvml_sampler)
     attempt = Attempt(t_cell, rss, window, CellCheckpoint(out, cell.key, writer=ranks is None or ranks.main)
                       if out is not None and cell.kind == "train" else None)
@@ -191,9 +259,15 @@ def run_cell(cell: Cell, data_root: str | None = None, progress: Progress | None
             except RuntimeError as e:
                 row["gpu_null_reason"] = f"NVML sampler: {e}"
                 nvml_sampler = None
-        series = _train_or_profile(cell, device, data_root, row, epochs, progress, window, attempt, ranks)
+        if cell.kind == "fidelity":
+            _seed(cell.seed)  # as a train cell: the same initial weights
+            details.update(run_fidelity(cell, device, data_root, row, out, progress))
+        else:
+            series = _train_or_profile(cell, device, data_root, row, epochs, progress, window, attempt, ranks, details)
     except Preempted as e:
         row.update(status="preempted", error=str(e))
+    except WeightsMissing as e:  # an input the cell needs is not there: the message says which, no traceback
+        row.update(status="error", error=str(e))
     except torch.cuda.OutOfMemoryError as e:
         row.update(status="oom", error=f"CUDA out of memory: {str(e).splitlines()[0]}")
     except MemoryError as e:
@@ -231,7 +305,7 @@ def run_cell(cell: Cell, data_root: str | None = None, progress: Progress | None
         ckpt.remove()
     if row["status"] == "preempted":  # its checkpoint holds the epochs and samples so far; the row says where
         epochs, samples = [], []
-    return Result(row, epochs, samples, series)
+    return Result(row, epochs, samples, series, details)
 
 
 class Attempt:
@@ -355,6 +429,7 @@ class StepMeasure:
         self.step_ms: list[float] = []
         self.phase_ms: dict[str, list[float]] = {}
         self.saved_bytes: int | None = None
+        self.saved_parts: list[dict] = []  # the saved bytes at their peak by module and kind of tensor (details "saved")
         self.wait_ms: list[float] = []  # per timed step, the time it waited for its batch (train cells)
         self.rewarm = 0  # steps still to leave out of the timings after a resume (a fresh process warms up again)
 
@@ -362,11 +437,13 @@ class StepMeasure:
         p = self.probe
         return {"steps": self.steps, "step_ms": list(self.step_ms), "wait_ms": list(self.wait_ms),
                 "phase_ms": {k: list(v) for k, v in self.phase_ms.items()},
-                "saved_bytes": self.saved_bytes, "phase_peak_alloc": dict(p.phase_peak_alloc),
+                "saved_bytes": self.saved_bytes, "saved_parts": [dict(p) for p in self.saved_parts],
+                "phase_peak_alloc": dict(p.phase_peak_alloc),
                 "phase_peak_reserved": dict(p.phase_peak_reserved)}
 
     def load_state(self, s: dict) -> None:
         self.steps, self.saved_bytes = s["steps"], s["saved_bytes"]
+        self.saved_parts = [dict(p) for p in s.get("saved_parts", [])]
         self.step_ms, self.wait_ms = list(s["step_ms"]), list(s["wait_ms"])
         self.phase_ms = {k: list(v) for k, v in s["phase_ms"].items()}
         self.probe.phase_peak_alloc.update(s["phase_peak_alloc"])
@@ -399,11 +476,12 @@ class StepMeasure:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self.probe.memory = True
-        with SavedTensorsMeter(exclude=self.params) as meter:
+        with SavedTensorsMeter(exclude=self.params, model=self.model) as meter:
             out = self.method.train_step(self.model, x, y, self.optimizer, self.probe)
         self.probe.discard()
         self.probe.memory = False
         self.saved_bytes = meter.peak_bytes
+        self.saved_parts = meter.breakdown()
         return out
 
     def series(self) -> dict[str, list[float]]:
@@ -443,7 +521,7 @@ def _stopped_by() -> str:
 
 def _train_or_profile(cell: Cell, device: torch.device, data_root, row: dict, epochs: list[dict], progress: Progress,
                       window: MeasureWindow, attempt: Attempt | None = None,
-                      ranks: Ranks | None = None) -> dict[str, list[float]]:
+                      ranks: Ranks | None = None, details: dict | None = None) -> dict[str, list[float]]:
     _seed(cell.seed)  # every rank alike: the same draws where a method draws (sltt_k's steps)
     info = dataset_info(cell.dataset)
     method = METHODS[cell.method](MethodConfig(T=cell.T, neuron=cell.neuron, options=dict(cell.method_options)))
@@ -477,14 +555,18 @@ def _train_or_profile(cell: Cell, device: torch.device, data_root, row: dict, ep
                 raise Preempted(f"stopped by {_stopped_by()} at step {i + 1} of {total}; a rerun profiles it afresh")
         row["train_loss"] = None
     else:
-        _train(cell, device, model, method, opt, sched, train, test, measure, epochs, row, window, attempt, tell, ranks)
+        _train(cell, device, model, method, opt, sched, train, test, measure, epochs, row, window, attempt, tell, ranks,
+               details)
     window.stop(row)
     row.update(measure.columns())
+    if details is not None and measure.saved_parts:
+        details["saved"] = measure.saved_parts
     return measure.series()
 
 
 def _train(cell: Cell, device, model, method, opt, sched, train, test, measure: StepMeasure, epochs: list[dict],
-           row: dict, window: MeasureWindow, attempt: Attempt | None, tell, ranks: Ranks | None = None) -> None:
+           row: dict, window: MeasureWindow, attempt: Attempt | None, tell, ranks: Ranks | None = None,
+           details: dict | None = None) -> None:
     """The epochs of a train cell, resumed from its checkpoint when there is one, checkpointing as it goes."""
     n_epochs = cell.epochs
     ckpt = attempt.checkpoint if attempt is not None else None
@@ -547,7 +629,14 @@ def _train(cell: Cell, device, model, method, opt, sched, train, test, measure: 
             sched.step()
         train_loss = float(torch.stack(losses).mean()) if losses else None
         window.footprint.pause()  # evaluation's memory is not training memory
-        acc, rate = evaluate(method, model, test, device, ranks) if test is not None else (None, None)
+        last = epoch == n_epochs
+        acc, rate, found = evaluate(method, model, test, device, ranks, analyses=last) if test is not None \
+            else (None, None, {})
+        if details is not None:
+            details.update(found)
+        shuffles = [r["acc"] for r in found.get("anytime", []) if r["analysis"] == "shuffle"]
+        if shuffles:
+            row["acc_shuffled"] = sum(shuffles) / len(shuffles)
         window.footprint.resume()
         if acc is not None:
             best = max(best, acc)
@@ -555,7 +644,7 @@ def _train(cell: Cell, device, model, method, opt, sched, train, test, measure: 
                        "lr": lr, "firing_rate_mean": rate})
         if not math.isfinite(train_loss or 0.0):
             raise FloatingPointError(f"training loss is {train_loss} at epoch {epoch}")
-        if ckpt is not None and epoch in cell.save_weights_at:
+        if ckpt is not None and (epoch in cell.save_weights_at or epoch == n_epochs and LAST_EPOCH in cell.save_weights_at):
             ckpt.save_weights(epoch, model)
         if ckpt is not None and epoch < n_epochs:
             save(epoch + 1, 0, 0.0, [])

@@ -46,7 +46,7 @@ from pathlib import Path
 from reports.results import load_results, write_atomic, write_cell
 
 from .errors import UsageError
-from .grid import Cell
+from .grid import Cell, run_phases
 
 JOBS = Path("slurm") / "jobs.json"
 # squeue states in which a job will still run (or is running) its cells
@@ -252,21 +252,29 @@ def submit(cells: list[Cell], out: Path, data_root: str | None, settings: SlurmS
     records = []
     now = time.time()
     gpu = any(c.device.startswith("cuda") for c in cells)
-    for devices in sorted({c.devices for c in cells}):  # one array per devices count: a task asks what its cells need
-        mine = [c for c in cells if c.devices == devices]
-        ex = submitit.AutoExecutor(folder=str(out / "slurm" / "%j"), cluster="slurm",
-                                   slurm_max_num_timeout=settings.max_requeues)
-        ex.update_parameters(name=f"snnbench-{cells[0].grid or 'grid'}",
-                             **settings.for_devices(devices, gpu).executor_parameters())
-        k = settings.cells_per_task
-        groups = [mine[i:i + k] for i in range(0, len(mine), k)]
-        try:
-            jobs = ex.map_array(SlurmTask(str(out), data_root), [[c.config() for c in g] for g in groups])
-        except (subprocess.CalledProcessError, submitit.core.utils.FailedJobError) as e:
-            msg = getattr(e, "stderr", None) or getattr(e, "output", None) or str(e)
-            msg = msg.decode(errors="replace") if isinstance(msg, bytes) else str(msg)
-            raise UsageError(f"sbatch refused the job array: {msg.strip().splitlines()[-1] if msg.strip() else e}") from None
-        records += [{"job_id": str(j.job_id), "cells": [c.key for c in g], "submitted": now} for j, g in zip(jobs, groups)]
+    before: list[str] = []  # the arrays of the phases before: a later phase's arrays start after they end
+    for phase in run_phases(cells):
+        arrays = []
+        for devices in sorted({c.devices for c in phase}):  # one array per devices count: a task asks what it needs
+            mine = [c for c in phase if c.devices == devices]
+            ex = submitit.AutoExecutor(folder=str(out / "slurm" / "%j"), cluster="slurm",
+                                       slurm_max_num_timeout=settings.max_requeues)
+            params = settings.for_devices(devices, gpu).executor_parameters()
+            if before:
+                params["slurm_additional_parameters"] = {**params.get("slurm_additional_parameters", {}),
+                                                         "dependency": "afterany:" + ":".join(before)}
+            ex.update_parameters(name=f"snnbench-{cells[0].grid or 'grid'}", **params)
+            k = settings.cells_per_task
+            groups = [mine[i:i + k] for i in range(0, len(mine), k)]
+            try:
+                jobs = ex.map_array(SlurmTask(str(out), data_root), [[c.config() for c in g] for g in groups])
+            except (subprocess.CalledProcessError, submitit.core.utils.FailedJobError) as e:
+                msg = getattr(e, "stderr", None) or getattr(e, "output", None) or str(e)
+                msg = msg.decode(errors="replace") if isinstance(msg, bytes) else str(msg)
+                raise UsageError(f"sbatch refused the job array: {msg.strip().splitlines()[-1] if msg.strip() else e}") from None
+            records += [{"job_id": str(j.job_id), "cells": [c.key for c in g], "submitted": now} for j, g in zip(jobs, groups)]
+            arrays += sorted({str(j.job_id).split("_")[0] for j in jobs})
+        before += arrays
     write_atomic(out / JOBS, lambda f: f.write(json.dumps(read_jobs(out) + records, indent=1).encode()))
     return records
 

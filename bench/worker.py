@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     else:
         res = run_cell(cell, a.data_root, progress, out=a.out, concurrent=a.concurrent)
     try:
-        write_cell(a.out, cell.key, res.row, res.epochs, res.samples)
+        write_cell(a.out, cell.key, res.row, res.epochs, res.samples, res.details)
     except OSError as e:  # a full disk, say: the launcher stops the grid with this message
         msg = f"cannot store the result of {cell.label} in {a.out}: {e}"
         print(PROGRESS_PREFIX + json.dumps({"status": res.status, "store_error": msg}), flush=True)

@@ -69,6 +69,9 @@ class Method:
     faster_than: str | None = None  # a method whose training step this one's beats at the largest T both ran
     event_encoding = "frames"  # how event datasets reach this method: "frames" (event counts) or "spikes" (binary bins)
     data_parallel: str | None = None  # why the method cannot run data parallel (methods/distributed.py); None: it can
+    # gradient fidelity (methods/fidelity.py): the BPTT whose gradient this method's approximates (bptt_m for a
+    # multi-step method, bptt_s for one that runs the model one step per call: the same BN statistics); None: none
+    fidelity_reference: str | None = "bptt_m"
 
     def __init__(self, cfg: MethodConfig | None = None, **kw) -> None:
         cfg = cfg or MethodConfig(**kw)
@@ -103,12 +106,23 @@ class Method:
                    probe: Probe = NULL_PROBE) -> StepOutput:
         raise NotImplementedError
 
+    def gradient_scale(self) -> float:
+        """What this method's gradient is multiplied by to be on BPTT's scale (rate-BP's objective is loss / T)."""
+        return 1.0
+
     @torch.no_grad()
     def infer(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """Evaluation for every method: the multi-step forward, output averaged over T."""
+        """Evaluation: the output averaged over T."""
+        return self.infer_steps(model, x).mean(0)
+
+    @torch.no_grad()
+    def infer_steps(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The output of every time step, ``[T, B, classes]``: the multi-step forward for every method. The
+        network is causal, so the mean of the first t steps is what the network would answer run for t steps."""
         configure(model, "multi", self.T)
         reset_state(model)
-        return self.mean_over_time(model(self.time_fold(model, x)))
+        out = model(self.time_fold(model, x))
+        return out.view(self.T, -1, *out.shape[1:])
 
     # ---- helpers
     def is_sequence(self, model: nn.Module, x: torch.Tensor) -> bool:

@@ -33,6 +33,7 @@ class BPTTMulti(Method):
 class BPTTSingle(Method):
     name = "bptt_s"
     memory_in_T = "linear"
+    fidelity_reference = "bptt_s"
 
     def train_step(self, model, x, y, optimizer, probe=NULL_PROBE) -> StepOutput:
         with probe.phase("forward"):

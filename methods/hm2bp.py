@@ -186,6 +186,7 @@ class HM2BP(Method):
     name = "hm2bp"
     OPTIONS: dict = {}
     event_encoding = "spikes"
+    fidelity_reference = None  # its own architecture, which no BPTT here trains
 
     def supports(self, arch: str) -> bool:
         return arch in HM2_ARCHS
@@ -216,3 +217,6 @@ class HM2BP(Method):
     @torch.no_grad()
     def infer(self, model: HM2Net, x: torch.Tensor) -> torch.Tensor:
         return model(encode(x, self.T, model))
+
+    def infer_steps(self, model: HM2Net, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError("hm2bp reads its output as spike counts over the whole train, not step by step")

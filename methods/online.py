@@ -45,6 +45,7 @@ BatchNorm.MODES["online"] = BatchNorm._standard  # per-step batch statistics
 
 class OnlineBase(Method):
     OPTIONS = {"mse_weight": 0.05, "mse_target": "onehot"}
+    fidelity_reference = "bptt_s"  # one step per call, per-step BN statistics
     memory_in_T = "flat"  # one step's graph at a time
     online_update = False
     lif_mode = "online"
@@ -411,10 +412,10 @@ class OS(OnlineBase):
                 osr_update_running(m)
 
     @torch.no_grad()
-    def infer(self, model, x):
+    def infer_steps(self, model, x):
         """OS evaluates with its own neuron: T single steps with the OTS threshold, BN on running statistics."""
         configure(model, "os", self.T, **self.flags())
         reset_state(model)
-        out = sum(model(self.step_input(model, x, t)) for t in range(self.T)) / self.T
+        out = torch.stack([model(self.step_input(model, x, t)) for t in range(self.T)])
         reset_state(model)
         return out

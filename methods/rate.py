@@ -38,6 +38,9 @@ class RateBase(Method):
     def flags(self) -> dict:
         return {}
 
+    def gradient_scale(self) -> float:
+        return float(self.T)  # the objective is loss / T (Theorem 1: the rate gradient is BPTT's / T)
+
     def train_step(self, model, x, y, optimizer, probe=NULL_PROBE) -> StepOutput:
         T = self.T
         with probe.phase("forward"):
@@ -70,6 +73,7 @@ class RateMulti(RateBase):
 class RateSingle(RateBase):
     name = "rate_s"
     spike_mode = "spike_single"
+    fidelity_reference = "bptt_s"
     OPTIONS = {"bn_last_step": False, "last_frame_input": False}
 
     def flags(self) -> dict:

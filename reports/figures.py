@@ -2,8 +2,10 @@
 and returns the Figure (tests read the plotted values back from its artists).
 
 A function decorated with ``@figure(...)`` is drawn by the report for every (architecture, dataset) of the
-results, in the order defined here; ``figure("samples")`` or ``figure("epochs")`` names the frames it takes after
-the cells. A new figure is one decorated function in this file."""
+results, in the order defined here, in the report section ``section`` names (SECTIONS); ``figure("samples")`` or
+``figure("epochs")`` names the frames it takes after the cells (any of reports.results.KINDS). A figure of an
+analysis returns ``(None, [])`` when its cells have nothing to draw, and the report leaves it out. A new figure is
+one decorated function in this file."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
@@ -28,13 +31,19 @@ RC = {
 }
 FULL_WIDTH, COLUMN_WIDTH = 7.0, 3.4  # inches: a two-column paper's text width and column width
 
-# name -> (function, the frames it takes after the cells: "samples", "epochs"); filled by @figure
-FIGURES: dict[str, tuple[Callable, tuple[str, ...]]] = {}
+# the report's sections, in order: key -> title
+SECTIONS = {"cost": "Accuracy and training cost", "fidelity": "Gradient fidelity",
+            "memory": "Where the memory goes", "behaviour": "Behaviour over time steps"}
+
+# name -> (function, the frames it takes after the cells, its section); filled by @figure
+FIGURES: dict[str, tuple[Callable, tuple[str, ...], str]] = {}
 
 
-def figure(*needs: str) -> Callable[[Callable], Callable]:
+def figure(*needs: str, section: str = "cost") -> Callable[[Callable], Callable]:
+    assert section in SECTIONS, section
+
     def register(fn: Callable) -> Callable:
-        FIGURES[fn.__name__] = (fn, needs)
+        FIGURES[fn.__name__] = (fn, needs, section)
         return fn
     return register
 
@@ -141,28 +150,60 @@ def fig_phases(df: pd.DataFrame, out: Path, name: str = "fig_phases"):
     return fig, paths
 
 
+def _panels(n: int, height: float = 1.7, ncols: int = 4, sharey: bool = True):
+    """A figure of ``n`` small panels (at most ``ncols`` a row); the unused ones are hidden."""
+    ncols = max(1, min(n, ncols))
+    nrows = max(1, -(-n // ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(FULL_WIDTH, height * nrows + 0.4), squeeze=False,
+                             sharey=sharey, constrained_layout=True)
+    flat = list(axes.ravel())
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:n]
+
+
+def _T_colors(Ts) -> dict:
+    """One colour per T, light to dark as T grows (viridis), the same in every panel of a figure."""
+    Ts = sorted(set(int(t) for t in Ts))
+    cmap = plt.get_cmap("viridis")
+    return {t: cmap(0.85 * i / max(len(Ts) - 1, 1)) for i, t in enumerate(Ts)}
+
+
+def _details(cells: pd.DataFrame, frame: pd.DataFrame, kind: str | None = None) -> pd.DataFrame:
+    """Detail rows of the ok cells (of one ``kind``), with the cells' label, T and seed."""
+    d = with_labels(ok(cells))
+    if kind is not None and "kind" in d:
+        d = d[d["kind"] == kind]
+    if frame.empty or d.empty:
+        return pd.DataFrame()
+    return frame.merge(d[["key", "label", "T", "seed"]], on="key")
+
+
 @figure("samples")
 def fig_memory_time(cells: pd.DataFrame, samples: pd.DataFrame, out: Path, keys: list[str] | None = None,
                     name: str = "fig_memory_time"):
-    """Memory over time of chosen cells (default: each method's largest-T cell), NVML if sampled, else RSS."""
+    """Memory over time of chosen cells (default: each method's largest-T cell), NVML if sampled, else RSS: one
+    small panel per method, each on its own time axis (a 15 s cell is not a sliver beside a 150 s one)."""
     d = with_labels(ok(cells))
     with plt.rc_context(RC):
-        fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 2.3), constrained_layout=True)
         if samples.empty or d.empty:
+            fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 2.3), constrained_layout=True)
             _missing(ax, "no memory samples stored")
             return fig, _save(fig, out, name)
         source = "nvml" if (samples["source"] == "nvml").any() else "rss"
         if keys is None:
             keys = [g.sort_values(["T", "seed"]).iloc[-1]["key"] for _, g in d.groupby("label")]
         chosen = d[d["key"].isin(keys)]
-        for label in method_order(chosen["label"]):
+        labels = method_order(chosen["label"])
+        fig, axes = _panels(len(labels), sharey=True)
+        for ax, label in zip(axes, labels):
             row = chosen[chosen["label"] == label].iloc[0]
             s = samples[(samples["key"] == row["key"]) & (samples["source"] == source)].sort_values("t_s")
             c, _, ls = style(label)
             ax.plot(s["t_s"], s["mib"], color=c, linestyle=ls, label=f"{label} T={row['T']}")
-        ax.set_xlabel("time since cell start [s]")
-        ax.set_ylabel(("GPU memory above baseline, NVML" if source == "nvml" else "resident memory, RSS") + " [MiB]")
-        ax.legend(frameon=False)
+            ax.set_title(f"{label}, T={row['T']}")
+            ax.set_xlabel("time since cell start [s]")
+        axes[0].set_ylabel(("GPU memory above baseline, NVML" if source == "nvml" else "resident memory, RSS") + " [MiB]")
         paths = _save(fig, out, name)
     return fig, paths
 
@@ -191,6 +232,173 @@ def fig_curves(cells: pd.DataFrame, epochs: pd.DataFrame, out: Path, T: int | No
             ax.set_xlabel("epoch")
             ax.set_ylabel(ylabel)
             ax.set_title(f"T = {T}")
+        axes[0].legend(frameon=False)
+        paths = _save(fig, out, name)
+    return fig, paths
+
+
+# --------------------------------------------------------------------------- analyses (fidelity, memory, behaviour)
+
+
+@figure("fidelity", section="fidelity")
+def fig_fidelity_layers(cells: pd.DataFrame, fidelity: pd.DataFrame, out: Path, name: str = "fig_fidelity_layers"):
+    """The paper's Figure 3 for every method: the cosine of the method's gradient with its reference's per weight
+    layer (input to output), one line per T; solid at initialisation, dashed with the trained weights (the last
+    epoch compared). Means over the batches (and seeds)."""
+    f = _details(cells, fidelity, "fidelity")
+    if f.empty:
+        return None, []
+    f = f[f["layer"] >= 0]
+    labels = method_order(f["label"])
+    colors = _T_colors(f["T"])
+    with plt.rc_context(RC):
+        fig, axes = _panels(len(labels))
+        for ax, label in zip(axes, labels):
+            g = f[f["label"] == label]
+            last = int(g["epoch"].max())
+            for T in sorted(g["T"].unique()):
+                for epoch, ls in ((0, "-"), (last, "--")) if last > 0 else ((0, "-"),):
+                    a = g[(g["T"] == T) & (g["epoch"] == epoch)].groupby("layer")["cosine"].mean()
+                    if len(a):
+                        ax.plot(a.index, a.values, color=colors[int(T)], linestyle=ls, marker="o", markersize=2.5,
+                                label=f"T={int(T)}" if epoch == 0 else None)
+            ax.set_title(label + (f" (dashed: epoch {last})" if last > 0 else ""))
+            ax.set_xlabel("weight layer (input to output)")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes[0].set_ylabel("cosine to reference gradient")
+        axes[0].legend(frameon=False)
+        paths = _save(fig, out, name)
+    return fig, paths
+
+
+@figure("fidelity", section="fidelity")
+def fig_fidelity_epochs(cells: pd.DataFrame, fidelity: pd.DataFrame, out: Path, name: str = "fig_fidelity_epochs"):
+    """The all-weights gradient cosine over training (the epochs whose weights were compared; 0: initialisation),
+    one panel per method, one line per T; only where more than one epoch was compared."""
+    f = _details(cells, fidelity, "fidelity")
+    if f.empty or f["epoch"].nunique() < 2:
+        return None, []
+    f = f[f["layer"] == -1]
+    labels = method_order(f["label"])
+    colors = _T_colors(f["T"])
+    with plt.rc_context(RC):
+        fig, axes = _panels(len(labels))
+        for ax, label in zip(axes, labels):
+            g = f[f["label"] == label]
+            for T in sorted(g["T"].unique()):
+                a = g[g["T"] == T].groupby("epoch")["cosine"].agg(["mean", "std"])
+                ax.errorbar(a.index, a["mean"], yerr=a["std"].fillna(0), color=colors[int(T)], marker="o",
+                            markersize=2.5, capsize=2, label=f"T={int(T)}")
+            ax.set_title(label)
+            ax.set_xlabel("epoch of the weights")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes[0].set_ylabel("cosine, all weights")
+        axes[0].legend(frameon=False)
+        paths = _save(fig, out, name)
+    return fig, paths
+
+
+MODULE_COLORS = {"conv": "#0072B2", "bn": "#56B4E9", "lif": "#D55E00", "linear": "#009E73", "other": "#999999"}
+TENSOR_COLORS = {"activation": "#999999", "spike": "#0072B2", "rate": "#009E73", "membrane": "#D55E00",
+                 "eligibility": "#E69F00"}
+
+
+@figure("saved", section="memory")
+def fig_saved_parts(cells: pd.DataFrame, saved: pd.DataFrame, out: Path, name: str = "fig_saved_parts"):
+    """The bytes saved for backward at their peak, stacked by the module that saved them (left) and by the kind of
+    tensor (right), a bar per method and T; on a GPU, the allocator's peak per phase beside them."""
+    s = _details(cells, saved)
+    if s.empty:
+        return None, []
+    d = with_labels(ok(cells))
+    s = s.groupby(["label", "T", "module", "tensor"])["bytes"].mean().reset_index()  # mean over seeds
+    bars = [(label, int(T)) for label in method_order(s["label"]) for T in sorted(s[s["label"] == label]["T"].unique())]
+    x, pos = 0.0, []
+    for i, (label, T) in enumerate(bars):
+        if i and bars[i - 1][0] != label:
+            x += 0.7  # a gap between methods
+        pos.append(x)
+        x += 1.0
+    phases = [c for c in ("forward_peak_alloc_mib", "backward_peak_alloc_mib", "optimizer_peak_alloc_mib") if has(d, c)]
+    with plt.rc_context(RC):
+        n = 3 if phases else 2
+        fig, axes = plt.subplots(n, 1, figsize=(FULL_WIDTH, 2.0 * n + 0.3), constrained_layout=True, sharex=True)
+        for ax, by, colors in ((axes[0], "module", MODULE_COLORS), (axes[1], "tensor", TENSOR_COLORS)):
+            bottom = np.zeros(len(bars))
+            for part, color in colors.items():
+                vals = np.array([s[(s["label"] == lb) & (s["T"] == T) & (s[by] == part)]["bytes"].sum()
+                                 for lb, T in bars]) / 2**20
+                if vals.any():
+                    ax.bar(pos, vals, 0.8, bottom=bottom, color=color, label=part)
+                    bottom += vals
+            ax.set_ylabel("saved for backward [MiB]")
+            ax.set_title(f"by {by}")
+            ax.legend(frameon=False, ncol=5, loc="upper left")
+        if phases:
+            ax = axes[2]
+            w = 0.8 / len(phases)
+            for j, c in enumerate(phases):
+                m = over_seeds(d, ["label", "T"], c).set_index(["label", "T"])["mean"]
+                ax.bar([p + (j - (len(phases) - 1) / 2) * w for p in pos],
+                       [m.get((lb, T), np.nan) for lb, T in bars], w, label=c.split("_")[0], alpha=1.0 - 0.25 * j,
+                       color="#0072B2")
+            ax.set_ylabel("allocator peak [MiB]")
+            ax.set_title("allocator peak per phase (GPU)")
+            ax.legend(frameon=False, ncol=3)
+        axes[-1].set_xticks(pos, [f"{lb}\nT={T}" if i == 0 or bars[i - 1][0] != lb else f"T={T}"
+                                  for i, (lb, T) in enumerate(bars)], fontsize=6)
+        paths = _save(fig, out, name)
+    return fig, paths
+
+
+@figure("layers", section="behaviour")
+def fig_firing_layers(cells: pd.DataFrame, layers: pd.DataFrame, out: Path, name: str = "fig_firing_layers"):
+    """Each spiking layer's firing rate over the evaluation set after training (input to output), one panel per
+    method, one line per T."""
+    f = _details(cells, layers, "train")
+    if f.empty:
+        return None, []
+    labels = method_order(f["label"])
+    colors = _T_colors(f["T"])
+    with plt.rc_context(RC):
+        fig, axes = _panels(len(labels))
+        for ax, label in zip(axes, labels):
+            g = f[f["label"] == label]
+            for T in sorted(g["T"].unique()):
+                a = g[g["T"] == T].groupby("layer")["firing_rate"].mean()
+                ax.plot(a.index, a.values, color=colors[int(T)], marker="o", markersize=2.5, label=f"T={int(T)}")
+            ax.set_title(label)
+            ax.set_xlabel("spiking layer (input to output)")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes[0].set_ylabel("firing rate")
+        axes[0].legend(frameon=False)
+        paths = _save(fig, out, name)
+    return fig, paths
+
+
+@figure("anytime", section="behaviour")
+def fig_anytime(cells: pd.DataFrame, anytime: pd.DataFrame, out: Path, name: str = "fig_anytime"):
+    """Any-time inference (the paper's Figure 5): the accuracy of a network trained with T when it answers after
+    its first t steps, one panel per method, one line per trained T."""
+    f = _details(cells, anytime, "train")
+    if f.empty:
+        return None, []
+    f = f[f["analysis"] == "anytime"]
+    if f.empty or f["t"].max() < 2:
+        return None, []
+    labels = method_order(f["label"])
+    colors = _T_colors(f["T"])
+    with plt.rc_context(RC):
+        fig, axes = _panels(len(labels))
+        for ax, label in zip(axes, labels):
+            g = f[f["label"] == label]
+            for T in sorted(g["T"].unique()):
+                a = g[g["T"] == T].groupby("t")["acc"].mean()
+                ax.plot(a.index, a.values, color=colors[int(T)], marker="o", markersize=2.5, label=f"T={int(T)}")
+            ax.set_title(label)
+            ax.set_xlabel("steps used at inference t")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes[0].set_ylabel("test accuracy [%]")
         axes[0].legend(frameon=False)
         paths = _save(fig, out, name)
     return fig, paths

@@ -5,6 +5,8 @@ One torch-free module, imported by bench/ to write rows and by reports/ to read 
     results/<grid>/cells/<key>.parquet     one row per cell: config, status, measurements, environment
     results/<grid>/epochs/<key>.parquet    one row per epoch (train cells)
     results/<grid>/samples/<key>.parquet   memory over time (RSS, NVML)
+    results/<grid>/<detail>/<key>.parquet  a cell's analyses (DETAILS): gradient fidelity per layer, firing rate
+                                           per layer, any-time and shuffled-input accuracy, saved bytes by part
     results/<grid>/manifest.json           the cells runs into this folder asked for, and the code fingerprint
                                            of the last run (what "stale" is measured against)
     results/<grid>/.lock                   host and pid of the run writing the folder now
@@ -33,7 +35,16 @@ import pandas as pd
 
 
 SCHEMA_VERSION = 2
-KINDS = ("cells", "epochs", "samples")
+# a cell's analyses, one file per cell and kind: what each row holds
+DETAILS: dict[str, str] = {
+    "fidelity": "gradient fidelity (fidelity cells): per weights epoch, batch and layer (-1: all weights), the cosine "
+                "and norm ratio of the method's scaled gradient against its reference's",
+    "layers": "per spiking layer (in order), its firing rate over the evaluation set after training",
+    "anytime": "accuracy over the evaluation set after training: with the first t steps (analysis 'anytime') and "
+               "with the input frames permuted in time (analysis 'shuffle', one row per permutation)",
+    "saved": "the bytes saved for backward at their peak, by the module that saved them and the kind of tensor",
+}
+KINDS = ("cells", "epochs", "samples") + tuple(DETAILS)
 MANIFEST = "manifest.json"
 LOCK = ".lock"
 
@@ -42,6 +53,10 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "cells": ("key", "status", "method", "arch", "dataset", "T"),
     "epochs": ("key", "epoch"),
     "samples": ("key", "source", "t_s", "mib"),
+    "fidelity": ("key", "epoch", "batch", "layer", "name", "cosine", "norm_ratio"),
+    "layers": ("key", "layer", "name", "firing_rate"),
+    "anytime": ("key", "analysis", "t", "acc"),
+    "saved": ("key", "module", "tensor", "bytes"),
 }
 
 @dataclass(frozen=True)
@@ -103,6 +118,12 @@ METRICS: tuple[Metric, ...] = (
     Metric("acc_top1_best", "%", "higher", None, "best test accuracy over epochs"),
     Metric("train_loss", "", "lower", None, "training loss"),
     Metric("firing_rate_mean", "", "none", None, "mean firing rate"),
+    Metric("acc_shuffled", "%", "higher", None, "test accuracy, input frames permuted in time (mean)"),
+    # fidelity cells: the all-weights gradient against the reference's, mean over the batches (DETAILS["fidelity"])
+    Metric("grad_cosine_init", "", "none", None, "gradient cosine to the reference, at initialisation"),
+    Metric("grad_norm_ratio_init", "", "none", None, "gradient norm ratio to the reference, at initialisation"),
+    Metric("grad_cosine_trained", "", "none", None, "gradient cosine to the reference, trained weights"),
+    Metric("grad_norm_ratio_trained", "", "none", None, "gradient norm ratio to the reference, trained weights"),
     Metric("measured_steps", "", "none", None, "measured steps"),
     Metric("num_params", "", "lower", 0.0, "parameters"),
     Metric("cell_wall_s", "s", "none", None, "wall time of the cell"),
@@ -151,6 +172,10 @@ NUMERIC: dict[str, tuple[str, ...]] = {
     "cells": CONFIG_NUMERIC + MEASURE_COLUMNS + ("schema_version",),
     "epochs": ("epoch", "train_loss", "test_acc", "epoch_time_s", "lr", "firing_rate_mean"),
     "samples": ("t_s", "mib"),
+    "fidelity": ("epoch", "batch", "layer", "numel", "cosine", "norm_ratio"),
+    "layers": ("layer", "firing_rate"),
+    "anytime": ("t", "permutation", "acc"),
+    "saved": ("bytes",),
 }
 # the cells' configuration columns whose values must be present for a row to mean anything
 IDENTITY = ("method", "arch", "dataset", "T")
@@ -212,13 +237,24 @@ def write_atomic(path: Path, write: Callable) -> None:
         os.close(dfd)
 
 
-def write_cell(out: Path, key: str, row: dict, epochs: list[dict] | None = None, samples: list[dict] | None = None) -> None:
-    """Store a cell. Epochs and samples first, the cell row last: a cell row marks a complete cell."""
+def write_cell(out: Path, key: str, row: dict, epochs: list[dict] | None = None, samples: list[dict] | None = None,
+               details: dict[str, list[dict]] | None = None) -> None:
+    """Store a cell. Epochs, samples and details (``DETAILS`` kind -> rows) first, the cell row last: a cell row
+    marks a complete cell. A detail kind this result lacks is removed (an earlier run's would not be this one's)."""
     out = Path(out)
+    details = details or {}
+    unknown = set(details) - set(DETAILS)
+    if unknown:
+        raise ValueError(f"unknown detail kind(s) {sorted(unknown)}; valid: {sorted(DETAILS)}")
     if epochs:
         atomic_write_parquet(pd.DataFrame(epochs).assign(key=key), out / "epochs" / f"{key}.parquet")
     if samples:
         atomic_write_parquet(pd.DataFrame(samples).assign(key=key), out / "samples" / f"{key}.parquet")
+    for kind in DETAILS:
+        if details.get(kind):
+            atomic_write_parquet(pd.DataFrame(details[kind]).assign(key=key), out / kind / f"{key}.parquet")
+        else:
+            (out / kind / f"{key}.parquet").unlink(missing_ok=True)
     atomic_write_parquet(pd.DataFrame([{**row, "schema_version": SCHEMA_VERSION}]), out / "cells" / f"{key}.parquet")
 
 

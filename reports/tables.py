@@ -234,3 +234,105 @@ def reference_latex(ref: pd.DataFrame) -> str:
                                  tex_escape(r["dataset"]), T, f"{r['acc_top1']:.2f}", tex_escape(r["source"])]) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}", ""]
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- analyses: generic (header, body) tables
+
+
+def as_latex(header: list[str], body: list[list[str]], comment: str, empty: str) -> str:
+    if not body:
+        return f"% {empty}\n"
+    lines = [f"% {comment}", r"\begin{tabular}{l" + "r" * (len(header) - 1) + "}", r"\toprule",
+             " & ".join(tex_escape(h) for h in header) + r" \\", r"\midrule"]
+    lines += [" & ".join(tex_escape(c).replace("±", r"$\pm$") for c in row) + r" \\" for row in body]
+    return "\n".join(lines + [r"\bottomrule", r"\end{tabular}", ""])
+
+
+def as_markdown(header: list[str], body: list[list[str]], empty: str) -> str:
+    if not body:
+        return f"_{empty}_\n"
+    return tabulate(body, headers=header, tablefmt="github", disable_numparse=True) + "\n"
+
+
+def as_html(header: list[str], body: list[list[str]], empty: str) -> str:
+    if not body:
+        return f"<p><em>{html.escape(empty)}</em></p>"
+    return _html_table(header, body)
+
+
+def _fmt3(vals: pd.Series) -> str:
+    vals = vals.dropna()
+    if vals.empty:
+        return "--"
+    s = f"{vals.mean():.3f}"
+    return s + (f" ± {vals.std():.3f}" if len(vals) > 1 else "")
+
+
+def fidelity_cells(cells: pd.DataFrame, fidelity: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+    """The all-weights gradient cosine (mean ± std over the batches and seeds) per method (rows: at
+    initialisation, and with the trained weights of the last epoch compared) and T (columns), and the norm ratio."""
+    d = with_labels(ok(cells))
+    if fidelity.empty or d.empty or "kind" not in d:
+        return [], []
+    fc = d[d["kind"] == "fidelity"]
+    cols = ["key", "label", "arch", "dataset", "T"] + (["fidelity_reference"] if "fidelity_reference" in fc else [])
+    f = fidelity[fidelity["layer"] == -1].merge(fc[cols], on="key")
+    if f.empty:
+        return [], []
+    f["reference"] = f["fidelity_reference"].fillna("--") if "fidelity_reference" in f else "--"
+    Ts = sorted(f["T"].unique())
+    header = ["Method", "vs", "Architecture", "Dataset", "weights"] + [f"cos T={int(T)}" for T in Ts] + \
+        [f"ratio T={int(T)}" for T in Ts]
+    body = []
+    order = {m: i for i, m in enumerate(method_order(f["label"]))}
+    for (arch, ds, label, ref), g in sorted(f.groupby(["arch", "dataset", "label", "reference"]),
+                                            key=lambda kv: (kv[0][0], kv[0][1], order[kv[0][2]])):
+        for epoch in sorted(g["epoch"].unique()):
+            e = g[g["epoch"] == epoch]
+            when = "init" if epoch == 0 else f"epoch {int(epoch)}"
+            body.append([label, str(ref), arch, ds, when]
+                        + [_fmt3(e[e["T"] == T]["cosine"]) for T in Ts] + [_fmt3(e[e["T"] == T]["norm_ratio"]) for T in Ts])
+    return header, body
+
+
+def shuffle_cells(cells: pd.DataFrame, anytime: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+    """The paper's Table 2: accuracy with the input frames in order and permuted in time (mean ± std over the
+    permutations) per method, architecture, dataset and T."""
+    d = with_labels(ok(cells))
+    if anytime.empty or d.empty:
+        return [], []
+    a = anytime[anytime["analysis"] == "shuffle"].merge(d[["key", "label", "arch", "dataset", "T", "acc_top1"]], on="key")
+    if a.empty:
+        return [], []
+    header = ["Method", "Architecture", "Dataset", "T", "in order [%]", "shuffled [%]", "permutations"]
+    body = []
+    order = {m: i for i, m in enumerate(method_order(a["label"]))}
+    for (arch, ds, label, T), g in sorted(a.groupby(["arch", "dataset", "label", "T"]),
+                                          key=lambda kv: (kv[0][0], kv[0][1], order[kv[0][2]], kv[0][3])):
+        inorder = g.drop_duplicates("key")["acc_top1"]
+        body.append([label, arch, ds, str(int(T)), _fmt(inorder.mean(), inorder.std(), len(inorder)),
+                     _fmt(g["acc"].mean(), g["acc"].std(), len(g)), str(g["permutation"].nunique())])
+    return header, body
+
+
+def single_cells(cells: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+    """Architecture/dataset combinations with one train or profile cell: a row each, not a figure of one point."""
+    d = with_labels(ok(cells))
+    if d.empty:
+        return [], []
+    d = d[d["kind"] != "fidelity"] if "kind" in d else d
+    mem, mem_label = memory_column(d)
+    header = ["Method", "Architecture", "Dataset", "T", "accuracy [%]", f"{mem_label} [MiB]" if mem else "memory",
+              "time per step [ms]", "time per epoch [s]"]
+    body = []
+    for (arch, ds), g in d.groupby(["arch", "dataset"]):
+        if len(g) != 1:
+            continue
+        r = g.iloc[0]
+
+        def num(col: str, digits: int) -> str:
+            v = r.get(col) if col else None
+            return "--" if v is None or pd.isna(v) else f"{v:.{digits}f}"
+        body.append([r["label"], arch, ds, str(int(r["T"])), num("acc_top1", 2), num(mem, 2),
+                     num("step_time_ms_median", 1), num("epoch_time_s", 2)])
+    return header, body

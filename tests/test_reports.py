@@ -231,6 +231,7 @@ def test_report_and_check_survive_foreign_files(tmp_path):
     base.assign(key="str", T=6, step_time_ms_median="fast").to_parquet(cells / "str.parquet")
     base.assign(key="nan", T=float("nan")).to_parquet(cells / "nan.parquet")
     base.assign(key="slash", arch="conv/net", dataset="digits/v2").to_parquet(cells / "slash.parquet")
+    base.assign(key="slash2", T=2, arch="conv/net", dataset="digits/v2").to_parquet(cells / "slash2.parquet")
     base.assign(key="new", schema_version=SCHEMA_VERSION + 5).to_parquet(cells / "new.parquet")
     r = cli("report", str(root))
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
