@@ -103,9 +103,10 @@ def summarize(out: Path) -> None:
     if df.empty:
         print("no results stored", file=sys.stderr)
         return
-    ident = ["method", "arch", "dataset", "T", "seed", "status"]
+    several = "kind" in df and df["kind"].nunique() > 1  # fidelity cells beside train cells, say
+    ident = ["method", "arch", "dataset", "T", "seed"] + (["kind"] if several else []) + ["status"]
     cols = ident + [m.name for m in METRICS if m.summary and m.name in df and df[m.name].notna().any()]
-    view = df[cols].sort_values(["method", "arch", "dataset", "T", "seed"])
+    view = df[cols].sort_values(["method", "arch", "dataset", "T", "seed"] + (["kind"] if several else []))
     print(tabulate(view, headers="keys", tablefmt="github", showindex=False, floatfmt=".2f", missingval="-"))
 
 

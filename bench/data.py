@@ -122,8 +122,9 @@ class TensorLoader:
         n = len(self.x)
         order = epoch_order(n, self.seed, epoch).to(self.x.device) if self.shuffle else None
         for i in range(start * self.batch_size, n, self.batch_size):
-            if order is None and self.shard is None:
-                yield self.x[i:i + self.batch_size], self.y[i:i + self.batch_size]
+            if order is None and self.shard is None:  # a batch of its own, as a DataLoader's collate gives: a view
+                # would hold the whole set's storage, which the saved-bytes meter would count for a saved input
+                yield self.x[i:i + self.batch_size].clone(), self.y[i:i + self.batch_size].clone()
                 continue
             idx = order[i:i + self.batch_size] if order is not None else torch.arange(i, min(i + self.batch_size, n))
             idx = shard_of(idx, self.shard)

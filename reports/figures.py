@@ -333,7 +333,7 @@ def fig_saved_parts(cells: pd.DataFrame, saved: pd.DataFrame, out: Path, name: s
                     bottom += vals
             ax.set_ylabel("saved for backward [MiB]")
             ax.set_title(f"by {by}")
-            ax.legend(frameon=False, ncol=5, loc="upper left")
+            ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         if phases:
             ax = axes[2]
             w = 0.8 / len(phases)
@@ -344,9 +344,13 @@ def fig_saved_parts(cells: pd.DataFrame, saved: pd.DataFrame, out: Path, name: s
                        color="#0072B2")
             ax.set_ylabel("allocator peak [MiB]")
             ax.set_title("allocator peak per phase (GPU)")
-            ax.legend(frameon=False, ncol=3)
-        axes[-1].set_xticks(pos, [f"{lb}\nT={T}" if i == 0 or bars[i - 1][0] != lb else f"T={T}"
-                                  for i, (lb, T) in enumerate(bars)], fontsize=6)
+            ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        axes[-1].set_xticks(pos, [str(T) for _, T in bars], fontsize=6)
+        axes[-1].set_xlabel("timesteps T, grouped by method", labelpad=14)
+        for label in dict.fromkeys(lb for lb, _ in bars):  # the method under its group of bars
+            xs = [p for p, (lb, _) in zip(pos, bars) if lb == label]
+            axes[-1].annotate(label, (sum(xs) / len(xs), 0), xycoords=("data", "axes fraction"), xytext=(0, -14),
+                              textcoords="offset points", ha="center", va="top", fontsize=6)
         paths = _save(fig, out, name)
     return fig, paths
 

@@ -120,9 +120,9 @@ METRICS: tuple[Metric, ...] = (
     Metric("firing_rate_mean", "", "none", None, "mean firing rate"),
     Metric("acc_shuffled", "%", "higher", None, "test accuracy, input frames permuted in time (mean)"),
     # fidelity cells: the all-weights gradient against the reference's, mean over the batches (DETAILS["fidelity"])
-    Metric("grad_cosine_init", "", "none", None, "gradient cosine to the reference, at initialisation"),
+    Metric("grad_cosine_init", "", "none", None, "gradient cosine to the reference, at initialisation", summary=True),
     Metric("grad_norm_ratio_init", "", "none", None, "gradient norm ratio to the reference, at initialisation"),
-    Metric("grad_cosine_trained", "", "none", None, "gradient cosine to the reference, trained weights"),
+    Metric("grad_cosine_trained", "", "none", None, "gradient cosine to the reference, trained weights", summary=True),
     Metric("grad_norm_ratio_trained", "", "none", None, "gradient norm ratio to the reference, trained weights"),
     Metric("measured_steps", "", "none", None, "measured steps"),
     Metric("num_params", "", "lower", 0.0, "parameters"),
@@ -527,7 +527,7 @@ def method_options_label(row: pd.Series) -> str:
         d = {}
     if not isinstance(d, dict):
         return ""
-    return ",".join(f"{k}={v}" for k, v in sorted(d.items()) if v not in (False, None))
+    return ",".join(f"{k}={v}" for k, v in sorted(d.items()) if v is not False and v is not None)  # 0.0 is not False
 
 
 __all__ = ["CONTENTION_LIMIT", "FolderBusy", "FolderLock", "KINDS", "MEASURE_COLUMNS", "METRIC", "METRICS", "Metric", "ResultsFileProblem", "SERIES", "summarise",

@@ -137,7 +137,7 @@ def test_check_report_and_baseline_to_a_folder(tmp_path, stored):
 
 def test_tolerance_naming_no_metric(tmp_path, stored):
     _assert_one_message(cli("check", "--baseline", str(stored), "--results", str(stored), "--tolerance",
-                            "step_tme_ms_median=5"), "no metric 'step_tme_ms_median'; valid: acc_top1")
+                            "step_tme_ms_median=5"), "no metric 'step_tme_ms_median'; valid: acc_shuffled, acc_top1")
 
 
 def test_grid_device_is_honoured(tmp_path, stored):

@@ -67,7 +67,7 @@ def test_malformed_and_missing_grid_file(tmp_path):
 
 
 def test_shipped_grids_expand():
-    for name, n in (("default", 20 + 5 * 2 + 1 + 16), ("profile_cpu", 36), ("paper_cifar", 9 * 3 * 2 * 3 * 3), ("paper_cost", 16),
+    for name, n in (("default", 20 + 5 * 2 + 1 + 24), ("profile_cpu", 36), ("paper_cifar", 9 * 3 * 2 * 3 * 3), ("paper_cost", 16),
                     ("paper_imagenet", 6), ("paper_dvs", 27), ("ci_cpu", 20), ("ci_gpu", 20), ("paper_hm2bp", 15), ("hm2bp_cost", 12)):
         gname, spec = load_grid(name)
         cells = expand(spec, gname)

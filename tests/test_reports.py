@@ -346,3 +346,43 @@ def test_labels_come_from_the_metric_table(results, tmp_path, monkeypatch):
     assert fig.axes[1].get_ylabel() == "kept for the backward pass [MiB]"
     header = tables.cost_markdown(*tables.cost_table(cells)).splitlines()[0]
     assert "duration of one step [ms]" in header and "kept for the backward pass [MiB]" in header
+
+
+def test_memory_over_time_has_a_panel_and_a_time_axis_per_method(tmp_path):
+    """Each method's largest-T cell in its own panel, its x axis spanning its own samples: a short cell is not a
+    sliver on a long one's axis."""
+    from reports.figures import fig_memory_time
+    from reports.results import load_results
+
+    root = tmp_path / "res"
+    make_results(root, seeds=(0,), failed=False)
+    long = [{"source": "rss", "t_s": float(t), "mib": 800.0 + t} for t in range(0, 151, 10)]
+    cells = load_results(root)
+    key = cells[(cells["method"] == "rate_m") & (cells["T"] == 4)]["key"].iloc[0]
+    write_cell(root, key, cells[cells["key"] == key].iloc[0].to_dict(), None, long)
+    fig, _ = fig_memory_time(load_results(root), load_results(root, "samples"), tmp_path)
+    axes = {ax.get_title(): ax for ax in fig.axes if ax.get_visible()}
+    assert set(axes) == {f"{m}, T=4" for m in METHODS}
+    for title, ax in axes.items():
+        xs = ax.lines[0].get_xdata()
+        lo, hi = ax.get_xlim()
+        assert lo <= min(xs) and hi >= max(xs) and hi - lo <= 1.2 * (max(xs) - min(xs)), title
+    assert max(axes["rate_m, T=4"].lines[0].get_xdata()) == 150.0 and max(axes["bptt_m, T=4"].lines[0].get_xdata()) == 0.4
+
+
+def test_a_combination_with_one_cell_is_a_table_row_not_a_figure(tmp_path):
+    """hm2bp on its own MLP is one cell in the default grid: the report gives it a row of the single-cell table and
+    draws no cost figures of single points for it; the other combination keeps its figures."""
+    from reports import render_report
+
+    root = tmp_path / "res"
+    make_results(root, seeds=(0,), failed=False)
+    write_cell(root, "hm2", {"key": "hm2", "status": "ok", "method": "hm2bp", "arch": "hm2_mlp", "dataset": "digits",
+                             "T": 100, "seed": 0, "kind": "train", "grid": "synthetic", "method_options": "{}",
+                             "acc_top1": 91.25, "epoch_time_s": 3.5, "saved_for_backward_mib": 0.5})
+    rep = render_report(root)
+    assert not list((root / "report").glob("fig_cost_hm2_mlp*")) and list((root / "report").glob("fig_cost_cnn_digits*"))
+    md = rep["summary"].read_text()
+    section = md.split("### Configurations with a single cell", 1)[1]
+    row = next(ln for ln in section.splitlines() if ln.startswith("| hm2bp"))
+    assert "hm2_mlp" in row and "100" in row and "91.25" in row and "3.50" in row
