@@ -89,11 +89,12 @@ class Cell:
     reference: str = ""  # the method whose gradient is the reference ("": the method's Method.fidelity_reference)
     trained_by: str = ""  # the method whose train cell saved the weights compared at epochs > 0 ("": this method)
     weights_at: tuple = field(default=(0,), hash=False)  # the epochs whose weights are compared (0: init, -1: last)
+    backend: str = "torch"  # the multi-step LIF loops: "torch" | "triton" | "compile" (methods.layers.set_backend)
 
     # fields that do not change a result, so are left out of the key
     NOT_IN_KEY = ("grid", "checkpoint_minutes", "save_weights_at")
     # fields added after cells were stored: in the key only when not at their default, so older keys still hold
-    KEY_IF_SET = ("devices", "reference", "trained_by", "weights_at")
+    KEY_IF_SET = ("devices", "reference", "trained_by", "weights_at", "backend")
     EPOCH_LISTS = ("save_weights_at", "weights_at")
 
     def __post_init__(self) -> None:
@@ -352,6 +353,8 @@ def validate(cell: Cell) -> None:
                          + ", ".join(m.supported_archs()))
     if cell.kind == "fidelity":
         _validate_fidelity(cell, m)
+    if cell.backend != "torch":
+        _validate_backend(cell, m)
     valid_opts = arch_options(cell.arch)
     unknown = sorted(set(cell.arch_options) - set(valid_opts))
     if unknown:
@@ -364,6 +367,26 @@ def run_phases(cells: list[Cell]) -> list[list[Cell]]:
     cells keep), each phase in the grid's order; a phase starts when the one before has ended."""
     phases = [[c for c in cells if c.kind != "fidelity"], [c for c in cells if c.kind == "fidelity"]]
     return [p for p in phases if p]
+
+
+def _validate_backend(cell: Cell, method) -> None:
+    import os
+
+    from methods.layers import BACKENDS
+
+    if cell.backend not in BACKENDS:
+        raise UsageError(f"backend must be one of {', '.join(BACKENDS)}, got {cell.backend!r}")
+    if not method.multi_step:
+        raise UsageError(f"{cell.label}: {cell.method} trains its neurons one step per call (or without LIF layers); "
+                         f"backend {cell.backend!r} fuses the multi-step loops (bptt_m, rate_m): use backend \"torch\"")
+    if cell.backend == "triton":
+        import importlib.util
+
+        if importlib.util.find_spec("triton") is None:
+            raise UsageError("backend 'triton' needs the triton package (it comes with torch's CUDA wheels on Linux)")
+        if cell.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise UsageError(f"{cell.label}: backend 'triton' runs on a CUDA device; on a CPU only through Triton's "
+                             "interpreter (TRITON_INTERPRET=1), which checks results and is not fast")
 
 
 def _validate_fidelity(cell: Cell, method) -> None:

@@ -18,7 +18,7 @@ import torch
 
 from methods import METHODS, MethodConfig
 from methods.distributed import data_parallel
-from methods.layers import LIF, count_parameters
+from methods.layers import LIF, count_parameters, set_backend
 
 from reports.results import MEASURE_COLUMNS, summarise
 
@@ -528,6 +528,7 @@ def _train_or_profile(cell: Cell, device: torch.device, data_root, row: dict, ep
     model = method.build(cell.arch, num_classes=info.num_classes, in_channels=info.shape[0], input_shape=info.shape,
                          **cell.arch_options).to(device)
     row["num_params"] = count_parameters(model)
+    set_backend(model, cell.backend)
     opt = make_optimizer(cell, model)
     if ranks is not None:
         if method.data_parallel is not None:

@@ -29,7 +29,7 @@ from torch import nn
 
 from .neuron import NeuronConfig, charge, dv_dh, lif_step, reset
 
-__all__ = ["LIF", "BatchNorm", "SpikingModule", "configure", "reset_state", "spiking_modules", "RateNode", "RateBatchNorm"]
+__all__ = ["BACKENDS", "set_backend", "LIF", "BatchNorm", "SpikingModule", "configure", "reset_state", "spiking_modules", "RateNode", "RateBatchNorm"]
 
 
 class SpikingModule(nn.Module):
@@ -79,9 +79,15 @@ class RateNode(torch.autograd.Function):
 
 
 class LIF(SpikingModule):
-    """A layer of LIF neurons (methods/neuron.py) driven by the current mode."""
+    """A layer of LIF neurons (methods/neuron.py) driven by the current mode.
+
+    ``backend`` (``set_backend``) picks how the multi-step modes run their loop over T: "torch" (a Python loop of
+    elementwise ops, the reference), "triton" (methods/triton_lif.py: one fused kernel each for BPTT's forward and
+    backward and for rate-BP's spike pass) or "compile" (the same Python loop through torch.compile). The
+    single-step modes (one call per step) always run the torch ops."""
 
     MODES: dict[str, Callable] = {}
+    backend = "torch"
 
     def __init__(self, neuron: NeuronConfig) -> None:
         super().__init__()
@@ -113,12 +119,13 @@ class LIF(SpikingModule):
     def _multi(self, x: torch.Tensor) -> torch.Tensor:
         T = self.T
         xs = x.view(T, x.shape[0] // T, *x.shape[1:])
-        v = None
-        spikes = []
-        for t in range(T):
-            s, v = lif_step(v, xs[t], self.neuron)
-            spikes.append(s)
-        return torch.stack(spikes).view_as(x)
+        if self.backend == "triton":
+            from .triton_lif import TritonLIF
+
+            return TritonLIF.apply(xs, self.neuron).view_as(x)
+        if self.backend == "compile":
+            return _compiled("multi")(xs, self.neuron).view_as(x)
+        return _multi_loop(xs, self.neuron).view_as(x)
 
     def _single(self, x: torch.Tensor) -> torch.Tensor:
         s, self.v = lif_step(self.v, x, self.neuron)
@@ -153,6 +160,19 @@ class LIF(SpikingModule):
         return s, reset(h, s, cfg)
 
     def _spike_multi(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend == "triton":
+            from .triton_lif import rate_spike_pass
+
+            self.reset_state()
+            s, self.rate_sum, self.elig_sum = rate_spike_pass(x.view(self.T, x.shape[0] // self.T, *x.shape[1:]),
+                                                              self.neuron)
+            self.steps = self.T
+            return s.view_as(x)
+        if self.backend == "compile":
+            return _compiled("spike_multi")(self, x)
+        return self._spike_multi_torch(x)
+
+    def _spike_multi_torch(self, x: torch.Tensor) -> torch.Tensor:
         self.reset_state()
         T = self.T
         xs = x.view(T, x.shape[0] // T, *x.shape[1:])
@@ -174,6 +194,37 @@ class LIF(SpikingModule):
         rate, elig = self.rate, self.elig
         self.rate_sum = self.elig_sum = None  # the autograd node keeps e alive, nothing else
         return RateNode.apply(x, rate, elig)
+
+
+def _multi_loop(xs: torch.Tensor, cfg: NeuronConfig) -> torch.Tensor:
+    """BPTT's multi-step LIF on ``[T, ...]``: a differentiable loop of ``lif_step``."""
+    v = None
+    spikes = []
+    for t in range(xs.shape[0]):
+        s, v = lif_step(v, xs[t], cfg)
+        spikes.append(s)
+    return torch.stack(spikes)
+
+
+BACKENDS = ("torch", "triton", "compile")
+_COMPILED: dict[str, Callable] = {}
+
+
+def _compiled(kind: str) -> Callable:
+    """torch.compile of the torch loop of a multi-step mode, compiled once per process (per shape and neuron)."""
+    if kind not in _COMPILED:
+        fn = _multi_loop if kind == "multi" else LIF._spike_multi_torch
+        _COMPILED[kind] = torch.compile(fn, dynamic=False)
+    return _COMPILED[kind]
+
+
+def set_backend(model: nn.Module, backend: str) -> None:
+    """Run the multi-step LIF loops of ``model`` on ``backend`` (``BACKENDS``)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    for m in model.modules():
+        if isinstance(m, LIF):
+            m.backend = backend
 
 
 LIF.MODES.update(

@@ -1,0 +1,206 @@
+"""Fused multi-step LIF kernels in Triton: one program per block of neurons, the loop over T inside the kernel.
+
+- ``lif_forward``: BPTT's forward. Reads the input current of every step, writes the spikes and keeps the charged
+  membrane H_t of every step for the backward (what the torch loop keeps too: the surrogate's argument).
+- ``lif_backward``: scans time in reverse from the kept H_t: dL/dH_t = dL/dS_t g'(H_t - theta) + dL/dV_t dV_t/dH_t,
+  dL/dV_t = lambda dL/dH_{t+1} (0 at the last step); dL/dX_t = dL/dH_t. dV_t/dH_t follows the reset: soft
+  detached 1, soft 1 - theta g', hard detached 1 - S, hard (1 - S) + (V_reset - H) g' (methods.neuron.dv_dh).
+- ``rate_spike_pass``: rate-BP's spike pass: spikes, the spike count and the eligibility sum_t g'(z_t) rho_t with
+  rho_{t+1} = 1 + lambda rho_t dV_t/dH_t, all in one pass, nothing kept for a backward.
+
+The arithmetic of every step is the torch loop's, operation by operation (methods/neuron.py: charge, fire,
+reset), in float32, so the spikes are the same bits wherever the compiler does not contract a multiply and an add
+into one rounding (the CPU interpreter never does; a GPU build may, and then a membrane exactly at threshold can
+fire differently: the tests run through the interpreter, the GPU equality check is the benchmark's).
+``TRITON_INTERPRET=1`` runs the kernels on CPU tensors (what the tests do).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .neuron import NeuronConfig
+
+SURROGATE_KIND = {"sigmoid": 0, "triangle": 1, "rectangle": 2}
+BLOCK = 1024
+
+
+@triton.jit
+def _surrogate(z, alpha, KIND: tl.constexpr):
+    if KIND == 0:
+        sig = tl.sigmoid(alpha * z)
+        out = alpha * sig * (1.0 - sig)
+    elif KIND == 1:
+        out = tl.maximum(alpha - alpha * alpha * tl.abs(z), 0.0)
+    else:
+        out = tl.where(tl.abs(z) <= alpha / 2, 1.0, 0.0) / alpha
+    return out
+
+
+@triton.jit
+def _charge(v, x, decay, v_reset, FIRST: tl.constexpr, HARD_VRESET: tl.constexpr):
+    if FIRST:
+        if HARD_VRESET:
+            h = x + v_reset
+        else:
+            h = x
+    else:
+        h = decay * v + x
+        if HARD_VRESET:
+            h = h + (1.0 - decay) * v_reset
+    return h
+
+
+@triton.jit
+def _reset(h, s, threshold, v_reset, SOFT: tl.constexpr, HARD_VRESET: tl.constexpr):
+    if SOFT:
+        v = h - threshold * s
+    elif HARD_VRESET:
+        v = h * (1.0 - s) + v_reset * s
+    else:
+        v = h * (1.0 - s)
+    return v
+
+
+@triton.jit
+def _dv_dh(h, s, sg, v_reset, threshold, SOFT: tl.constexpr, DETACH: tl.constexpr):
+    if SOFT:
+        if DETACH:
+            k = tl.full(h.shape, 1.0, tl.float32)
+        else:
+            k = 1.0 - threshold * sg
+    else:
+        if DETACH:
+            k = 1.0 - s
+        else:
+            k = (1.0 - s) + (v_reset - h) * sg
+    return k
+
+
+@triton.jit
+def _lif_fwd_kernel(x_ptr, s_ptr, h_ptr, N, T, decay, threshold, v_reset, alpha,
+                    SOFT: tl.constexpr, HARD_VRESET: tl.constexpr, SAVE_H: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    h = _charge(x, x, decay, v_reset, True, HARD_VRESET)
+    s = tl.where(h - threshold >= 0, 1.0, 0.0)
+    tl.store(s_ptr + offs, s.to(s_ptr.dtype.element_ty), mask=mask)
+    if SAVE_H:
+        tl.store(h_ptr + offs, h, mask=mask)
+    v = _reset(h, s, threshold, v_reset, SOFT, HARD_VRESET)
+    for t in range(1, T):
+        x = tl.load(x_ptr + t * N + offs, mask=mask, other=0.0).to(tl.float32)
+        h = _charge(v, x, decay, v_reset, False, HARD_VRESET)
+        s = tl.where(h - threshold >= 0, 1.0, 0.0)
+        tl.store(s_ptr + t * N + offs, s.to(s_ptr.dtype.element_ty), mask=mask)
+        if SAVE_H:
+            tl.store(h_ptr + t * N + offs, h, mask=mask)
+        v = _reset(h, s, threshold, v_reset, SOFT, HARD_VRESET)
+
+
+@triton.jit
+def _lif_bwd_kernel(gs_ptr, h_ptr, gx_ptr, N, T, decay, threshold, v_reset, alpha,
+                    SOFT: tl.constexpr, DETACH: tl.constexpr, KIND: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    gh_next = tl.zeros([BLOCK], tl.float32)
+    for i in range(T):
+        t = T - 1 - i
+        h = tl.load(h_ptr + t * N + offs, mask=mask, other=0.0)
+        gs = tl.load(gs_ptr + t * N + offs, mask=mask, other=0.0).to(tl.float32)
+        z = h - threshold
+        s = tl.where(z >= 0, 1.0, 0.0)
+        sg = _surrogate(z, alpha, KIND)
+        gh = gs * sg + (decay * gh_next) * _dv_dh(h, s, sg, v_reset, threshold, SOFT, DETACH)
+        tl.store(gx_ptr + t * N + offs, gh.to(gx_ptr.dtype.element_ty), mask=mask)
+        gh_next = gh
+
+
+@triton.jit
+def _rate_pass_kernel(x_ptr, s_ptr, rate_ptr, elig_ptr, N, T, decay, threshold, v_reset, alpha,
+                      SOFT: tl.constexpr, HARD_VRESET: tl.constexpr, DETACH: tl.constexpr, KIND: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    h = _charge(x, x, decay, v_reset, True, HARD_VRESET)
+    z = h - threshold
+    s = tl.where(z >= 0, 1.0, 0.0)
+    tl.store(s_ptr + offs, s.to(s_ptr.dtype.element_ty), mask=mask)
+    sg = _surrogate(z, alpha, KIND)
+    elig = sg
+    count = s
+    rho = 1.0 + decay * _dv_dh(h, s, sg, v_reset, threshold, SOFT, DETACH)
+    v = _reset(h, s, threshold, v_reset, SOFT, HARD_VRESET)
+    for t in range(1, T):
+        x = tl.load(x_ptr + t * N + offs, mask=mask, other=0.0).to(tl.float32)
+        h = _charge(v, x, decay, v_reset, False, HARD_VRESET)
+        z = h - threshold
+        s = tl.where(z >= 0, 1.0, 0.0)
+        tl.store(s_ptr + t * N + offs, s.to(s_ptr.dtype.element_ty), mask=mask)
+        sg = _surrogate(z, alpha, KIND)
+        elig = elig + sg * rho
+        count = count + s
+        rho = 1.0 + (rho * decay) * _dv_dh(h, s, sg, v_reset, threshold, SOFT, DETACH)
+        v = _reset(h, s, threshold, v_reset, SOFT, HARD_VRESET)
+    tl.store(rate_ptr + offs, count, mask=mask)
+    tl.store(elig_ptr + offs, elig, mask=mask)
+
+
+def _flags(cfg: NeuronConfig) -> dict:
+    return {"SOFT": cfg.reset == "soft", "HARD_VRESET": cfg.reset == "hard" and bool(cfg.v_reset)}
+
+
+def _scalars(cfg: NeuronConfig) -> tuple[float, float, float, float]:
+    return float(cfg.decay), float(cfg.threshold), float(cfg.v_reset), float(cfg.alpha)
+
+
+def lif_forward(x: torch.Tensor, cfg: NeuronConfig, save_h: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x: [T, ...] (contiguous). Returns (spikes [T, ...] in x's dtype, H [T, ...] float32 or None)."""
+    x = x.contiguous()
+    T, N = x.shape[0], x[0].numel()
+    s = torch.empty_like(x)
+    h = torch.empty(x.shape, dtype=torch.float32, device=x.device) if save_h else s
+    _lif_fwd_kernel[(triton.cdiv(N, BLOCK),)](x, s, h, N, T, *_scalars(cfg), SAVE_H=save_h, BLOCK=BLOCK, **_flags(cfg))
+    return s, (h if save_h else None)
+
+
+def lif_backward(grad_s: torch.Tensor, h: torch.Tensor, cfg: NeuronConfig, dtype: torch.dtype) -> torch.Tensor:
+    grad_s = grad_s.contiguous()
+    T, N = h.shape[0], h[0].numel()
+    gx = torch.empty(h.shape, dtype=dtype, device=h.device)
+    _lif_bwd_kernel[(triton.cdiv(N, BLOCK),)](grad_s, h, gx, N, T, *_scalars(cfg), SOFT=cfg.reset == "soft",
+                                              DETACH=cfg.detach_reset, KIND=SURROGATE_KIND[cfg.surrogate], BLOCK=BLOCK)
+    return gx
+
+
+class TritonLIF(torch.autograd.Function):
+    """Multi-step LIF, [T, ...] in and spikes out, forward and backward one kernel each."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cfg: NeuronConfig) -> torch.Tensor:  # type: ignore[override]
+        s, h = lif_forward(x, cfg, save_h=True)
+        ctx.save_for_backward(h)
+        ctx.cfg, ctx.dtype = cfg, x.dtype
+        return s
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (h,) = ctx.saved_tensors
+        return lif_backward(grad, h, ctx.cfg, ctx.dtype), None
+
+
+def rate_spike_pass(x: torch.Tensor, cfg: NeuronConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x: [T, ...]. Returns (spikes [T, ...], spike count [...], eligibility sum [...]) with no autograd."""
+    x = x.contiguous()
+    T, N = x.shape[0], x[0].numel()
+    s = torch.empty_like(x)
+    count = torch.empty(x.shape[1:], dtype=torch.float32, device=x.device)
+    elig = torch.empty_like(count)
+    _rate_pass_kernel[(triton.cdiv(N, BLOCK),)](x, s, count, elig, N, T, *_scalars(cfg),
+                                                DETACH=cfg.detach_reset, KIND=SURROGATE_KIND[cfg.surrogate],
+                                                BLOCK=BLOCK, **_flags(cfg))
+    return s, count.to(x.dtype), elig.to(x.dtype)
