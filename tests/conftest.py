@@ -1,6 +1,13 @@
+import os
+
 import numpy as np
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton's kernels run on CPU tensors only through its interpreter, and Triton decides that when it is first
+    # imported (its own language functions included): before any test imports it
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 

@@ -2,21 +2,17 @@
 interpreter, torch.compile on the CPU."""
 
 import itertools
-import os
-import sys
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # Triton reads this when its kernels are defined: before methods.triton_lif loads
-    os.environ["TRITON_INTERPRET"] = "1"
-    sys.modules.pop("methods.triton_lif", None)
+# without a GPU, tests/conftest.py has set TRITON_INTERPRET=1 before anything imported Triton
 
-from methods import METHODS, MethodConfig  # noqa: E402
-from methods.layers import LIF, set_backend  # noqa: E402
-from methods.neuron import get_preset  # noqa: E402
+from methods import METHODS, MethodConfig
+from methods.layers import LIF, set_backend
+from methods.neuron import get_preset
 
-from .helpers import NoOpOptimizer, cli, grads, tiny_grid  # noqa: E402
+from .helpers import NoOpOptimizer, cli, grads, tiny_grid
 
 pytest.importorskip("triton")
 
