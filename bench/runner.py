@@ -27,7 +27,10 @@ from .data import dataset_info, get_loaders
 from .distributed import Ranks, agree, all_sum
 from .distributed import init as init_ranks
 from .env import environment
+from .energy import EnergyMeter, Span, energy_meter, pick
 from .fidelity import WeightsMissing, run_fidelity
+from .ops import OpCounter
+from .ops import totals as op_totals
 from .fingerprint import fingerprint
 from .grid import LAST_EPOCH, Cell
 from .profile import (MIB, CpuContention, NvmlProcessSampler, RssFootprint, Sampler, SavedTensorsMeter, TimingProbe,
@@ -158,6 +161,7 @@ def evaluate(method, model, loader, device, ranks: Ranks | None = None,
     part of the test set and add up their counts."""
     model.eval()
     fr = _FiringRate(model)
+    ops = OpCounter(model) if analyses else None
     T = method.T
     perms = [torch.randperm(T, generator=torch.Generator().manual_seed(k)) for k in range(SHUFFLES)]
     correct = torch.zeros((), dtype=torch.long, device=device)
@@ -181,15 +185,19 @@ def evaluate(method, model, loader, device, ranks: Ranks | None = None,
             if analyses and method.is_sequence(model, x):
                 sequence = True
                 with fr.paused():
+                    ops.counting = False
                     for k, p in enumerate(perms):
                         shuffled[k] += (method.infer(model, x[p.to(x.device)]).argmax(1) == y).sum()
+                    ops.counting = True
             n += len(y)
     finally:
         rate, layers = fr.close()
+        if ops is not None:
+            ops.close()
         model.train()
     per_layer = fr.per_layer()
     counts = [correct.item(), n, (rate or 0.0) * layers, layers] + at_t.tolist() + shuffled.tolist() \
-        + [v for _, s, c in per_layer for v in (s, c)]
+        + [v for _, s, c in per_layer for v in (s, c)] + (ops.counts() if ops is not None else [])
     if ranks is not None:  # rates weighted by the calls each rank made
         counts = all_sum(counts, device)
     hits, n, rate_sum, calls = counts[:4]
@@ -197,7 +205,9 @@ def evaluate(method, model, loader, device, ranks: Ranks | None = None,
     acc = 100.0 * hits / max(n, 1)
     details: dict[str, list[dict]] = {}
     if analyses:
-        at_t, shuffled, layer_sums = counts[4:4 + T], counts[4 + T:4 + T + SHUFFLES], counts[4 + T + SHUFFLES:]
+        k = 4 + T + SHUFFLES + 2 * len(per_layer)
+        at_t, shuffled, layer_sums = counts[4:4 + T], counts[4 + T:4 + T + SHUFFLES], counts[4 + T + SHUFFLES:k]
+        details["ops"] = ops.rows(counts[k:], max(int(n), 1))
         details["layers"] = [{"layer": i, "name": name, "firing_rate": layer_sums[2 * i] / layer_sums[2 * i + 1]}
                              for i, (name, _, _) in enumerate(per_layer) if layer_sums[2 * i + 1]]
         rows = []
@@ -249,6 +259,7 @@ def run_cell(cell: Cell, data_root: str | None = None, progress: Progress | None
     series: dict[str, list[float]] = {}
     details: dict[str, list[dict]] = {}
     window = MeasureWindow(nvml, nvml_sampler)
+    window.energy, row["energy_null_reason"] = energy_meter(device, nvml) if cell.kind != "fidelity" else (None, None)
     attempt = Attempt(t_cell, rss, window, CellCheckpoint(out, cell.key, writer=ranks is None or ranks.main)
                       if out is not None and cell.kind == "train" else None)
     rss.start()
@@ -259,6 +270,8 @@ def run_cell(cell: Cell, data_root: str | None = None, progress: Progress | None
             except RuntimeError as e:
                 row["gpu_null_reason"] = f"NVML sampler: {e}"
                 nvml_sampler = None
+        if window.energy is not None:  # its idle power first, before this cell computes anything
+            window.energy.start()
         if cell.kind == "fidelity":
             _seed(cell.seed)  # as a train cell: the same initial weights
             details.update(run_fidelity(cell, device, data_root, row, out, progress))
@@ -282,6 +295,9 @@ def run_cell(cell: Cell, data_root: str | None = None, progress: Progress | None
         rss.stop()
         if nvml_sampler:
             nvml_sampler.stop()
+        if window.energy is not None:
+            window.energy.stop()
+    energy_columns(window.energy, row, epochs, window.profile_energy)
     footprint, peak_rss = window.footprint.stop()
     row["peak_rss_mib"] = peak_rss / MIB
     row["footprint_mib"] = footprint / MIB if footprint is not None else None
@@ -401,6 +417,8 @@ class MeasureWindow:
         self.footprint = RssFootprint()
         self.cpu = CpuContention(helper_cpu=nvml_sampler.cpu_seconds if nvml_sampler else (lambda: 0.0))
         self.gpu_pids: set[int] = set()
+        self.energy: EnergyMeter | None = None  # bench/energy.py; None where nothing can be read
+        self.profile_energy: dict | None = None  # a profile cell's energy over its timed steps (Span.end())
 
     def start(self) -> None:
         self.footprint.start()
@@ -507,6 +525,30 @@ class StepMeasure:
         return row
 
 
+def energy_columns(meter: EnergyMeter | None, row: dict, epochs: list[dict], prof: dict | None = None) -> None:
+    """The row's energy columns and each epoch's ``energy_j``, from the source the meter settled on (the counter if
+    it advanced, else integrated power); null with ``energy_null_reason`` where nothing was read."""
+    for e in epochs:  # both sources were kept per epoch; the rows keep the chosen one
+        both = {"counter": e.pop("energy_counter_j", None), "power": e.pop("energy_power_j", None)}
+        e["energy_j"] = pick(meter, both) if meter is not None else None
+    if meter is None:
+        return
+    row["energy_source"], row["idle_power_w"] = meter.source, meter.idle_power_w
+    spent = [(e["energy_j"], e["epoch_time_s"], e["steps"]) for e in epochs if e.get("energy_j") is not None]
+    if spent:
+        joules, seconds, steps = (sum(x) for x in zip(*spent))
+        row.update(energy_epoch_j=joules / len(spent), energy_per_step_j=joules / max(steps, 1),
+                   power_mean_w=joules / seconds if seconds > 0 else None)
+        if meter.idle_power_w is not None:  # what training added to what the device draws doing nothing
+            row["energy_above_idle_per_step_j"] = (joules - meter.idle_power_w * seconds) / max(steps, 1)
+    elif prof:
+        joules = pick(meter, prof)
+        if joules is not None:
+            row["energy_per_step_j"] = joules / max(prof["steps"], 1)
+    if row.get("energy_per_step_j") is None and row.get("energy_null_reason") is None:
+        row["energy_null_reason"] = f"{meter.source or 'the meter'} gave no reading over the training steps"
+
+
 def stop_requested(ranks: Ranks | None, device: torch.device, due: bool = False) -> tuple[bool, bool]:
     """(a stop was requested, a checkpoint is due): on every rank of a multi-device cell alike."""
     if ranks is None:
@@ -549,12 +591,19 @@ def _train_or_profile(cell: Cell, device: torch.device, data_root, row: dict, ep
     if cell.kind == "profile":
         batches = list(train)
         window.start()  # model, optimizer and data are set up: what grows from here is the training's
+        span = None
         for i in range(total):
+            if i == cell.warmup_steps + 1 and window.energy is not None:  # the timed steps start here
+                sync(device)
+                span = Span(window.energy)
             measure.step(*batches[i % len(batches)])
             tell(0)
             if stop_requested(ranks, device)[0]:  # a profile cell is short: it starts afresh when run again
                 raise Preempted(f"stopped by {_stopped_by()} at step {i + 1} of {total}; a rerun profiles it afresh")
         row["train_loss"] = None
+        if span is not None:
+            sync(device)
+            window.profile_energy = {**span.end(), "steps": total - cell.warmup_steps - 1}
     else:
         _train(cell, device, model, method, opt, sched, train, test, measure, epochs, row, window, attempt, tell, ranks,
                details)
@@ -609,6 +658,7 @@ def _train(cell: Cell, device, model, method, opt, sched, train, test, measure: 
             losses, epoch_before_s = [], 0.0
         sync(device)
         t_epoch = time.perf_counter()
+        span = Span(window.energy) if window.energy is not None else None
         paused = 0.0  # checkpoint writes inside the epoch: not training time
         for b, (wait_ms, (x, y)) in enumerate(_timed(train.batches(epoch - 1, first)), first + 1):
             losses.append(measure.step(x, y, wait_ms))
@@ -625,6 +675,7 @@ def _train(cell: Cell, device, model, method, opt, sched, train, test, measure: 
                     raise stop(epoch, b)
         sync(device)
         epoch_s = epoch_before_s + time.perf_counter() - t_epoch - paused
+        joules = span.end() if span is not None else {}
         lr = opt.param_groups[0]["lr"]
         if sched:
             sched.step()
@@ -635,6 +686,7 @@ def _train(cell: Cell, device, model, method, opt, sched, train, test, measure: 
             else (None, None, {})
         if details is not None:
             details.update(found)
+        row.update(op_totals(found.get("ops", [])))
         shuffles = [r["acc"] for r in found.get("anytime", []) if r["analysis"] == "shuffle"]
         if shuffles:
             row["acc_shuffled"] = sum(shuffles) / len(shuffles)
@@ -642,7 +694,8 @@ def _train(cell: Cell, device, model, method, opt, sched, train, test, measure: 
         if acc is not None:
             best = max(best, acc)
         epochs.append({"epoch": epoch, "train_loss": train_loss, "test_acc": acc, "epoch_time_s": epoch_s,
-                       "lr": lr, "firing_rate_mean": rate})
+                       "lr": lr, "firing_rate_mean": rate, "steps": len(train) - first,
+                       **{f"energy_{k}_j": v for k, v in joules.items()}})
         if not math.isfinite(train_loss or 0.0):
             raise FloatingPointError(f"training loss is {train_loss} at epoch {epoch}")
         if ckpt is not None and (epoch in cell.save_weights_at or epoch == n_epochs and LAST_EPOCH in cell.save_weights_at):

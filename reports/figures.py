@@ -90,8 +90,9 @@ def _lines(ax, d: pd.DataFrame, col: str, flag: pd.Series | None = None) -> bool
 def fig_cost(df: pd.DataFrame, out: Path, name: str = "fig_cost"):
     """The paper's Figure 4: accuracy, peak memory and time over T, one line per method."""
     d = with_labels(ok(df))
+    energy = has(d, "energy_per_step_j")  # a fourth panel where training energy was measured
     with plt.rc_context(RC):
-        fig, axes = plt.subplots(1, 3, figsize=(FULL_WIDTH, 2.3), constrained_layout=True)
+        fig, axes = plt.subplots(1, 4 if energy else 3, figsize=(FULL_WIDTH, 2.3), constrained_layout=True)
         mem, _ = memory_column(d)
         tcol, tlabel = time_column(d)
         busy = contended(d)
@@ -101,7 +102,8 @@ def fig_cost(df: pd.DataFrame, out: Path, name: str = "fig_cost"):
             (mem, METRIC[mem].axis_label if mem else None,
              "memory" + ("" if mem in (None, "peak_nvml_mib") else " (no NVML column)"), "no memory column", None),
             (tcol, tlabel, "time" + (" (hollow: other processes busy)" if busy.any() else ""), "no time column", busy),
-        ]
+        ] + ([("energy_per_step_j", METRIC["energy_per_step_j"].axis_label,
+               "energy (" + ", ".join(sorted(set(d["energy_source"].dropna()))) + ")", "", None)] if energy else [])
         for ax, (col, ylabel, title, missing, flag) in zip(axes, panels):
             if col and _lines(ax, d, col, flag):
                 ax.set_ylabel(ylabel)
@@ -238,6 +240,27 @@ def fig_curves(cells: pd.DataFrame, epochs: pd.DataFrame, out: Path, T: int | No
 
 
 # --------------------------------------------------------------------------- analyses (fidelity, memory, behaviour)
+
+
+@figure()
+def fig_ops(df: pd.DataFrame, out: Path, name: str = "fig_ops"):
+    """What the trained network costs at inference, per sample over its T steps (bench/ops.py): accumulates driven
+    by spikes, multiply-accumulates driven by real-valued inputs (the first layer's), and the dense MACs, over T."""
+    d = with_labels(ok(df))
+    cols = [c for c in ("ops_effective_acs", "ops_effective_macs", "ops_dense_macs") if has(d, c)]
+    if not cols:
+        return None, []
+    with plt.rc_context(RC):
+        fig, axes = plt.subplots(1, len(cols), figsize=(FULL_WIDTH, 2.3), constrained_layout=True, squeeze=False)
+        for ax, col in zip(axes[0], cols):
+            _lines(ax, d, col)
+            ax.set_title(METRIC[col].label.replace(" per sample", ""))
+            ax.set_ylabel("per sample")
+            ax.set_xlabel("timesteps T")
+            ax.set_yscale("log")
+        axes[0][0].legend(frameon=False)
+        paths = _save(fig, out, name)
+    return fig, paths
 
 
 @figure("fidelity", section="fidelity")

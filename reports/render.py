@@ -62,6 +62,10 @@ def _notes(cells: pd.DataFrame) -> list[str]:
                      f"{CONTENTION_LIMIT:.0%} of the CPUs or ran on the GPU (worst: {_label(worst)}"
                      + (f", {float(frac):.0%} of the CPUs" if frac is not None and frac == frac else "")
                      + "): hollow markers in the time panel, † in the cost table; rerun them on a quiet machine")
+    if not has(good, "energy_per_step_j") and not good.empty:
+        reasons = sorted(set(good["energy_null_reason"].dropna())) if "energy_null_reason" in good else []
+        notes.append("no training energy measured" + (f": {'; '.join(reasons)}" if reasons else "")
+                     + " (energy comes from NVML's counter or power readings on a GPU, RAPL on a CPU)")
     if "seed" in good and not good.empty and good.groupby(["method", "arch", "dataset", "T"])["seed"].nunique().max() <= 1:
         notes.append("one seed per configuration: no error bars and no ± in the tables")
     return notes

@@ -43,6 +43,8 @@ DETAILS: dict[str, str] = {
     "anytime": "accuracy over the evaluation set after training: with the first t steps (analysis 'anytime') and "
                "with the input frames permuted in time (analysis 'shuffle', one row per permutation)",
     "saved": "the bytes saved for backward at their peak, by the module that saved them and the kind of tensor",
+    "ops": "per conv and linear layer (in order), operations per evaluation sample over all T steps: dense MACs, "
+           "effective MACs (real-valued input) or ACs (spikes) driven by the non-zero inputs, input sparsity",
 }
 KINDS = ("cells", "epochs", "samples") + tuple(DETAILS)
 MANIFEST = "manifest.json"
@@ -57,6 +59,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "layers": ("key", "layer", "name", "firing_rate"),
     "anytime": ("key", "analysis", "t", "acc"),
     "saved": ("key", "module", "tensor", "bytes"),
+    "ops": ("key", "layer", "name", "dense_macs"),
 }
 
 @dataclass(frozen=True)
@@ -119,6 +122,17 @@ METRICS: tuple[Metric, ...] = (
     Metric("train_loss", "", "lower", None, "training loss"),
     Metric("firing_rate_mean", "", "none", None, "mean firing rate"),
     Metric("acc_shuffled", "%", "higher", None, "test accuracy, input frames permuted in time (mean)"),
+    # training energy (bench/energy.py): NVML's counter or integrated power on a GPU, RAPL on a CPU; the source is
+    # the row's energy_source, and where none could be read energy_null_reason says why
+    Metric("energy_per_step_j", "J", "lower", None, "energy per training step", summary=True),
+    Metric("energy_epoch_j", "J", "lower", None, "energy per epoch (training steps)"),
+    Metric("energy_above_idle_per_step_j", "J", "lower", None, "energy per training step above idle power"),
+    Metric("power_mean_w", "W", "none", None, "mean power over the training steps"),
+    Metric("idle_power_w", "W", "none", None, "idle power before the cell"),
+    # operations per evaluation sample over all T steps (bench/ops.py, DETAILS["ops"])
+    Metric("ops_dense_macs", "", "lower", None, "dense MACs per sample"),
+    Metric("ops_effective_macs", "", "lower", None, "effective MACs per sample (real-valued inputs)"),
+    Metric("ops_effective_acs", "", "lower", None, "effective ACs per sample (spike inputs)"),
     # fidelity cells: the all-weights gradient against the reference's, mean over the batches (DETAILS["fidelity"])
     Metric("grad_cosine_init", "", "none", None, "gradient cosine to the reference, at initialisation", summary=True),
     Metric("grad_norm_ratio_init", "", "none", None, "gradient norm ratio to the reference, at initialisation"),
@@ -170,12 +184,13 @@ CONFIG_NUMERIC = ("T", "seed", "batch_size", "eval_batch_size", "epochs", "warmu
                   "weight_decay", "train_subset", "devices")
 NUMERIC: dict[str, tuple[str, ...]] = {
     "cells": CONFIG_NUMERIC + MEASURE_COLUMNS + ("schema_version",),
-    "epochs": ("epoch", "train_loss", "test_acc", "epoch_time_s", "lr", "firing_rate_mean"),
+    "epochs": ("epoch", "train_loss", "test_acc", "epoch_time_s", "lr", "firing_rate_mean", "steps", "energy_j"),
     "samples": ("t_s", "mib"),
     "fidelity": ("epoch", "batch", "layer", "numel", "cosine", "norm_ratio"),
     "layers": ("layer", "firing_rate"),
     "anytime": ("t", "permutation", "acc"),
     "saved": ("bytes",),
+    "ops": ("layer", "dense_macs", "effective_macs", "effective_acs", "input_sparsity"),
 }
 # the cells' configuration columns whose values must be present for a row to mean anything
 IDENTITY = ("method", "arch", "dataset", "T")

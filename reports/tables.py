@@ -174,7 +174,8 @@ def cost_table(df: pd.DataFrame) -> tuple[pd.DataFrame, str | None]:
 
 # the cost table's columns -> the measured column each shows (memory_mib: the figure's memory column)
 _COST_COLUMN = {"memory_mib": None, "saved_mib": "saved_for_backward_mib", "footprint_mib": "footprint_mib",
-                "step_ms": "step_time_ms_median", "epoch_s": "epoch_time_s"}
+                "step_ms": "step_time_ms_median", "epoch_s": "epoch_time_s", "energy_j": "energy_per_step_j",
+                "acs": "ops_effective_acs", "macs": "ops_effective_macs"}
 CONTENDED_MARK = "†"  # a timing measured while other processes used the CPUs or the GPU
 _COST_METRICS = tuple(_COST_COLUMN)
 
@@ -191,8 +192,8 @@ def _cost_cells(t: pd.DataFrame, mem_label: str | None) -> tuple[list[str], list
         mark = CONTENDED_MARK if r.get("contended", False) else ""
         for m in metrics:
             v, x = r[m], r[f"{m}_x_bptt_m"]
-            digits = 3 if m == "epoch_s" else 2 if m == "saved_mib" or (m == "memory_mib" and mem_label == METRIC["saved_for_backward_mib"].label) else 1
-            s = "--" if pd.isna(v) else f"{v:.{digits}f}"
+            digits = 3 if m in ("epoch_s", "energy_j") else 2 if m == "saved_mib" or (m == "memory_mib" and mem_label == METRIC["saved_for_backward_mib"].label) else 1
+            s = "--" if pd.isna(v) else f"{v:.3g}" if m in ("acs", "macs") else f"{v:.{digits}f}"
             row += [s + (mark if m in ("step_ms", "epoch_s") and s != "--" else ""), "--" if pd.isna(x) else f"{x:.2f}"]
         body.append(row)
     return header, body

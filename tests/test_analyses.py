@@ -305,7 +305,7 @@ def test_train_cells_store_behaviour_and_memory_parts(analysed):
     _, out = analysed
     cells = load_results(out)
     train = cells[cells["kind"] == "train"]
-    layers, anytime, saved = (load_results(out, k) for k in ("layers", "anytime", "saved"))
+    layers, anytime, saved, ops = (load_results(out, k) for k in ("layers", "anytime", "saved", "ops"))
     assert set(layers["key"]) == set(train["key"]) == set(saved["key"]) == set(anytime["key"])
     for _, r in train.iterrows():
         a = anytime[anytime["key"] == r["key"]]
@@ -315,6 +315,14 @@ def test_train_cells_store_behaviour_and_memory_parts(analysed):
         assert s["bytes"].sum() == pytest.approx(r["saved_for_backward_mib"] * 2**20)
         assert set(s["module"]) >= {"conv", "bn", "lif"}
         assert len(layers[layers["key"] == r["key"]]) == 3  # cnn_digits' three LIF layers
+        o = ops[ops["key"] == r["key"]]
+        assert list(o["op"]) == ["conv", "conv", "conv", "linear"]  # cnn_digits' weight layers, in order
+        assert r["ops_effective_acs"] == pytest.approx(o["effective_acs"].sum())
+        assert r["ops_dense_macs"] == pytest.approx(o["dense_macs"].sum())
+        # pixels into the first conv and average-pooled spikes into the last two: MACs; spikes into the second: ACs
+        # (a silent layer gives zeros of either kind)
+        assert o["effective_macs"].iloc[0] > 0 and o["effective_macs"].iloc[1] == 0
+        assert (o["effective_acs"].iloc[[0, 2, 3]] == 0).all()
 
 
 def test_report_shows_the_analyses(analysed, tmp_path):
@@ -327,7 +335,9 @@ def test_report_shows_the_analyses(analysed, tmp_path):
         assert title in md
     line = next(ln for ln in md.splitlines() if ln.startswith("| rate_m") and "init" in ln)
     assert "1.000" in line
-    for name in ("fig_fidelity_layers", "fig_fidelity_epochs", "fig_saved_parts", "fig_firing_layers", "fig_anytime"):
+    assert "no training energy measured: no RAPL domain" in md or "energy per training step" in md
+    for name in ("fig_fidelity_layers", "fig_fidelity_epochs", "fig_saved_parts", "fig_firing_layers", "fig_anytime",
+                 "fig_ops"):
         assert (tmp_path / "report" / f"{name}.png").is_file() and (tmp_path / "report" / f"{name}.pdf").is_file()
     tex = (tmp_path / "report" / "table_fidelity.tex").read_text()
     assert "\\toprule" in tex and "rate\\_m" in tex
@@ -395,3 +405,73 @@ def test_index_html_renders_in_a_browser(analysed, tmp_path):
     assert {"Gradient fidelity", "Where the memory goes", "Behaviour over time steps"} <= set(headings)
     errors = [e for e in log if e.get("level") == "SEVERE"]
     assert not errors, json.dumps(errors, indent=1)
+
+
+# ---------------------------------------------------------------- operation counts
+
+
+def test_operation_counts_of_a_conv_lif_net_equal_hand_counts(digits_batch):
+    """A conv (real-valued input: MACs), a LIF layer, a linear readout (spike input: ACs), T=4, evaluated on 64
+    digits. By hand, per sample over the T steps: dense = T x outputs x fan-in; the conv's effective MACs = T x C x
+    the non-zero pixels under each 3x3 window (zero padding), counted by a loop over the image; the linear's ACs
+    = its 10 outputs x the spikes it received, recorded by a hook of the test's own."""
+    import numpy as np
+
+    from bench.runner import evaluate
+
+    C, T = 3, 4
+    x, y = digits_batch
+    torch.manual_seed(0)
+    model = _conv_lif_net(C)
+    with torch.no_grad():
+        model[0].weight.mul_(4.0)  # so that the layer fires
+    method = METHODS["bptt_m"](MethodConfig(T=T))
+    spikes = []
+    h = model[1].register_forward_hook(lambda m, i, o: spikes.append(o.detach().clone()))
+    _, _, details = evaluate(method, model, _loader(x, y, 16), torch.device("cpu"), analyses=True)
+    h.remove()
+    ops = {r["op"]: r for r in details["ops"]}
+    n = len(y)
+    img = np.pad((x[:, 0].numpy() != 0).astype(int), ((0, 0), (1, 1), (1, 1)))
+    windows = sum(img[:, i:i + 3, j:j + 3].sum() for i in range(8) for j in range(8))
+    conv = ops["conv"]
+    assert conv["dense_macs"] == T * C * 64 * 9
+    assert conv["effective_macs"] == pytest.approx(T * C * windows / n) and conv["effective_acs"] == 0.0
+    assert conv["input_sparsity"] == pytest.approx(float((x == 0).float().mean()))
+    s = torch.cat(spikes)
+    lin = ops["linear"]
+    assert 0 < float(s.mean()) < 1
+    assert lin["dense_macs"] == T * C * 64 * 10
+    assert lin["effective_acs"] == pytest.approx(10 * float(s.sum()) / n) and lin["effective_macs"] == 0.0
+    assert lin["input_sparsity"] == pytest.approx(1 - float(s.mean()))
+
+
+def test_operation_counts_of_a_small_mlp(digits_batch):
+    """mlp (Linear 64-16, BN, LIF, Linear 16-10): every linear layer's dense MACs are T x in x out per sample; the
+    first, fed pixels, counts MACs = out x the non-zero pixels, the readout, fed spikes, ACs = out x the spikes,
+    per sample, each input recorded by a hook of the test's own."""
+    from bench.runner import evaluate
+
+    x, y = digits_batch
+    T = 2
+    method = METHODS["bptt_m"](MethodConfig(T=T))
+    torch.manual_seed(0)
+    model = method.build("mlp", 10, 1, input_shape=(1, 8, 8), widths=[16])
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        linears[0].weight.mul_(8.0)  # so that the hidden layer fires at initialisation
+    seen = {i: [] for i in range(len(linears))}
+    hooks = [m.register_forward_hook(lambda mod, a, o, i=i: seen[i].append(a[0].detach().clone()))
+             for i, m in enumerate(linears)]
+    _, _, details = evaluate(method, model, _loader(x, y, 32), torch.device("cpu"), analyses=True)
+    for hk in hooks:
+        hk.remove()
+    rows = details["ops"]
+    assert [r["op"] for r in rows] == ["linear"] * len(linears)
+    for r, m in zip(rows, linears):
+        inp = torch.cat(seen[r["layer"]])
+        assert r["dense_macs"] == T * m.in_features * m.out_features
+        eff = m.out_features * float((inp != 0).sum()) / len(y)
+        binary = bool(((inp == 0) | (inp == 1)).all())
+        assert (r["effective_acs"] if binary else r["effective_macs"]) == pytest.approx(eff)
+    assert rows[0]["effective_macs"] > 0 and rows[-1]["effective_acs"] > 0  # pixels in, spikes further on

@@ -1,0 +1,131 @@
+"""Energy arithmetic against stand-ins: a scripted NVML (counter, a counter that does not advance, power only,
+nothing), scripted RAPL files (with a wraparound), and the row's columns from epochs."""
+
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from bench.energy import EnergyMeter, Span, _PowerIntegral, nvml_meter, pick, rapl_meter
+from bench.runner import energy_columns
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_power_integral_is_the_trapezoid_sum_held_to_now():
+    clock, watts = FakeClock(), iter([10.0, 30.0, 30.0, 0.0])
+    p = _PowerIntegral(lambda: next(watts), clock=clock)
+    for dt in (0.0, 2.0, 1.0, 4.0):
+        clock.t += dt
+        p.sample()
+    # (2 s at 10->30: 40 J) + (1 s at 30: 30 J) + (4 s at 30->0: 60 J), then 0 W held for 5 s
+    clock.t += 5.0
+    assert p() == pytest.approx(130.0)
+    assert p.mean_w() == pytest.approx(17.5)
+
+
+def _nvml(counter=None, power=None):
+    def unsupported(handle):
+        raise RuntimeError("NVMLError_NotSupported")
+    return SimpleNamespace(nvmlDeviceGetTotalEnergyConsumption=counter or unsupported,
+                           nvmlDeviceGetPowerUsage=power or unsupported)
+
+
+def test_nvml_counter_gives_the_energy_of_each_span():
+    mj = {"v": 5_000_000.0}  # millijoules since the driver loaded
+    meter, reason = nvml_meter(_nvml(counter=lambda h: mj["v"], power=lambda h: 250_000.0), "h", idle_s=0)
+    assert reason is None
+    meter.start()
+    span = Span(meter)
+    mj["v"] += 12_345.0
+    first = span.end()
+    span = Span(meter)
+    mj["v"] += 1_000.0
+    second = span.end()
+    meter.stop()
+    assert meter.source == "nvml counter"
+    assert pick(meter, first) == pytest.approx(12.345) and pick(meter, second) == pytest.approx(1.0)
+
+
+def test_a_counter_that_does_not_advance_falls_back_to_integrated_power():
+    """A counter stuck at one value (some MIG and virtualised setups) while 200 W are drawn: the energy is the
+    integral of the power readings, 200 W x the seconds the span lasted."""
+    meter, _ = nvml_meter(_nvml(counter=lambda h: 42.0, power=lambda h: 200_000.0), "h", idle_s=0)
+    meter.start()
+    t0 = time.perf_counter()
+    span = Span(meter)
+    time.sleep(0.15)
+    got = span.end()
+    elapsed = time.perf_counter() - t0
+    meter.stop()
+    assert meter.source == "nvml power"
+    assert got["counter"] == 0.0
+    assert 200.0 * 0.15 <= pick(meter, got) <= 200.0 * elapsed + 1e-6
+
+
+def test_power_only_and_nothing_at_all():
+    meter, reason = nvml_meter(_nvml(power=lambda h: 100_000.0), "h", idle_s=0)
+    assert meter is not None and reason is None and meter.counter_name and meter._counter_read is None
+    meter.start()
+    meter.stop()
+    assert meter.source == "nvml power"
+    meter, reason = nvml_meter(_nvml(), "h")
+    assert meter is None and "no energy counter" in reason and "no power readings" in reason
+
+
+def _rapl(root, domains):
+    for name, (energy, wrap) in domains.items():
+        d = root / name
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "energy_uj").write_text(f"{energy}\n")
+        (d / "max_energy_range_uj").write_text(f"{wrap}\n")
+
+
+def test_rapl_sums_packages_and_handles_the_wraparound(tmp_path):
+    """Two packages; the first wraps (range 1000 J) during the span: 999.5 J -> 0.7 J is 1.2 J, not -998.8 J.
+    A sub-domain (intel-rapl:0:0, the cores) is inside its package and not added again."""
+    _rapl(tmp_path, {"intel-rapl:0": (999_500_000, 1_000_000_000), "intel-rapl:1": (10_000_000, 1_000_000_000),
+                     "intel-rapl:0:0": (5, 1_000_000_000)})
+    meter, reason = rapl_meter(tmp_path, idle_s=0)
+    assert reason is None
+    meter.start()
+    span = Span(meter)
+    _rapl(tmp_path, {"intel-rapl:0": (700_000, 1_000_000_000), "intel-rapl:1": (12_500_000, 1_000_000_000),
+                     "intel-rapl:0:0": (900_000_000, 1_000_000_000)})
+    got = pick(meter, span.end())
+    meter.stop()
+    assert meter.source == "rapl" and got == pytest.approx(1.2 + 2.5)
+
+
+def test_no_rapl_is_a_reason_not_a_zero(tmp_path):
+    meter, reason = rapl_meter(tmp_path / "none")
+    assert meter is None and "no RAPL domain" in reason
+    (tmp_path / "r" / "intel-rapl:0").mkdir(parents=True)
+    meter, reason = rapl_meter(tmp_path / "r")
+    assert meter is None and "not readable" in reason
+
+
+def test_row_columns_from_the_epochs():
+    """Two epochs of 10 and 20 steps that took 2 s and 3 s and 40 J and 80 J: 60 J per epoch, 4 J per step,
+    24 W; each epoch row keeps its own joules; the source is the meter's."""
+    meter = EnergyMeter(counter=lambda: 0.0, power=None, idle_s=0)
+    meter.start()
+    meter.counter.total = 1.0  # it advanced
+    meter.idle_power_w = 4.0
+    epochs = [{"epoch": 1, "epoch_time_s": 2.0, "steps": 10, "energy_counter_j": 40.0, "energy_power_j": None},
+              {"epoch": 2, "epoch_time_s": 3.0, "steps": 20, "energy_counter_j": 80.0, "energy_power_j": None}]
+    row = {"energy_null_reason": None}
+    energy_columns(meter, row, epochs)
+    assert row["energy_epoch_j"] == 60.0 and row["energy_per_step_j"] == 4.0 and row["power_mean_w"] == 24.0
+    assert row["energy_above_idle_per_step_j"] == pytest.approx((120.0 - 4.0 * 5.0) / 30)
+    assert [e["energy_j"] for e in epochs] == [40.0, 80.0] and "energy_counter_j" not in epochs[0]
+    assert row["energy_source"] == "nvml counter"
+    row, epochs = {"energy_null_reason": "no RAPL domain"}, [{"epoch": 1, "epoch_time_s": 1.0, "steps": 3}]
+    energy_columns(None, row, epochs)
+    assert "energy_per_step_j" not in row and epochs[0]["energy_j"] is None
