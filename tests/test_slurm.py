@@ -116,6 +116,29 @@ def test_a_two_rank_cell_runs_as_one_slurm_task(slurm, tmp_path):
     assert row["peak_rss_mib_sum"] > row["peak_rss_mib"]
 
 
+def test_fidelity_cells_wait_for_the_train_cells_they_read(slurm, tmp_path):
+    """A train cell that keeps its last weights and a fidelity cell that reads them, sent in one `run --slurm`: the
+    fidelity cell's array is submitted with a dependency (afterany) on the train cell's, so it starts after that
+    job ends, finds the weights and ends ok."""
+    g = tmp_path / "fid.toml"
+    g.write_text('name = "fid"\n[axes]\nmethod = ["bptt_m", "rate_m"]\narch = ["cnn_digits"]\ndataset = ["digits"]\n'
+                 'T = [2]\nkind = ["train", "fidelity"]\n[fixed]\nepochs = 1\nbatch_size = 32\ntrain_subset = 320\n'
+                 'eval_batch_size = 360\nsteps = 2\ntrained_by = "bptt_m"\nweights_at = [0, -1]\n'
+                 'save_weights_at = [-1]\n[[exclude]]\nkind = "train"\nmethod = "rate_m"\n'
+                 '[[exclude]]\nkind = "fidelity"\nmethod = "bptt_m"\n[slurm]\ncpus_per_task = 2\ntimeout_min = 10\n')
+    out = tmp_path / "out"
+    r = cli("run", str(g), "--slurm", "--out", str(out), "--poll-s", "1", env=slurm, timeout=600)
+    assert r.returncode == 0, r.stderr
+    jobs = json.loads((out / "slurm" / "jobs.json").read_text())
+    assert len(jobs) == 2
+    train_array = jobs[0]["job_id"].split("_")[0]
+    script = next((out / "slurm").glob(f"{jobs[1]['job_id'].split('_')[0]}*/*submission.sh")).read_text()
+    assert f"--dependency=afterany:{train_array}" in script
+    cells = load_results(out).set_index("kind")
+    assert (cells["status"] == "ok").all(), cells["error"].tolist()
+    assert cells.loc["fidelity", "grad_cosine_trained"] > 0.5
+
+
 def test_scontrol_requeue_resumes_the_cell(slurm, tmp_path):
     """A running 6-epoch cell requeued after its first checkpoint resumes there (restarts = 1) and ends with the
     losses of an uninterrupted local run; while it waits, status says requeued and a second run does not submit."""
