@@ -46,6 +46,11 @@ def set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
+def weights_path(out: Path, key: str, epoch: int) -> Path:
+    """Where a cell keeps its weights after ``epoch`` (``save_weights_at``); fidelity cells read them there."""
+    return Path(out) / WEIGHTS / key / f"epoch_{epoch}.pt"
+
+
 class CellCheckpoint:
     """The checkpoint file of one cell in a results folder."""
 
@@ -82,7 +87,7 @@ class CellCheckpoint:
     def save_weights(self, epoch: int, model: torch.nn.Module) -> Path | None:
         if not self.writer:
             return None
-        path = self.out / WEIGHTS / self.key / f"epoch_{epoch}.pt"
+        path = weights_path(self.out, self.key, epoch)
         write_atomic(path, lambda f: torch.save(model.state_dict(), f))
         return path
 

@@ -103,8 +103,7 @@ class EnergyMeter:
         self.counter_name, self.power_name, self.clock, self.idle_s = counter_name, power_name, clock, idle_s
         self.counter: _Counter | None = None
         self.power: _PowerIntegral | None = None
-        self.idle_power_w: float | None = None
-        self.t0 = 0.0
+        self._idle: tuple[dict, float] | None = None  # both sources over the idle wait, and its seconds
 
     def start(self) -> None:
         if self._counter_read is not None:
@@ -112,17 +111,20 @@ class EnergyMeter:
         if self._power_read is not None:
             self.power = _PowerIntegral(self._power_read, clock=self.clock)
             self.power.start()
-        t, e = self.clock(), self._read_any()
-        if self.idle_s:  # idle: before the cell allocates or computes anything
-            time.sleep(self.idle_s)
-            dt = self.clock() - t
-            self.idle_power_w = (self._read_any() - e) / dt if dt > 0 else None
-        self.t0 = self.clock()
         self._base_counter = self.counter() if self.counter else 0.0
         self._base_power = self.power() if self.power else 0.0
+        if self.idle_s:  # idle: before the cell allocates or computes anything
+            t, span = self.clock(), Span(self)
+            time.sleep(self.idle_s)
+            self._idle = (span.end(), self.clock() - t)
 
-    def _read_any(self) -> float:
-        return self.counter() if self.counter else (self.power() if self.power else 0.0)
+    @property
+    def idle_power_w(self) -> float | None:
+        """The power drawn during the idle wait, by the same source as the energy (``source``)."""
+        if self._idle is None:
+            return None
+        joules, seconds = pick(self, self._idle[0]), self._idle[1]
+        return joules / seconds if joules is not None and seconds > 0 else None
 
     @property
     def source(self) -> str | None:

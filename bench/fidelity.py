@@ -29,7 +29,7 @@ from methods.fidelity import compare_gradients, method_gradient, weight_names
 
 from reports.results import load_results
 
-from .checkpoint import WEIGHTS
+from .checkpoint import WEIGHTS, weights_path
 from .data import dataset_info, get_loaders
 from .grid import LAST_EPOCH, Cell
 
@@ -62,7 +62,7 @@ def trained_weights(out: Path | None, cell: Cell) -> dict[int, Path]:
     found = []
     for key, last in zip(sel["key"], sel["epochs"]):
         epochs = sorted({int(last) if e == LAST_EPOCH else e for e in asked})
-        paths = {e: Path(out) / WEIGHTS / key / f"epoch_{e}.pt" for e in epochs}
+        paths = {e: weights_path(out, key, e) for e in epochs}
         if all(p.is_file() for p in paths.values()):
             found.append(paths)
     if not found:

@@ -120,22 +120,13 @@ class _FiringRate:
         self.layers = [(name, m) for name, m in model.named_modules() if isinstance(m, LIF)]
         self.sums: list[list[torch.Tensor]] = [[] for _ in self.layers]
         self.handles = [m.register_forward_hook(self._hook(i)) for i, (_, m) in enumerate(self.layers)]
-        self.counting = True
+        self.counting = True  # False: forward passes that are not the evaluation proper (_not_counted)
 
     def _hook(self, i: int):
         def hook(module, inputs, output) -> None:
             if self.counting:
                 self.sums[i].append(output.detach().float().mean())
         return hook
-
-    @contextlib.contextmanager
-    def paused(self):
-        """Forward passes that are not the evaluation proper (shuffled input) leave the rates alone."""
-        self.counting = False
-        try:
-            yield
-        finally:
-            self.counting = True
 
     def close(self) -> tuple[float | None, int]:
         """(the mean rate, how many layer calls it averages)."""
@@ -147,6 +138,18 @@ class _FiringRate:
     def per_layer(self) -> list[tuple[str, float, int]]:
         """(module name, sum of the per-call means, calls) for each LIF layer, in the model's order."""
         return [(name, float(torch.stack(s).sum()) if s else 0.0, len(s)) for (name, _), s in zip(self.layers, self.sums)]
+
+
+@contextlib.contextmanager
+def _not_counted(*counters):
+    """Forward passes that are not the evaluation proper (shuffled input) leave the counters' hooks alone."""
+    for c in counters:
+        c.counting = False
+    try:
+        yield
+    finally:
+        for c in counters:
+            c.counting = True
 
 
 SHUFFLES = 5  # permutations of the input frames in time for the shuffle analysis (event data)
@@ -184,11 +187,9 @@ def evaluate(method, model, loader, device, ranks: Ranks | None = None,
                 correct += (method.infer(model, x).argmax(1) == y).sum()
             if analyses and method.is_sequence(model, x):
                 sequence = True
-                with fr.paused():
-                    ops.counting = False
+                with _not_counted(fr, ops):
                     for k, p in enumerate(perms):
                         shuffled[k] += (method.infer(model, x[p.to(x.device)]).argmax(1) == y).sum()
-                    ops.counting = True
             n += len(y)
     finally:
         rate, layers = fr.close()

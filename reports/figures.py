@@ -378,13 +378,8 @@ def fig_saved_parts(cells: pd.DataFrame, saved: pd.DataFrame, out: Path, name: s
     return fig, paths
 
 
-@figure("layers", section="behaviour")
-def fig_firing_layers(cells: pd.DataFrame, layers: pd.DataFrame, out: Path, name: str = "fig_firing_layers"):
-    """Each spiking layer's firing rate over the evaluation set after training (input to output), one panel per
-    method, one line per T."""
-    f = _details(cells, layers, "train")
-    if f.empty:
-        return None, []
+def _over_per_method(f: pd.DataFrame, x: str, y: str, xlabel: str, ylabel: str, out: Path, name: str):
+    """One panel per method, one line per T: ``y`` (mean over seeds) against ``x`` (integers)."""
     labels = method_order(f["label"])
     colors = _T_colors(f["T"])
     with plt.rc_context(RC):
@@ -392,15 +387,25 @@ def fig_firing_layers(cells: pd.DataFrame, layers: pd.DataFrame, out: Path, name
         for ax, label in zip(axes, labels):
             g = f[f["label"] == label]
             for T in sorted(g["T"].unique()):
-                a = g[g["T"] == T].groupby("layer")["firing_rate"].mean()
+                a = g[g["T"] == T].groupby(x)[y].mean()
                 ax.plot(a.index, a.values, color=colors[int(T)], marker="o", markersize=2.5, label=f"T={int(T)}")
             ax.set_title(label)
-            ax.set_xlabel("spiking layer (input to output)")
+            ax.set_xlabel(xlabel)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        axes[0].set_ylabel("firing rate")
+        axes[0].set_ylabel(ylabel)
         axes[0].legend(frameon=False)
         paths = _save(fig, out, name)
     return fig, paths
+
+
+@figure("layers", section="behaviour")
+def fig_firing_layers(cells: pd.DataFrame, layers: pd.DataFrame, out: Path, name: str = "fig_firing_layers"):
+    """Each spiking layer's firing rate over the evaluation set after training (input to output), one panel per
+    method, one line per T."""
+    f = _details(cells, layers, "train")
+    if f.empty:
+        return None, []
+    return _over_per_method(f, "layer", "firing_rate", "spiking layer (input to output)", "firing rate", out, name)
 
 
 @figure("anytime", section="behaviour")
@@ -413,19 +418,4 @@ def fig_anytime(cells: pd.DataFrame, anytime: pd.DataFrame, out: Path, name: str
     f = f[f["analysis"] == "anytime"]
     if f.empty or f["t"].max() < 2:
         return None, []
-    labels = method_order(f["label"])
-    colors = _T_colors(f["T"])
-    with plt.rc_context(RC):
-        fig, axes = _panels(len(labels))
-        for ax, label in zip(axes, labels):
-            g = f[f["label"] == label]
-            for T in sorted(g["T"].unique()):
-                a = g[g["T"] == T].groupby("t")["acc"].mean()
-                ax.plot(a.index, a.values, color=colors[int(T)], marker="o", markersize=2.5, label=f"T={int(T)}")
-            ax.set_title(label)
-            ax.set_xlabel("steps used at inference t")
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        axes[0].set_ylabel("test accuracy [%]")
-        axes[0].legend(frameon=False)
-        paths = _save(fig, out, name)
-    return fig, paths
+    return _over_per_method(f, "t", "acc", "steps used at inference t", "test accuracy [%]", out, name)

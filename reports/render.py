@@ -125,7 +125,7 @@ def render_report(results: str | Path, out: str | Path | None = None, reference:
             suffix = re.sub(r"[^A-Za-z0-9._-]+", "-", f"_{arch}_{ds}") if multi else ""  # a file name, whatever the names
             title = f"{arch} on {ds}" if arch else ""
             for name, (fn, needs, section) in figures.FIGURES.items():
-                if section == "cost" and (len(ok(sel_trained)) == 1 and combos or ok(sel_trained).empty and combos):
+                if section == "cost" and combos and len(ok(sel_trained)) <= 1:
                     continue  # one cell: a row of the single-cell table, not a figure of single points
                 fig, paths = fn(sel_trained if section == "cost" else sel, *(frames[n] for n in needs), out=out,
                                 name=name + suffix)

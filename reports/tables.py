@@ -261,12 +261,9 @@ def as_html(header: list[str], body: list[list[str]], empty: str) -> str:
     return _html_table(header, body)
 
 
-def _fmt3(vals: pd.Series) -> str:
-    vals = vals.dropna()
-    if vals.empty:
-        return "--"
-    s = f"{vals.mean():.3f}"
-    return s + (f" ± {vals.std():.3f}" if len(vals) > 1 else "")
+def _fmt_values(vals: pd.Series, digits: int = 3) -> str:
+    """``_fmt`` of a series' mean and std (over batches, seeds, permutations)."""
+    return _fmt(vals.mean(), vals.std(), int(vals.notna().sum()), digits)
 
 
 def fidelity_cells(cells: pd.DataFrame, fidelity: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
@@ -292,7 +289,7 @@ def fidelity_cells(cells: pd.DataFrame, fidelity: pd.DataFrame) -> tuple[list[st
             e = g[g["epoch"] == epoch]
             when = "init" if epoch == 0 else f"epoch {int(epoch)}"
             body.append([label, str(ref), arch, ds, when]
-                        + [_fmt3(e[e["T"] == T]["cosine"]) for T in Ts] + [_fmt3(e[e["T"] == T]["norm_ratio"]) for T in Ts])
+                        + [_fmt_values(e[e["T"] == T]["cosine"]) for T in Ts] + [_fmt_values(e[e["T"] == T]["norm_ratio"]) for T in Ts])
     return header, body
 
 
@@ -310,9 +307,8 @@ def shuffle_cells(cells: pd.DataFrame, anytime: pd.DataFrame) -> tuple[list[str]
     order = {m: i for i, m in enumerate(method_order(a["label"]))}
     for (arch, ds, label, T), g in sorted(a.groupby(["arch", "dataset", "label", "T"]),
                                           key=lambda kv: (kv[0][0], kv[0][1], order[kv[0][2]], kv[0][3])):
-        inorder = g.drop_duplicates("key")["acc_top1"]
-        body.append([label, arch, ds, str(int(T)), _fmt(inorder.mean(), inorder.std(), len(inorder)),
-                     _fmt(g["acc"].mean(), g["acc"].std(), len(g)), str(g["permutation"].nunique())])
+        body.append([label, arch, ds, str(int(T)), _fmt_values(g.drop_duplicates("key")["acc_top1"], 2),
+                     _fmt_values(g["acc"], 2), str(g["permutation"].nunique())])
     return header, body
 
 

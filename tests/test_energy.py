@@ -117,7 +117,7 @@ def test_row_columns_from_the_epochs():
     meter = EnergyMeter(counter=lambda: 0.0, power=None, idle_s=0)
     meter.start()
     meter.counter.total = 1.0  # it advanced
-    meter.idle_power_w = 4.0
+    meter._idle = ({"counter": 8.0, "power": None}, 2.0)  # 4 W while idle
     epochs = [{"epoch": 1, "epoch_time_s": 2.0, "steps": 10, "energy_counter_j": 40.0, "energy_power_j": None},
               {"epoch": 2, "epoch_time_s": 3.0, "steps": 20, "energy_counter_j": 80.0, "energy_power_j": None}]
     row = {"energy_null_reason": None}
@@ -129,3 +129,12 @@ def test_row_columns_from_the_epochs():
     row, epochs = {"energy_null_reason": "no RAPL domain"}, [{"epoch": 1, "epoch_time_s": 1.0, "steps": 3}]
     energy_columns(None, row, epochs)
     assert "energy_per_step_j" not in row and epochs[0]["energy_j"] is None
+
+
+def test_idle_power_comes_from_the_source_the_energy_does():
+    """A counter stuck at one value while 150 W are drawn: the idle power is the integrated power's, 150 W, not
+    the stuck counter's 0 W."""
+    meter, _ = nvml_meter(_nvml(counter=lambda h: 42.0, power=lambda h: 150_000.0), "h", idle_s=0.1)
+    meter.start()
+    meter.stop()
+    assert meter.source == "nvml power" and meter.idle_power_w == pytest.approx(150.0, rel=1e-2)
