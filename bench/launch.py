@@ -551,4 +551,5 @@ def prepare_run(grid: str, filters: list[str], sets: list[str], device: str | No
     for ds in sorted({c.dataset for c in cells}):  # missing data: one message before any cell runs
         if dataset_info(ds).folder is not None:
             check_dataset(ds, data_root)
-    return PreparedRun(name, cells, check_out_dir(Path(out) if out else REPO / "results" / name), spec)
+    # absolute: a Slurm task (and a worker) may run in another folder than the one the command was typed in
+    return PreparedRun(name, cells, check_out_dir((Path(out) if out else REPO / "results" / name).absolute()), spec)

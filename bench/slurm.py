@@ -267,7 +267,7 @@ def submit(cells: list[Cell], out: Path, data_root: str | None, settings: SlurmS
             k = settings.cells_per_task
             groups = [mine[i:i + k] for i in range(0, len(mine), k)]
             try:
-                jobs = ex.map_array(SlurmTask(str(out), data_root), [[c.config() for c in g] for g in groups])
+                jobs = ex.map_array(SlurmTask(str(Path(out).absolute()), data_root and str(Path(data_root).absolute())), [[c.config() for c in g] for g in groups])
             except (subprocess.CalledProcessError, submitit.core.utils.FailedJobError) as e:
                 msg = getattr(e, "stderr", None) or getattr(e, "output", None) or str(e)
                 msg = msg.decode(errors="replace") if isinstance(msg, bytes) else str(msg)

@@ -8,10 +8,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def cli(*args, env=None, timeout=300):
-    """run_bench.py in a fresh interpreter, as a user runs it."""
+def cli(*args, env=None, timeout=300, cwd=REPO):
+    """run_bench.py in a fresh interpreter, as a user runs it (from the repository, unless ``cwd`` says where)."""
     return subprocess.run([sys.executable, str(REPO / "run_bench.py"), *args], capture_output=True, text=True,
-                          cwd=REPO, env={**os.environ, **(env or {})}, timeout=timeout)
+                          cwd=cwd, env={**os.environ, **(env or {})}, timeout=timeout)
 
 
 class NoOpOptimizer:

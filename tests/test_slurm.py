@@ -79,10 +79,11 @@ def wait_for(pred, timeout=120, what=""):
 
 def test_job_array_gives_the_rows_of_a_local_run(slurm, tmp_path):
     """4 cells as one array, packed 2 per task (each still in a fresh worker; 2 CPUs per task, as many threads as
-    the local run uses) end with the same accuracy and losses as `run` here; a second run submits nothing."""
+    the local run uses) end with the same accuracy and losses as `run` here; a second run submits nothing. The
+    results folder is given relative to where the command runs, as a user types it: the tasks run elsewhere."""
     g = grid_file(tmp_path, "four", T=[1, 2], epochs=2, methods=("bptt_m", "rate_m"), slurm="cells_per_task = 2\n")
     t0 = time.perf_counter()
-    r = cli("run", str(g), "--slurm", "--out", str(tmp_path / "slurm"), "--poll-s", "1", env=slurm, timeout=600)
+    r = cli("run", str(g), "--slurm", "--out", "slurm", "--poll-s", "1", env=slurm, timeout=600, cwd=tmp_path)
     print(f"4-cell array: {time.perf_counter() - t0:.1f} s")
     assert r.returncode == 0, r.stderr
     assert "submitted 4 cell(s) as 2 Slurm task(s)" in r.stderr
