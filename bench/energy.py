@@ -16,6 +16,15 @@ Sources, best first:
 - ``rapl``: the CPU packages' ``/sys/class/powercap/intel-rapl:<n>/energy_uj``, each with its
   ``max_energy_range_uj`` wraparound; unreadable on most VMs (this project's CI machine included), and then
   energy is null with that reason, never a zero.
+
+``meter.trace()`` is the power over the cell for the memory-over-time figure: the power readings where there are
+any, else the counter read every ``TRACE_INTERVAL_S`` and differenced; a bounded series (``BoundedSeries``), so a
+cell of hours keeps a few thousand points.
+
+The readings are taken in the training process, by a thread: NVML's calls release the GIL while they wait on the
+driver, and the boundary reads of the counter are one call each after the step's synchronisation, so the counter
+and the steps it brackets are read in the same order in one process (a separate process would add its own
+message latency to each boundary).
 """
 
 from __future__ import annotations
@@ -24,8 +33,11 @@ import threading
 import time
 from pathlib import Path
 
+from .sampler import BoundedSeries
+
 RAPL_ROOT = Path("/sys/class/powercap")
 POWER_INTERVAL_S = 0.02
+TRACE_INTERVAL_S = 0.1
 IDLE_S = 0.5
 
 
@@ -36,62 +48,87 @@ class _Counter:
         self._read, self.wrap_j = read, wrap_j
         self.last = read()
         self.total = 0.0
+        self._lock = threading.Lock()  # read at the boundaries and by the trace thread
 
     def __call__(self) -> float:
-        now = self._read()
-        delta = now - self.last
-        if delta < 0 and self.wrap_j:
-            delta += self.wrap_j
-        self.total += max(delta, 0.0)
-        self.last = now
-        return self.total
-
-
-class _PowerIntegral:
-    """Power readings (watts) every ``interval`` s in a thread, integrated over time."""
-
-    def __init__(self, read_w, interval: float = POWER_INTERVAL_S, clock=time.perf_counter) -> None:
-        self.read_w, self.interval, self.clock = read_w, interval, clock
-        self.samples: list[tuple[float, float]] = []
-        self.energy, self._stop = 0.0, threading.Event()
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-
-    def sample(self) -> None:
-        t, w = self.clock(), self.read_w()
         with self._lock:
-            if self.samples:
-                t0, w0 = self.samples[-1]
-                self.energy += (t - t0) * (w + w0) / 2
-            self.samples.append((t, w))
+            now = self._read()
+            delta = now - self.last
+            if delta < 0 and self.wrap_j:
+                delta += self.wrap_j
+            self.total += max(delta, 0.0)
+            self.last = now
+            return self.total
 
-    def start(self) -> None:
-        self.sample()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+
+class _Poll:
+    """Calls ``fn`` every ``interval`` s in a daemon thread until stopped; a call that raises ends the polling."""
+
+    def __init__(self, fn, interval: float) -> None:
+        self.fn, self.interval = fn, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="snnbench-energy", daemon=True)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                self.sample()
-            except Exception:  # a reading that fails ends the series; what was integrated stands
+                self.fn()
+            except Exception:  # a reading that fails ends the series; what was read stands
                 return
+
+    def start(self) -> "_Poll":
+        self._thread.start()
+        return self
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread is not None:
+        if self._thread.is_alive():
             self._thread.join()
+
+
+class _CounterWatts:
+    """The power an energy counter implies: its joules differenced between readings, as (t, W) in a bounded
+    series (the trace of a counter-only source such as RAPL)."""
+
+    def __init__(self, counter: _Counter, clock=time.perf_counter) -> None:
+        self.counter, self.clock = counter, clock
+        self.series = BoundedSeries(dt=TRACE_INTERVAL_S)
+        self._last = (clock(), counter())
+
+    def sample(self) -> None:
+        t, j = self.clock(), self.counter()
+        t0, j0 = self._last
+        if t > t0:
+            self.series.add((t0 + t) / 2, (j - j0) / (t - t0))
+        self._last = (t, j)
+
+
+class _PowerIntegral:
+    """Power readings (watts), integrated over time (trapezoids); the readings also go to a bounded series, the
+    trace. ``sample()`` takes one; ``EnergyMeter`` polls it every ``POWER_INTERVAL_S``."""
+
+    def __init__(self, read_w, clock=time.perf_counter) -> None:
+        self.read_w, self.clock = read_w, clock
+        self.series = BoundedSeries(dt=POWER_INTERVAL_S)
+        self.energy = 0.0
+        self._last: tuple[float, float] | None = None
+        self._lock = threading.Lock()
+
+    def sample(self) -> None:
+        t, w = self.clock(), self.read_w()
+        with self._lock:
+            if self._last is not None:
+                t0, w0 = self._last
+                self.energy += (t - t0) * (w + w0) / 2
+            self._last = (t, w)
+            self.series.add(t, w)
 
     def __call__(self) -> float:
         with self._lock:
-            if not self.samples:
+            if self._last is None:
                 return 0.0
-            t0, w0 = self.samples[-1]
+            t0, w0 = self._last
             return self.energy + (self.clock() - t0) * w0
-
-    def mean_w(self, since: float = 0.0) -> float | None:
-        ws = [w for t, w in self.samples if t >= since]
-        return sum(ws) / len(ws) if ws else None
 
 
 class EnergyMeter:
@@ -103,6 +140,8 @@ class EnergyMeter:
         self.counter_name, self.power_name, self.clock, self.idle_s = counter_name, power_name, clock, idle_s
         self.counter: _Counter | None = None
         self.power: _PowerIntegral | None = None
+        self._watts: _CounterWatts | None = None  # the trace of a counter-only meter
+        self._polls: list[_Poll] = []
         self._idle: tuple[dict, float] | None = None  # both sources over the idle wait, and its seconds
 
     def start(self) -> None:
@@ -110,7 +149,11 @@ class EnergyMeter:
             self.counter = _Counter(self._counter_read)
         if self._power_read is not None:
             self.power = _PowerIntegral(self._power_read, clock=self.clock)
-            self.power.start()
+            self.power.sample()
+            self._polls.append(_Poll(self.power.sample, POWER_INTERVAL_S).start())
+        elif self.counter is not None:
+            self._watts = _CounterWatts(self.counter, clock=self.clock)
+            self._polls.append(_Poll(self._watts.sample, TRACE_INTERVAL_S).start())
         self._base_counter = self.counter() if self.counter else 0.0
         self._base_power = self.power() if self.power else 0.0
         if self.idle_s:  # idle: before the cell allocates or computes anything
@@ -142,8 +185,14 @@ class EnergyMeter:
                 self.power() - self._base_power if self.power else None)
 
     def stop(self) -> None:
-        if self.power is not None:
-            self.power.stop()
+        for p in self._polls:
+            p.stop()
+
+    def trace(self) -> list[tuple[float, float]]:
+        """(clock time, watts) over the cell: the power readings, else the counter's differences (module
+        docstring)."""
+        series = self.power.series if self.power is not None else self._watts.series if self._watts else None
+        return series.points() if series is not None else []
 
 
 class Span:

@@ -313,6 +313,8 @@ def run_cell(cell: Cell, data_root: str | None = None, progress: Progress | None
     samples = [{"source": "rss", "t_s": t, "mib": v / MIB} for t, v in rss.samples]
     if nvml_sampler:
         samples += [{"source": "nvml", "t_s": t, "mib": (v - nvml_sampler.baseline) / MIB} for t, v in nvml_sampler.samples]
+    if window.energy is not None:  # power over the cell (watts; the energy meter's clock is perf_counter too)
+        samples += [{"source": "power", "t_s": t - rss.started_at, "w": w} for t, w in window.energy.trace()]
     samples = attempt.merge_earlier(row, samples)
     ckpt = attempt.checkpoint
     if ckpt is not None and ckpt.write_s:

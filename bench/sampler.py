@@ -106,6 +106,11 @@ class Sampler(PeakReadings):
         """(seconds since start, bytes)"""
         return self.series.points()
 
+    @property
+    def started_at(self) -> float:
+        """``time.perf_counter()`` when it started: the origin of ``samples``' times."""
+        return self._t0
+
     def _take(self) -> None:
         v = self.read()
         if v is None:

@@ -185,7 +185,8 @@ def _details(cells: pd.DataFrame, frame: pd.DataFrame, kind: str | None = None) 
 def fig_memory_time(cells: pd.DataFrame, samples: pd.DataFrame, out: Path, keys: list[str] | None = None,
                     name: str = "fig_memory_time"):
     """Memory over time of chosen cells (default: each method's largest-T cell), NVML if sampled, else RSS: one
-    small panel per method, each on its own time axis (a 15 s cell is not a sliver beside a 150 s one)."""
+    small panel per method, each on its own time axis (a 15 s cell is not a sliver beside a 150 s one). Where the
+    cells' power was read (``source == "power"``), a second row of panels below shows it on the same time axes."""
     d = with_labels(ok(cells))
     with plt.rc_context(RC):
         if samples.empty or d.empty:
@@ -197,15 +198,51 @@ def fig_memory_time(cells: pd.DataFrame, samples: pd.DataFrame, out: Path, keys:
             keys = [g.sort_values(["T", "seed"]).iloc[-1]["key"] for _, g in d.groupby("label")]
         chosen = d[d["key"].isin(keys)]
         labels = method_order(chosen["label"])
-        fig, axes = _panels(len(labels), sharey=True)
-        for ax, label in zip(axes, labels):
+        power = samples[(samples["source"] == "power") & samples["key"].isin(chosen["key"])]
+        n = len(labels)
+        if power.empty:
+            fig, axes = _panels(n, sharey=True)
+            mem_axes, power_axes = axes, [None] * n
+        else:  # memory above, power below, per method (at most 4 a row); a method's two panels share the time axis
+            ncols = min(n, 4)
+            blocks = -(-n // ncols)
+            fig, grid = plt.subplots(2 * blocks, ncols, figsize=(FULL_WIDTH, 3.4 * blocks + 0.2), squeeze=False,
+                                     constrained_layout=True)
+            mem_axes = [grid[2 * (i // ncols)][i % ncols] for i in range(n)]
+            power_axes = [grid[2 * (i // ncols) + 1][i % ncols] for i in range(n)]
+            for i in range(n, blocks * ncols):
+                grid[2 * (i // ncols)][i % ncols].set_visible(False)
+                grid[2 * (i // ncols) + 1][i % ncols].set_visible(False)
+            for ax, pax in zip(mem_axes, power_axes):
+                if ax is not mem_axes[0]:
+                    ax.sharey(mem_axes[0])
+                    pax.sharey(power_axes[0])
+                pax.sharex(ax)
+                ax.tick_params(labelbottom=False)
+            for i in range(n):
+                if i % ncols:
+                    mem_axes[i].tick_params(labelleft=False)
+                    power_axes[i].tick_params(labelleft=False)
+        for ax, pax, label in zip(mem_axes, power_axes, labels):
             row = chosen[chosen["label"] == label].iloc[0]
             s = samples[(samples["key"] == row["key"]) & (samples["source"] == source)].sort_values("t_s")
             c, _, ls = style(label)
             ax.plot(s["t_s"], s["mib"], color=c, linestyle=ls, label=f"{label} T={row['T']}")
             ax.set_title(f"{label}, T={row['T']}")
-            ax.set_xlabel("time since cell start [s]")
-        axes[0].set_ylabel(("GPU memory above baseline, NVML" if source == "nvml" else "resident memory, RSS") + " [MiB]")
+            if pax is None:
+                ax.set_xlabel("time since cell start [s]")
+                continue
+            p = power[power["key"] == row["key"]].sort_values("t_s")
+            if p.empty:  # (not _missing: its cleared ticks would clear the shared time axis of the memory panel)
+                pax.text(0.5, 0.5, "no power readings", ha="center", va="center", transform=pax.transAxes,
+                         fontsize=7, color="0.35")
+            pax.plot(p["t_s"], p["w"], color=c, linestyle=ls, label=f"{label} T={row['T']} power")
+            pax.set_xlabel("time since cell start [s]")
+        mem_axes[0].set_ylabel(("GPU memory above baseline, NVML" if source == "nvml" else "resident memory, RSS")
+                               + " [MiB]")
+        if power_axes[0] is not None:
+            sources = ", ".join(sorted(set(chosen["energy_source"].dropna()))) if "energy_source" in chosen else ""
+            power_axes[0].set_ylabel("power [W]" + (f"\n({sources})" if sources else ""))
         paths = _save(fig, out, name)
     return fig, paths
 

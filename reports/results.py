@@ -4,7 +4,7 @@ One torch-free module, imported by bench/ to write rows and by reports/ to read 
 
     results/<grid>/cells/<key>.parquet     one row per cell: config, status, measurements, environment
     results/<grid>/epochs/<key>.parquet    one row per epoch (train cells)
-    results/<grid>/samples/<key>.parquet   memory over time (RSS, NVML)
+    results/<grid>/samples/<key>.parquet   memory over time (RSS, NVML; mib) and power (w), by source
     results/<grid>/<detail>/<key>.parquet  a cell's analyses (DETAILS): gradient fidelity per layer, firing rate
                                            per layer, any-time and shuffled-input accuracy, saved bytes by part
     results/<grid>/manifest.json           the cells runs into this folder asked for, and the code fingerprint
@@ -185,7 +185,7 @@ CONFIG_NUMERIC = ("T", "seed", "batch_size", "eval_batch_size", "epochs", "warmu
 NUMERIC: dict[str, tuple[str, ...]] = {
     "cells": CONFIG_NUMERIC + MEASURE_COLUMNS + ("schema_version",),
     "epochs": ("epoch", "train_loss", "test_acc", "epoch_time_s", "lr", "firing_rate_mean", "steps", "energy_j"),
-    "samples": ("t_s", "mib"),
+    "samples": ("t_s", "mib", "w"),
     "fidelity": ("epoch", "batch", "layer", "numel", "cosine", "norm_ratio"),
     "layers": ("layer", "firing_rate"),
     "anytime": ("t", "permutation", "acc"),

@@ -27,7 +27,50 @@ def test_power_integral_is_the_trapezoid_sum_held_to_now():
     # (2 s at 10->30: 40 J) + (1 s at 30: 30 J) + (4 s at 30->0: 60 J), then 0 W held for 5 s
     clock.t += 5.0
     assert p() == pytest.approx(130.0)
-    assert p.mean_w() == pytest.approx(17.5)
+    assert p.series.points() == [(100.0, 10.0), (102.0, 30.0), (103.0, 30.0), (107.0, 0.0)]
+
+
+def test_trace_is_the_power_readings_or_the_counter_differenced():
+    """With power readings, the trace is those readings; a counter-only meter (RAPL) gives the counter's joules
+    over each interval divided by its seconds, at the interval's middle."""
+    clock, watts = FakeClock(), iter([50.0, 70.0, 90.0])
+    meter = EnergyMeter(power=lambda: next(watts), clock=clock, idle_s=0)
+    meter.start()
+    for _ in range(2):
+        clock.t += 1.0
+        meter.power.sample()
+    meter.stop()
+    assert meter.trace() == [(100.0, 50.0), (101.0, 70.0), (102.0, 90.0)]
+    clock, joules = FakeClock(), {"v": 0.0}
+    meter = EnergyMeter(counter=lambda: joules["v"], clock=clock, idle_s=0)
+    meter.start()
+    for dt, dj in ((0.5, 10.0), (2.0, 30.0)):
+        clock.t += dt
+        joules["v"] += dj
+        meter._watts.sample()
+    meter.stop()
+    assert meter.trace() == [(100.25, 20.0), (101.5, 15.0)]
+    assert EnergyMeter(counter=None, power=None, idle_s=0).trace() == []
+
+
+def test_a_cell_stores_its_power_trace_beside_its_memory(tmp_path, monkeypatch):
+    """A real train cell with a stand-in NVML power reading of 123 W: its samples hold power rows of 123 W on the
+    time axis of its RSS samples, and its energy is integrated from them."""
+    from bench import runner
+    from bench.grid import Cell
+    from reports.results import load_results, write_cell
+
+    monkeypatch.setattr(runner, "energy_meter", lambda device, nvml: nvml_meter(_nvml(power=lambda h: 123_000.0),
+                                                                                  "h", idle_s=0.05))
+    cell = Cell(method="bptt_m", arch="cnn_digits", dataset="digits", T=2, epochs=1, batch_size=64, train_subset=256)
+    res = runner.run_cell(cell)
+    assert res.status == "ok", res.row["error"]
+    write_cell(tmp_path, cell.key, res.row, res.epochs, res.samples)
+    s = load_results(tmp_path, "samples")
+    power, rss = s[s["source"] == "power"], s[s["source"] == "rss"]
+    assert len(power) >= 3 and (power["w"] == 123.0).all() and power["mib"].isna().all()
+    assert 0 <= power["t_s"].min() and power["t_s"].max() <= rss["t_s"].max() + 0.5
+    assert res.row["energy_source"] == "nvml power" and res.row["power_mean_w"] == pytest.approx(123.0, rel=0.02)
 
 
 def _nvml(counter=None, power=None):

@@ -370,6 +370,32 @@ def test_memory_over_time_has_a_panel_and_a_time_axis_per_method(tmp_path):
     assert max(axes["rate_m, T=4"].lines[0].get_xdata()) == 150.0 and max(axes["bptt_m, T=4"].lines[0].get_xdata()) == 0.4
 
 
+def test_memory_over_time_shows_power_below_memory_where_read(tmp_path):
+    """Power readings stored beside the memory samples give each method a power panel under its memory panel,
+    on the same time axis; the values drawn are the stored watts."""
+    from reports.figures import fig_memory_time
+    from reports.results import load_results
+
+    root = tmp_path / "res"
+    make_results(root, seeds=(0,), failed=False)
+    cells = load_results(root)
+    watts = {}
+    for i, (key, row) in enumerate(cells[cells["T"] == 4].set_index("key").iterrows()):
+        watts[row["method"]] = [100.0 + 10 * i + t for t in range(5)]
+        samples = ([{"source": "rss", "t_s": float(t), "mib": 500.0 + t} for t in range(5)]
+                   + [{"source": "power", "t_s": float(t) + 0.5, "w": w} for t, w in enumerate(watts[row["method"]])])
+        write_cell(root, key, {**row.to_dict(), "key": key, "energy_source": "nvml power"}, None, samples)
+    fig, _ = fig_memory_time(load_results(root), load_results(root, "samples"), tmp_path)
+    memory = {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
+    assert set(memory) == {f"{m}, T=4" for m in METHODS}
+    power = [ax for ax in fig.axes if ax.lines and ax.lines[0].get_label().endswith("power")]
+    assert len(power) == len(METHODS) and "power [W]" in power[0].get_ylabel() + "".join(a.get_ylabel() for a in power)
+    for ax in power:
+        method = ax.lines[0].get_label().split()[0]
+        assert list(ax.lines[0].get_ydata()) == watts[method]
+        assert ax.get_shared_x_axes().joined(ax, memory[f"{method}, T=4"])
+
+
 def test_a_combination_with_one_cell_is_a_table_row_not_a_figure(tmp_path):
     """hm2bp on its own MLP is one cell in the default grid: the report gives it a row of the single-cell table and
     draws no cost figures of single points for it; the other combination keeps its figures."""
