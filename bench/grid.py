@@ -339,8 +339,10 @@ def validate(cell: Cell) -> None:
         raise UsageError(f"optimizer must be 'sgd' or 'adam', got {cell.optimizer!r}")
     if cell.schedule not in ("cosine", "constant", "invsqrt"):
         raise UsageError(f"schedule must be 'cosine', 'constant' or 'invsqrt', got {cell.schedule!r}")
-    if cell.precision not in ("fp32",):
-        raise UsageError(f"precision must be 'fp32' (the only one implemented), got {cell.precision!r}")
+    from methods.layers import PRECISIONS
+
+    if cell.precision not in PRECISIONS:
+        raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}, got {cell.precision!r}")
     if not (cell.device == "cpu" or cell.device.startswith("cuda")):
         raise UsageError(f"device must be 'cpu' or 'cuda[:N]', got {cell.device!r}")
     method = METHODS[cell.method]
@@ -355,6 +357,11 @@ def validate(cell: Cell) -> None:
         _validate_fidelity(cell, m)
     if cell.backend != "torch":
         _validate_backend(cell, m)
+    if cell.precision != "fp32":
+        if m.bf16 is not None:
+            raise UsageError(f"{cell.label}: {cell.method} cannot run in {cell.precision}: {m.bf16}")
+        if cell.kind == "fidelity":
+            raise UsageError(f"{cell.label}: a fidelity cell compares gradients in fp32; precision must be 'fp32'")
     valid_opts = arch_options(cell.arch)
     unknown = sorted(set(cell.arch_options) - set(valid_opts))
     if unknown:

@@ -18,7 +18,7 @@ import torch
 
 from methods import METHODS, MethodConfig
 from methods.distributed import data_parallel
-from methods.layers import LIF, count_parameters, set_backend
+from methods.layers import LIF, count_parameters, set_backend, set_precision
 
 from reports.results import MEASURE_COLUMNS, summarise
 
@@ -574,6 +574,7 @@ def _train_or_profile(cell: Cell, device: torch.device, data_root, row: dict, ep
                          **cell.arch_options).to(device)
     row["num_params"] = count_parameters(model)
     set_backend(model, cell.backend)
+    set_precision(model, cell.precision, device.type)
     opt = make_optimizer(cell, model)
     if ranks is not None:
         if method.data_parallel is not None:

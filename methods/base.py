@@ -70,6 +70,7 @@ class Method:
     event_encoding = "frames"  # how event datasets reach this method: "frames" (event counts) or "spikes" (binary bins)
     data_parallel: str | None = None  # why the method cannot run data parallel (methods/distributed.py); None: it can
     multi_step = False  # trains with the multi-step LIF modes, which a fused backend replaces (methods.layers.set_backend)
+    bf16: str | None = None  # why the method cannot run its convs and linears in bf16 (methods.layers.set_precision)
     # gradient fidelity (methods/fidelity.py): the BPTT whose gradient this method's approximates (bptt_m for a
     # multi-step method, bptt_s for one that runs the model one step per call: the same BN statistics); None: none
     fidelity_reference: str | None = "bptt_m"

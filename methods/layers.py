@@ -29,7 +29,7 @@ from torch import nn
 
 from .neuron import NeuronConfig, charge, dv_dh, lif_step, reset
 
-__all__ = ["BACKENDS", "set_backend", "LIF", "BatchNorm", "SpikingModule", "configure", "reset_state", "spiking_modules", "RateNode", "RateBatchNorm"]
+__all__ = ["BACKENDS", "PRECISIONS", "set_backend", "set_precision", "LIF", "BatchNorm", "SpikingModule", "configure", "reset_state", "spiking_modules", "RateNode", "RateBatchNorm"]
 
 
 class SpikingModule(nn.Module):
@@ -225,6 +225,31 @@ def set_backend(model: nn.Module, backend: str) -> None:
     for m in model.modules():
         if isinstance(m, LIF):
             m.backend = backend
+
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def set_precision(model: nn.Module, precision: str, device_type: str) -> None:
+    """Run every conv and linear layer of ``model`` in ``precision``: for "bf16", each layer's forward (whatever a
+    method installed there, OTTT's traced forward included) runs under ``torch.autocast(bfloat16)`` and its output
+    comes back as float32, so batch norm, the membrane and everything after the layer stay in float32. The layer
+    computes and saves its input and weight in bfloat16 (spikes, 0 or 1, are exact in it); its weight stays a
+    float32 parameter and the optimizer updates that. "fp32" changes nothing."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            m.forward = _autocast_forward(m.forward, device_type)
+
+
+def _autocast_forward(forward, device_type: str):
+    def run(x):
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            return forward(x).float()
+    return run
 
 
 LIF.MODES.update(

@@ -130,21 +130,30 @@ class SLTTK(OnlineBase):
 
 class _TraceGrad(torch.autograd.Function):
     """op(x) in the forward; in the backward the weight gradient uses the presynaptic trace instead of x.
-    Saves the trace (one input-sized tensor) and, for the input gradient, nothing else but the weight."""
+    Saves the trace (one input-sized tensor) and, for the input gradient, nothing else but the weight. Under
+    autocast (precision bf16) it computes and saves in autocast's dtype, as autocast's own conv would, and returns
+    each gradient in its input's dtype."""
 
     @staticmethod
     def forward(ctx, x, trace, weight, bias, conv):  # type: ignore[override]
+        dev = x.device.type
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
         ctx.conv = conv
         ctx.input_shape = x.shape
-        ctx.save_for_backward(trace, weight)
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        x, trace, w = x.to(dt), trace.to(dt), weight.to(dt)
+        bias = None if bias is None else bias.to(dt)
+        ctx.save_for_backward(trace, w)
         ctx.has_bias = bias is not None
-        if conv is None:
-            return F.linear(x, weight, bias)
-        return F.conv2d(x, weight, bias, conv["stride"], conv["padding"], conv["dilation"], conv["groups"])
+        with torch.autocast(dev, enabled=False):
+            if conv is None:
+                return F.linear(x, w, bias)
+            return F.conv2d(x, w, bias, conv["stride"], conv["padding"], conv["dilation"], conv["groups"])
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         trace, weight = ctx.saved_tensors
+        grad = grad.to(weight.dtype)
         conv = ctx.conv
         if conv is None:
             g_x = grad @ weight if ctx.needs_input_grad[0] else None
@@ -155,7 +164,9 @@ class _TraceGrad(torch.autograd.Function):
             g_x = conv2d_input(ctx.input_shape, weight, grad, **kw) if ctx.needs_input_grad[0] else None
             g_w = conv2d_weight(trace, weight.shape, grad, **kw)
             g_b = grad.sum((0, 2, 3)) if ctx.has_bias else None
-        return g_x, None, g_w, g_b, None
+        x_dt, w_dt, b_dt = ctx.dtypes
+        return (None if g_x is None else g_x.to(x_dt), None, g_w.to(w_dt),
+                None if g_b is None else g_b.to(b_dt), None)
 
 
 def _traced_forward(self, x):

@@ -45,7 +45,7 @@ def method_order(methods) -> list[str]:
 
 
 def with_labels(df: pd.DataFrame) -> pd.DataFrame:
-    """Adds ``label``: the method name, with its non-default options in brackets."""
+    """Adds ``label``: the method name, with its non-default options (backend, precision) in brackets."""
     if df.empty:
         return df.assign(label=pd.Series(dtype=str))
     opts = df.apply(method_options_label, axis=1) if "method_options" in df else ""

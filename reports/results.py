@@ -535,14 +535,19 @@ def lock_holder_alive(holder: dict | None) -> bool:
 
 
 def method_options_label(row: pd.Series) -> str:
+    """The non-default method options, and a non-default backend or precision, as ``k=v,k=v``."""
     opts = row.get("method_options")
     try:
         d = json.loads(opts) if isinstance(opts, str) else (opts or {})
     except ValueError:
         d = {}
     if not isinstance(d, dict):
-        return ""
-    return ",".join(f"{k}={v}" for k, v in sorted(d.items()) if v is not False and v is not None)  # 0.0 is not False
+        d = {}
+    label = ",".join(f"{k}={v}" for k, v in sorted(d.items()) if v is not False and v is not None)  # 0.0 is not False
+    # how the method ran, where not the default: a fused backend or bf16 is a different curve, never averaged in
+    ran = [f"{k}={row.get(k)}" for k, default in (("backend", "torch"), ("precision", "fp32"))
+           if isinstance(row.get(k), str) and row.get(k) != default]
+    return ",".join([label] * bool(label) + ran)
 
 
 __all__ = ["CONTENTION_LIMIT", "FolderBusy", "FolderLock", "KINDS", "MEASURE_COLUMNS", "METRIC", "METRICS", "Metric", "ResultsFileProblem", "SERIES", "summarise",
