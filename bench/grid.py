@@ -383,9 +383,8 @@ def _validate_backend(cell: Cell, method) -> None:
 
     if cell.backend not in BACKENDS:
         raise UsageError(f"backend must be one of {', '.join(BACKENDS)}, got {cell.backend!r}")
-    if not method.multi_step:
-        raise UsageError(f"{cell.label}: {cell.method} trains its neurons one step per call (or without LIF layers); "
-                         f"backend {cell.backend!r} fuses the multi-step loops (bptt_m, rate_m): use backend \"torch\"")
+    if method.torch_only is not None:
+        raise UsageError(f"{cell.label}: {cell.method} runs on backend \"torch\" only: {method.torch_only}")
     if cell.backend == "triton":
         import importlib.util
 

@@ -2,7 +2,7 @@
 
     python benchmarks/backends.py neuron --device cuda                 # LIF forward+backward, 64x64x32x32 neurons,
                                                                        # T 4,8,16,32: time and bandwidth vs peak
-    python benchmarks/backends.py step --device cuda                   # resnet18, batch 128, T 1,4,8, bptt_m/rate_m
+    python benchmarks/backends.py step --device cuda                   # resnet18, batch 128, T 1,4,8, every method
     python benchmarks/backends.py step --device cpu --arch cnn_digits --batch 32 --backends torch,compile
 
 ``neuron``: one multi-step LIF layer (the rbp preset), forward and backward of ``[T, 64, 64, 32, 32]``. The bytes
@@ -12,7 +12,8 @@ the device's peak (NVML: memory clock x bus width x 2). With ``--spikingjelly`` 
 ``pip install -e ".[sj]"``), SpikingJelly's multi-step LIFNode with its torch, cupy and triton backends where
 they load, in the same rounds.
 
-``step``: one training step of each method (``Method.train_step``, SGD) with each backend, a fresh model per
+``step``: one training step of each method (``Method.train_step``, SGD; by default every method whose neurons the
+fused backends run, i.e. all but those with ``Method.torch_only``) with each backend, a fresh model per
 backend from the same seed; each round runs every backend once (the order rotates), ``--rounds`` rounds after
 ``--warmup``; prints the median step time and its ratio to the torch backend's.
 
@@ -186,7 +187,7 @@ def main(argv=None) -> int:
     s.add_argument("--T", default="1,4,8")
     s.add_argument("--arch", default="resnet18")
     s.add_argument("--batch", type=int, default=128)
-    s.add_argument("--methods", default="bptt_m,rate_m")
+    s.add_argument("--methods", default="all", help="comma-separated, or 'all': every method the backends run")
     a = p.parse_args(argv)
     a.T = [int(t) for t in a.T.split(",")]
     a.backends = [b for b in a.backends.split(",") if b]
@@ -194,6 +195,15 @@ def main(argv=None) -> int:
         a.methods = [m for m in a.methods.split(",") if m]
     if not a.device.startswith("cuda"):
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before methods.triton_lif is imported
+    if a.cmd == "step":
+        from methods import METHODS
+
+        if a.methods == ["all"]:
+            a.methods = [n for n in sorted(METHODS) if METHODS[n].torch_only is None]
+        bad = [n for n in a.methods if n not in METHODS or METHODS[n].torch_only is not None]
+        if bad:
+            print(f"error: --methods {','.join(bad)}: unknown, or run on the torch backend only", file=sys.stderr)
+            return 2
     import torch
 
     if a.device.startswith("cuda") and not torch.cuda.is_available():

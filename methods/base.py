@@ -69,7 +69,8 @@ class Method:
     faster_than: str | None = None  # a method whose training step this one's beats at the largest T both ran
     event_encoding = "frames"  # how event datasets reach this method: "frames" (event counts) or "spikes" (binary bins)
     data_parallel: str | None = None  # why the method cannot run data parallel (methods/distributed.py); None: it can
-    multi_step = False  # trains with the multi-step LIF modes, which a fused backend replaces (methods.layers.set_backend)
+    # why the method's neurons run on the torch ops only (None: every backend of methods.layers.set_backend runs them)
+    torch_only: str | None = None
     bf16: str | None = None  # why the method cannot run its convs and linears in bf16 (methods.layers.set_precision)
     # gradient fidelity (methods/fidelity.py): the BPTT whose gradient this method's approximates (bptt_m for a
     # multi-step method, bptt_s for one that runs the model one step per call: the same BN statistics); None: none

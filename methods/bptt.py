@@ -16,7 +16,6 @@ from .layers import configure, reset_state
 class BPTTMulti(Method):
     name = "bptt_m"
     memory_in_T = "linear"  # the whole graph over T
-    multi_step = True
     def train_step(self, model, x, y, optimizer, probe=NULL_PROBE) -> StepOutput:
         with probe.phase("forward"):
             configure(model, "multi", self.T)

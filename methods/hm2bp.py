@@ -184,6 +184,7 @@ class HM2BP(Method):
     """HM2-BP on ``hm2_mlp`` / ``hm2_cnn``; any batch size (1 reproduces the paper)."""
 
     name = "hm2bp"
+    torch_only = "it has no LIF layers: its neurons are simulated inside its own model"
     bf16 = "its gradients are computed by hand from float32 activations, outside autograd and autocast"
     OPTIONS: dict = {}
     event_encoding = "spikes"

@@ -81,10 +81,10 @@ class RateNode(torch.autograd.Function):
 class LIF(SpikingModule):
     """A layer of LIF neurons (methods/neuron.py) driven by the current mode.
 
-    ``backend`` (``set_backend``) picks how the multi-step modes run their loop over T: "torch" (a Python loop of
-    elementwise ops, the reference), "triton" (methods/triton_lif.py: one fused kernel each for BPTT's forward and
-    backward and for rate-BP's spike pass) or "compile" (the same Python loop through torch.compile). The
-    single-step modes (one call per step) always run the torch ops."""
+    ``backend`` (``set_backend``) picks how the modes run: "torch" (Python loops of elementwise ops, the
+    reference), "triton" (methods/triton_lif.py: one fused kernel each for BPTT's multi-step forward and backward,
+    for rate-BP's spike pass, and for one step of the single-step modes, forward and backward) or "compile" (the
+    same torch code through torch.compile)."""
 
     MODES: dict[str, Callable] = {}
     backend = "torch"
@@ -128,18 +128,27 @@ class LIF(SpikingModule):
         return _multi_loop(xs, self.neuron).view_as(x)
 
     def _single(self, x: torch.Tensor) -> torch.Tensor:
-        s, self.v = lif_step(self.v, x, self.neuron)
+        s, self.v = self.step(self.v, x)
         return s
+
+    def step(self, v: torch.Tensor | None, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One differentiable LIF step (``lif_step``) on this layer's backend: (S_t, V_t)."""
+        if self.backend == "triton":
+            from .triton_lif import TritonLIFStep
+
+            return TritonLIFStep.apply(x, v, self.neuron)
+        if self.backend == "compile":
+            return _compiled("step")(v, x, self.neuron)
+        return lif_step(v, x, self.neuron)
 
     # ---- rate-BP spike pass (no autograd)
     @torch.no_grad()
-    def _record_step(self, v: torch.Tensor | None, x: torch.Tensor, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One spike-pass step: fire, accumulate rate and eligibility, update rho. Returns (spike, V)."""
+    def _record_step(self, v: torch.Tensor | None, x: torch.Tensor, out: torch.Tensor | None = None,
+                     fire: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One spike-pass step: fire (``_fire``, or a compiled one), accumulate rate and eligibility, update rho.
+        Returns (spike, V)."""
         cfg = self.neuron
-        h = charge(v, x, cfg)
-        z = h - cfg.threshold
-        s = (z >= 0).to(x.dtype) if out is None else out.copy_(z >= 0)
-        sg = cfg.spike_fn.derivative(z, cfg.alpha)
+        s, sg, kappa, v_new = (fire or _fire)(v, x, cfg, out)
         rho = self.rho
         if self.elig_sum is None:
             self.elig_sum = sg * rho
@@ -150,14 +159,13 @@ class LIF(SpikingModule):
             else:
                 self.elig_sum.add_(sg, alpha=rho)
             self.rate_sum.add_(s)
-        kappa = dv_dh(h, s, sg, cfg)
         # rho_{t+1} = 1 + rho_t * lambda * dV_t/dH_t
         if isinstance(kappa, float) and not isinstance(rho, torch.Tensor):
             self.rho = 1.0 + rho * cfg.decay * kappa
         else:
             self.rho = 1.0 + (rho * cfg.decay) * kappa
         self.steps += 1
-        return s, reset(h, s, cfg)
+        return s, v_new
 
     def _spike_multi(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == "triton":
@@ -184,7 +192,17 @@ class LIF(SpikingModule):
         return out.view_as(x)
 
     def _spike_single(self, x: torch.Tensor) -> torch.Tensor:
-        s, self.v = self._record_step(self.v, x)
+        if self.backend == "triton":
+            from .triton_lif import rate_spike_step
+
+            with torch.no_grad():
+                first = self.steps == 0
+                s, self.v, self.rho, self.rate_sum, self.elig_sum = rate_spike_step(
+                    x, None if first else self.v, None if first else self.rho, self.rate_sum, self.elig_sum,
+                    self.neuron)
+            self.steps += 1
+            return s
+        s, self.v = self._record_step(self.v, x, fire=_compiled("fire") if self.backend == "compile" else None)
         return s
 
     # ---- rate-BP rate pass
@@ -194,6 +212,15 @@ class LIF(SpikingModule):
         rate, elig = self.rate, self.elig
         self.rate_sum = self.elig_sum = None  # the autograd node keeps e alive, nothing else
         return RateNode.apply(x, rate, elig)
+
+
+def _fire(v: torch.Tensor | None, x: torch.Tensor, cfg: NeuronConfig, out: torch.Tensor | None = None):
+    """A spike-pass step's arithmetic, no state: (S_t, g'(H_t - theta), dV_t/dH_t, V_t); S_t into ``out`` if given."""
+    h = charge(v, x, cfg)
+    z = h - cfg.threshold
+    s = (z >= 0).to(x.dtype) if out is None else out.copy_(z >= 0)
+    sg = cfg.spike_fn.derivative(z, cfg.alpha)
+    return s, sg, dv_dh(h, s, sg, cfg), reset(h, s, cfg)
 
 
 def _multi_loop(xs: torch.Tensor, cfg: NeuronConfig) -> torch.Tensor:
@@ -210,11 +237,19 @@ BACKENDS = ("torch", "triton", "compile")
 _COMPILED: dict[str, Callable] = {}
 
 
+_COMPILE = {"multi": _multi_loop, "spike_multi": LIF._spike_multi_torch, "step": lif_step, "fire": _fire}
+
+
 def _compiled(kind: str) -> Callable:
-    """torch.compile of the torch loop of a multi-step mode, compiled once per process (per shape and neuron)."""
+    """torch.compile of a mode's torch code (``_COMPILE``), compiled once per process (per shape and neuron).
+    Every LIF layer of a different shape, and the first step (no membrane yet) beside the others, is its own
+    graph: the recompile limit is raised so that a ResNet's layers do not fall back to the torch ops."""
     if kind not in _COMPILED:
-        fn = _multi_loop if kind == "multi" else LIF._spike_multi_torch
-        _COMPILED[kind] = torch.compile(fn, dynamic=False)
+        dynamo = torch._dynamo.config
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(dynamo, name):
+                setattr(dynamo, name, max(getattr(dynamo, name), 64))
+        _COMPILED[kind] = torch.compile(_COMPILE[kind], dynamic=False)
     return _COMPILED[kind]
 
 

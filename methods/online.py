@@ -30,12 +30,26 @@ from torch.nn.grad import conv2d_input, conv2d_weight
 
 from .base import NULL_PROBE, Method, StepOutput
 from .layers import LIF, BatchNorm, configure, reset_state
-from .neuron import charge, lif_step
+from .neuron import charge
 
 
 def _online(self: LIF, x: torch.Tensor) -> torch.Tensor:
-    """One step with V_{t-1} detached before the charge: no gradient through time."""
-    s, self.v = lif_step(None if self.v is None else self.v.detach(), x, self.neuron)
+    """One step with V_{t-1} detached before the charge: no gradient through time.
+
+    On the triton backend, where these spikes go straight into an OTTT-traced layer (``_traced_forward`` links
+    it to this LIF at the first step of a batch), the step's kernel also updates that layer's presynaptic trace,
+    and the spikes carry a mark so that the layer does not update it again."""
+    v = None if self.v is None else self.v.detach()
+    reader = self.__dict__.get("_ottt_reader")
+    if self.backend == "triton" and reader is not None and reader._ottt_active and reader._ottt_trace is not None:
+        from .triton_lif import TritonLIFStep
+
+        s, self.v = TritonLIFStep.apply(x, v, self.neuron, reader._ottt_trace, reader._ottt_decay)
+        s._ottt_traced_for = reader
+    else:
+        s, self.v = self.step(v, x)
+    if self.backend == "triton":
+        s._ottt_lif = self
     return s
 
 
@@ -172,8 +186,13 @@ class _TraceGrad(torch.autograd.Function):
 def _traced_forward(self, x):
     if not self._ottt_active:
         return type(self).forward(self, x)
-    with torch.no_grad():
-        self._ottt_trace = x.detach().clone() if self._ottt_trace is None else self._ottt_trace.mul_(self._ottt_decay).add_(x)
+    lif = getattr(x, "_ottt_lif", None)  # spikes straight from a LIF on the triton backend: it may fuse the trace
+    if lif is not None and lif.__dict__.get("_ottt_reader") is None:
+        lif.__dict__["_ottt_reader"] = self  # (a plain attribute: not a submodule of the LIF)
+    if getattr(x, "_ottt_traced_for", None) is not self:  # else that LIF's kernel has updated the trace already
+        with torch.no_grad():
+            self._ottt_trace = (x.detach().clone() if self._ottt_trace is None
+                                else self._ottt_trace.mul_(self._ottt_decay).add_(x))
     conv = None
     if isinstance(self, nn.Conv2d):
         if self.padding_mode != "zeros" or isinstance(self.padding, str):
@@ -411,6 +430,7 @@ class OS(OnlineBase):
     instead of the test batch's own (the official default is the batch-dependent one)."""
 
     name = "os"
+    torch_only = "its neuron's threshold follows each step's membrane statistics (OTS), which no fused kernel computes"
     OPTIONS = {"mse_weight": 0.05, "mse_target": "onehot", "fixed_test_threshold": False}
     lif_mode = "os"
 

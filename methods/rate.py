@@ -64,7 +64,6 @@ class RateBase(Method):
 class RateMulti(RateBase):
     name = "rate_m"
     spike_mode = "spike_multi"
-    multi_step = True
     faster_than = "bptt_m"  # the paper's speed claim
 
     def spike_pass(self, model, x) -> torch.Tensor:

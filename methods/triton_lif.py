@@ -7,6 +7,12 @@
   detached 1, soft 1 - theta g', hard detached 1 - S, hard (1 - S) + (V_reset - H) g' (methods.neuron.dv_dh).
 - ``rate_spike_pass``: rate-BP's spike pass: spikes, the spike count and the eligibility sum_t g'(z_t) rho_t with
   rho_{t+1} = 1 + lambda rho_t dV_t/dH_t, all in one pass, nothing kept for a backward.
+- ``TritonLIFStep``: one step of the single-step modes (bptt_s, and the online methods with V_{t-1} detached):
+  charge, fire and reset in one kernel, keeping H_t (for OTTT, the same kernel updates the presynaptic trace of
+  the layer that reads the spikes); its backward one kernel: dL/dH_t = dL/dS_t g' + dL/dV_t dV_t/dH_t, returned
+  as dL/dX_t and, times lambda, as dL/dV_{t-1}.
+- ``rate_spike_step``: one step of rate-BP's single-step spike pass (rate_s): spike, the new membrane and rho,
+  and the spike count and eligibility sums updated in place, one kernel.
 
 The arithmetic of every step is the torch loop's, operation by operation (methods/neuron.py: charge, fire,
 reset), in float32, so the spikes are the same bits wherever the compiler does not contract a multiply and an add
@@ -150,6 +156,72 @@ def _rate_pass_kernel(x_ptr, s_ptr, rate_ptr, elig_ptr, N, T, decay, threshold, 
     tl.store(elig_ptr + offs, elig, mask=mask)
 
 
+@triton.jit
+def _step_fwd_kernel(x_ptr, v_ptr, s_ptr, h_ptr, vo_ptr, tr_ptr, N, decay, threshold, v_reset, trace_decay,
+                     FIRST: tl.constexpr, SOFT: tl.constexpr, HARD_VRESET: tl.constexpr, HAS_TRACE: tl.constexpr,
+                     BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if FIRST:
+        v = x
+    else:
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    h = _charge(v, x, decay, v_reset, FIRST, HARD_VRESET)
+    s = tl.where(h - threshold >= 0, 1.0, 0.0)
+    tl.store(s_ptr + offs, s.to(s_ptr.dtype.element_ty), mask=mask)
+    tl.store(h_ptr + offs, h, mask=mask)
+    tl.store(vo_ptr + offs, _reset(h, s, threshold, v_reset, SOFT, HARD_VRESET).to(vo_ptr.dtype.element_ty), mask=mask)
+    if HAS_TRACE:  # OTTT: the next layer's presynaptic trace a_t = lambda a_{t-1} + S_t, in place
+        a = tl.load(tr_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(tr_ptr + offs, (trace_decay * a + s).to(tr_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _step_bwd_kernel(gs_ptr, gv_ptr, h_ptr, gx_ptr, N, threshold, v_reset, alpha,
+                     SOFT: tl.constexpr, DETACH: tl.constexpr, KIND: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    h = tl.load(h_ptr + offs, mask=mask, other=0.0)
+    gs = tl.load(gs_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    gv = tl.load(gv_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    z = h - threshold
+    s = tl.where(z >= 0, 1.0, 0.0)
+    sg = _surrogate(z, alpha, KIND)
+    gh = gs * sg + gv * _dv_dh(h, s, sg, v_reset, threshold, SOFT, DETACH)
+    tl.store(gx_ptr + offs, gh.to(gx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rate_step_kernel(x_ptr, v_ptr, rho_ptr, s_ptr, vo_ptr, rho_out_ptr, count_ptr, elig_ptr, N,
+                      decay, threshold, v_reset, alpha, FIRST: tl.constexpr, SOFT: tl.constexpr,
+                      HARD_VRESET: tl.constexpr, DETACH: tl.constexpr, KIND: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if FIRST:
+        v = x
+        rho = tl.full([BLOCK], 1.0, tl.float32)
+    else:
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        rho = tl.load(rho_ptr + offs, mask=mask, other=0.0)
+    h = _charge(v, x, decay, v_reset, FIRST, HARD_VRESET)
+    z = h - threshold
+    s = tl.where(z >= 0, 1.0, 0.0)
+    sg = _surrogate(z, alpha, KIND)
+    if FIRST:
+        elig = sg * rho
+        count = s
+    else:
+        elig = tl.load(elig_ptr + offs, mask=mask, other=0.0) + sg * rho
+        count = tl.load(count_ptr + offs, mask=mask, other=0.0) + s
+    tl.store(elig_ptr + offs, elig, mask=mask)
+    tl.store(count_ptr + offs, count, mask=mask)
+    tl.store(rho_out_ptr + offs, 1.0 + (rho * decay) * _dv_dh(h, s, sg, v_reset, threshold, SOFT, DETACH), mask=mask)
+    tl.store(s_ptr + offs, s.to(s_ptr.dtype.element_ty), mask=mask)
+    tl.store(vo_ptr + offs, _reset(h, s, threshold, v_reset, SOFT, HARD_VRESET).to(vo_ptr.dtype.element_ty), mask=mask)
+
+
 def _flags(cfg: NeuronConfig) -> dict:
     return {"SOFT": cfg.reset == "soft", "HARD_VRESET": cfg.reset == "hard" and bool(cfg.v_reset)}
 
@@ -204,3 +276,59 @@ def rate_spike_pass(x: torch.Tensor, cfg: NeuronConfig) -> tuple[torch.Tensor, t
                                                 DETACH=cfg.detach_reset, KIND=SURROGATE_KIND[cfg.surrogate],
                                                 BLOCK=BLOCK, **_flags(cfg))
     return s, count.to(x.dtype), elig.to(x.dtype)
+
+
+class TritonLIFStep(torch.autograd.Function):
+    """One LIF step: (x_t, V_{t-1} or None at the first step) -> (S_t, V_t), forward and backward one kernel each;
+    keeps H_t (float32) for the backward. Given ``trace`` (a contiguous tensor of S_t's shape, no autograd), the
+    forward kernel also updates it in place to ``trace_decay * trace + S_t`` (OTTT's presynaptic trace of the
+    layer that reads these spikes)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, v: torch.Tensor | None, cfg: NeuronConfig,  # type: ignore[override]
+                trace: torch.Tensor | None = None, trace_decay: float = 0.0):
+        x = x.contiguous()
+        first = v is None
+        s, v_out = torch.empty_like(x), torch.empty_like(x)
+        h = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+        decay, threshold, v_reset, _ = _scalars(cfg)
+        if trace is not None and (trace.shape != x.shape or not trace.is_contiguous()):
+            raise ValueError(f"trace of shape {tuple(trace.shape)} for spikes of shape {tuple(x.shape)}")
+        _step_fwd_kernel[(triton.cdiv(x.numel(), BLOCK),)](x, x if first else v.contiguous(), s, h, v_out,
+                                                          s if trace is None else trace, x.numel(), decay, threshold,
+                                                          v_reset, float(trace_decay), FIRST=first,
+                                                          HAS_TRACE=trace is not None, BLOCK=BLOCK, **_flags(cfg))
+        ctx.save_for_backward(h)
+        ctx.cfg, ctx.dtype, ctx.first = cfg, x.dtype, first
+        return s, v_out
+
+    @staticmethod
+    def backward(ctx, grad_s: torch.Tensor, grad_v: torch.Tensor):  # type: ignore[override]
+        (h,) = ctx.saved_tensors
+        cfg = ctx.cfg
+        gx = torch.empty(h.shape, dtype=ctx.dtype, device=h.device)
+        _, threshold, v_reset, alpha = _scalars(cfg)
+        _step_bwd_kernel[(triton.cdiv(h.numel(), BLOCK),)](grad_s.contiguous(), grad_v.contiguous(), h, gx, h.numel(),
+                                                          threshold, v_reset, alpha, SOFT=cfg.reset == "soft",
+                                                          DETACH=cfg.detach_reset, KIND=SURROGATE_KIND[cfg.surrogate],
+                                                          BLOCK=BLOCK)
+        gv = None if ctx.first or not ctx.needs_input_grad[1] else gx * cfg.decay
+        return gx, gv, None, None, None
+
+
+def rate_spike_step(x: torch.Tensor, v: torch.Tensor | None, rho: torch.Tensor | None, count: torch.Tensor | None,
+                    elig: torch.Tensor | None, cfg: NeuronConfig):
+    """One step of the single-step spike pass (no autograd). ``v``, ``rho``, ``count``, ``elig`` are None at the
+    first step. Returns (spike, V_t, rho_{t+1}, count, elig); count and elig (float32) are updated in place after
+    the first step."""
+    x = x.contiguous()
+    first = v is None
+    s, v_out = torch.empty_like(x), torch.empty_like(x)
+    rho_out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    if first:
+        count, elig = torch.empty_like(rho_out), torch.empty_like(rho_out)
+    _rate_step_kernel[(triton.cdiv(x.numel(), BLOCK),)](x, x if first else v.contiguous(), rho_out if first else rho,
+                                                       s, v_out, rho_out, count, elig, x.numel(), *_scalars(cfg),
+                                                       FIRST=first, DETACH=cfg.detach_reset,
+                                                       KIND=SURROGATE_KIND[cfg.surrogate], BLOCK=BLOCK, **_flags(cfg))
+    return s, v_out, rho_out, count, elig

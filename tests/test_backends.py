@@ -34,6 +34,20 @@ def _run(cfg, backend, mode, x, T, g):
     return s.detach(), xx.grad
 
 
+def _run_steps(cfg, backend, mode, x, T, g):
+    """The single-step modes, one call per step: "single" (BPTT through the membrane), "online" (the membrane
+    detached before each step), "spike_single" (rate-BP's spike pass, no autograd)."""
+    lif = LIF(cfg)
+    lif.backend, lif.mode, lif.T = backend, mode, T
+    xs = x.detach().clone().view(T, -1, *x.shape[1:]).requires_grad_(mode != "spike_single")
+    with torch.set_grad_enabled(mode != "spike_single"):
+        s = torch.stack([lif(xs[t]) for t in range(T)])
+    if mode == "spike_single":
+        return s, lif.rate, lif.elig
+    (s * g.view_as(s)).sum().backward()
+    return s.detach(), xs.grad
+
+
 def _rel(a, b):
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
@@ -56,6 +70,25 @@ def test_triton_lif_equals_torch_for_every_neuron(kw):
     assert _rel(p1[2], p0[2]) <= 1e-6
 
 
+@pytest.mark.parametrize("kw", CONFIGS, ids=lambda kw: "-".join(f"{v}" for v in kw.values()))
+def test_triton_lif_step_equals_torch_for_every_neuron(kw):
+    """The single-step modes' fused step (forward and backward one kernel each) against the torch step: the same
+    spikes bit for bit and input gradients to 1e-6 relative, through time (bptt_s) and with the membrane detached
+    (the online methods); rate_s's fused spike-pass step: the same spikes and counts, eligibilities to 1e-6."""
+    cfg = get_preset("rbp", **kw)
+    T, B = 6, 4
+    x = torch.randn(T * B, 3, 5, 5) * 1.5
+    g = torch.randn_like(x)
+    for mode in ("single", "online"):
+        s0, gx0 = _run_steps(cfg, "torch", mode, x, T, g)
+        s1, gx1 = _run_steps(cfg, "triton", mode, x, T, g)
+        assert torch.equal(s0, s1) and 0 < float(s0.mean()) < 1, mode
+        assert _rel(gx1, gx0) <= 1e-6, mode
+    p0, p1 = _run_steps(cfg, "torch", "spike_single", x, T, g), _run_steps(cfg, "triton", "spike_single", x, T, g)
+    assert torch.equal(p0[0], p1[0]) and torch.equal(p0[1], p1[1])
+    assert _rel(p1[2], p0[2]) <= 1e-6
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", ["rbp", "sltt"])
 def test_compiled_lif_equals_torch(preset):
@@ -69,13 +102,20 @@ def test_compiled_lif_equals_torch(preset):
     assert torch.equal(s0, s1) and _rel(gx1, gx0) <= 1e-6
     p0, p1 = _run(cfg, "torch", "spike_multi", x, T, g), _run(cfg, "compile", "spike_multi", x, T, g)
     assert torch.equal(p0[0], p1[0]) and torch.equal(p0[1], p1[1]) and _rel(p1[2], p0[2]) <= 1e-6
+    for mode in ("single", "online"):
+        s0, gx0 = _run_steps(cfg, "torch", mode, x, T, g)
+        s1, gx1 = _run_steps(cfg, "compile", mode, x, T, g)
+        assert torch.equal(s0, s1) and _rel(gx1, gx0) <= 1e-6, mode
+    p0, p1 = _run_steps(cfg, "torch", "spike_single", x, T, g), _run_steps(cfg, "compile", "spike_single", x, T, g)
+    assert torch.equal(p0[0], p1[0]) and torch.equal(p0[1], p1[1]) and _rel(p1[2], p0[2]) <= 1e-6
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["bptt_m", "rate_m"])
+@pytest.mark.parametrize("name", sorted(n for n in METHODS if METHODS[n].torch_only is None))
 def test_method_gradient_is_the_same_on_every_backend(digits_batch, name):
-    """A whole training step of cnn_digits (T=4): every parameter's gradient with the triton and the compile
-    backend equals the torch backend's to 1e-6 relative, and the loss is the same number."""
+    """A whole training step of cnn_digits (T=4) of every method that runs on the fused backends: every
+    parameter's gradient with the triton and the compile backend equals the torch backend's to 1e-6 relative,
+    and the loss is the same number."""
     x, y = digits_batch
     out = {}
     for backend in ("torch", "triton", "compile"):
@@ -83,6 +123,7 @@ def test_method_gradient_is_the_same_on_every_backend(digits_batch, name):
         torch.manual_seed(0)
         model = m.build("cnn_digits", 10, 1)
         set_backend(model, backend)
+        torch.manual_seed(1)  # sltt_k draws its backward steps
         loss = m.train_step(model, x, y, NoOpOptimizer()).loss
         out[backend] = (float(loss), grads(model))
     for backend in ("triton", "compile"):
@@ -93,10 +134,10 @@ def test_method_gradient_is_the_same_on_every_backend(digits_batch, name):
 
 def test_backend_is_refused_where_it_cannot_run(tmp_path):
     g = tmp_path / "g.toml"
-    g.write_text(tiny_grid(methods=("bptt_m", "bptt_s")))
+    g.write_text(tiny_grid(methods=("bptt_m", "os")))
     env = {"TRITON_INTERPRET": ""}
     for sets, msg in ((["backend=triton", "method=bptt_m"], "runs on a CUDA device"),
-                      (["backend=compile", "method=bptt_s"], "one step per call"),
+                      (["backend=compile", "method=os"], 'runs on backend "torch" only'),
                       (["backend=cuda_graphs"], "backend must be one of torch, triton, compile")):
         args = [a for s in sets for a in ("--set", s)]
         r = cli("run", str(g), "--out", str(tmp_path / "o"), *args, env=env)
@@ -119,3 +160,27 @@ def test_compile_trains_to_the_same_accuracy_as_torch(tmp_path):
     epochs = load_results(out, "epochs").merge(load_results(out)[["key", "backend"]], on="key").set_index("backend")
     assert rows.loc["compile", "acc_top1"] == rows.loc["torch", "acc_top1"]
     assert epochs.loc["compile", "train_loss"] == pytest.approx(epochs.loc["torch", "train_loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["ottt_a", "ottt_o"])
+def test_ottt_trace_is_fused_into_the_neuron_that_feeds_its_layer(digits_batch, name, monkeypatch):
+    """cnn_digits has one LIF whose spikes go straight into a traced conv (the others pass through pooling): on
+    the triton backend that LIF's step kernel updates the conv's trace at every step after the first (T - 1 of
+    its T steps), the conv does not update it again, and the whole step's gradients are the torch backend's
+    (test_method_gradient_is_the_same_on_every_backend); where pooling sits between, the conv keeps its update."""
+    import methods.triton_lif as tl
+
+    fused = []
+    apply = tl.TritonLIFStep.apply
+    monkeypatch.setattr(tl.TritonLIFStep, "apply", lambda *a: (fused.append(len(a) > 3 and a[3] is not None),
+                                                               apply(*a))[1])
+    x, y = digits_batch
+    T = 4
+    m = METHODS[name](MethodConfig(T=T))
+    model = m.build("cnn_digits", 10, 1)
+    set_backend(model, "triton")
+    m.train_step(model, x[:8], y[:8], NoOpOptimizer())
+    lifs = [l for l in model.modules() if isinstance(l, LIF)]
+    readers = [l.__dict__.get("_ottt_reader") for l in lifs]
+    assert readers[0] is model.features[3] and readers[1:] == [None, None]
+    assert len(fused) == len(lifs) * T and sum(fused) == T - 1
