@@ -15,7 +15,8 @@ they load, in the same rounds.
 ``step``: one training step of each method (``Method.train_step``, SGD; by default every method whose neurons the
 fused backends run, i.e. all but those with ``Method.torch_only``) with each backend, a fresh model per
 backend from the same seed; each round runs every backend once (the order rotates), ``--rounds`` rounds after
-``--warmup``; prints the median step time and its ratio to the torch backend's.
+``--warmup``; prints the median step time and its ratio to the torch backend's (at the first ``--precision``; ``--precision
+fp32,bf16`` measures both, with convs and linears in bf16 as a cell's ``precision = "bf16"``).
 
 On a CPU, Triton runs only through its interpreter (``TRITON_INTERPRET=1``, set here when there is no GPU), which
 checks results and is not performance: its times are printed marked "interpreter" and mean nothing.
@@ -140,12 +141,12 @@ def step_bench(a) -> None:
     import torch
 
     from methods import METHODS, MethodConfig
-    from methods.layers import set_backend
+    from methods.layers import set_backend, set_precision
 
     device = torch.device(a.device)
     interp = device.type == "cpu"
     print(f"one training step, {a.arch}, batch {a.batch}, device {device}" + (" (triton: interpreter)" if interp else ""))
-    print(f"{'method':<8} {'T':>3} {'backend':<8} {'median ms':>10} {'x torch':>8}")
+    print(f"{'method':<8} {'T':>3} {'backend':<8} {'prec':<5} {'median ms':>10} {'x torch':>8}")
     shape = (3, 32, 32) if a.arch not in ("cnn_digits",) else (1, 8, 8)
     for name in a.methods:
         for T in a.T:
@@ -154,17 +155,19 @@ def step_bench(a) -> None:
             y = torch.randint(0, 10, (a.batch,), device=device)
             fns = {}
             for b in a.backends:
-                m = METHODS[name](MethodConfig(T=T))
-                torch.manual_seed(0)
-                model = m.build(a.arch, 10, shape[0], input_shape=shape).to(device)
-                set_backend(model, b)
-                opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-                fns[b] = (lambda m=m, model=model, opt=opt: m.train_step(model, x, y, opt))
+                for prec in a.precision:
+                    m = METHODS[name](MethodConfig(T=T))
+                    torch.manual_seed(0)
+                    model = m.build(a.arch, 10, shape[0], input_shape=shape).to(device)
+                    set_backend(model, b)
+                    set_precision(model, prec, device.type)
+                    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+                    fns[b, prec] = (lambda m=m, model=model, opt=opt: m.train_step(model, x, y, opt))
             times = _interleaved(fns, a.rounds, a.warmup, device)
-            base = statistics.median(times["torch"]) if "torch" in times else None
-            for b, ts in times.items():
+            base = statistics.median(times["torch", a.precision[0]]) if ("torch", a.precision[0]) in times else None
+            for (b, prec), ts in times.items():
                 ms = statistics.median(ts)
-                print(f"{name:<8} {T:>3} {b:<8} {ms:>10.2f} {ms / base if base else float('nan'):>8.2f}"
+                print(f"{name:<8} {T:>3} {b:<8} {prec:<5} {ms:>10.2f} {ms / base if base else float('nan'):>8.2f}"
                       + (" (interpreter)" if interp and b == "triton" else ""))
 
 
@@ -188,6 +191,7 @@ def main(argv=None) -> int:
     s.add_argument("--arch", default="resnet18")
     s.add_argument("--batch", type=int, default=128)
     s.add_argument("--methods", default="all", help="comma-separated, or 'all': every method the backends run")
+    s.add_argument("--precision", default="fp32", help="comma-separated: fp32, bf16 (ratios are to torch at the first)")
     a = p.parse_args(argv)
     a.T = [int(t) for t in a.T.split(",")]
     a.backends = [b for b in a.backends.split(",") if b]
@@ -198,8 +202,14 @@ def main(argv=None) -> int:
     if a.cmd == "step":
         from methods import METHODS
 
+        from methods.layers import PRECISIONS
+
+        a.precision = [p for p in a.precision.split(",") if p]
+        if not a.precision or set(a.precision) - set(PRECISIONS):
+            print(f"error: --precision {','.join(a.precision)}: each one of {', '.join(PRECISIONS)}", file=sys.stderr)
+            return 2
         if a.methods == ["all"]:
-            a.methods = [n for n in sorted(METHODS) if METHODS[n].torch_only is None]
+            a.methods = [n for n in sorted(METHODS) if METHODS[n].torch_only is None and METHODS[n].bf16 is None]
         bad = [n for n in a.methods if n not in METHODS or METHODS[n].torch_only is not None]
         if bad:
             print(f"error: --methods {','.join(bad)}: unknown, or run on the torch backend only", file=sys.stderr)

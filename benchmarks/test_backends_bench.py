@@ -23,10 +23,12 @@ def test_neuron_benchmark_prints_every_backend_and_t():
 
 def test_step_benchmark_gives_ratios_to_torch():
     r = _run("step", "--device", "cpu", "--arch", "cnn_digits", "--batch", "8", "--T", "2", "--methods", "rate_m",
-             "--backends", "torch,triton", "--rounds", "2", "--warmup", "1")
+             "--backends", "torch,triton", "--precision", "fp32,bf16", "--rounds", "2", "--warmup", "1")
     assert r.returncode == 0, r.stderr
     rows = [ln.split() for ln in r.stdout.splitlines() if ln.startswith("rate_m")]
-    assert [row[2] for row in rows] == ["torch", "triton"] and rows[0][4] == "1.00"
+    assert [(row[2], row[3]) for row in rows] == [("torch", "fp32"), ("torch", "bf16"), ("triton", "fp32"),
+                                                  ("triton", "bf16")]
+    assert rows[0][5] == "1.00" and all(float(row[4]) > 0 for row in rows)
 
 
 def test_bad_backend_is_exit_2():
