@@ -22,6 +22,8 @@ Further modes (online methods) are added by registering handlers in ``LIF.MODES`
 
 from __future__ import annotations
 
+import types
+
 from typing import Callable
 
 import torch
@@ -276,15 +278,15 @@ def set_precision(model: nn.Module, precision: str, device_type: str) -> None:
     if precision == "fp32":
         return
     for m in model.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            m.forward = _autocast_forward(m.forward, device_type)
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and "_fp32_forward" not in m.__dict__:
+            # bound methods, not closures: a deep copy of the model rebinds them to the copy
+            m._fp32_forward, m._autocast_device = m.forward, device_type
+            m.forward = types.MethodType(_autocast_forward, m)
 
 
-def _autocast_forward(forward, device_type: str):
-    def run(x):
-        with torch.autocast(device_type, dtype=torch.bfloat16):
-            return forward(x).float()
-    return run
+def _autocast_forward(self, x):
+    with torch.autocast(self._autocast_device, dtype=torch.bfloat16):
+        return self._fp32_forward(x).float()
 
 
 LIF.MODES.update(

@@ -56,6 +56,18 @@ def test_a_linear_layer_computes_in_bf16_and_returns_float32():
     assert (out - fp32).abs().max() > 1e-3  # bfloat16 did happen
 
 
+def test_a_deep_copy_of_a_bf16_model_runs_its_own_weights():
+    """The wrapped forwards are bound methods: a copy computes with the copy's weights, not the original's."""
+    layer = nn.Linear(8, 4)
+    set_precision(layer, "bf16", "cpu")
+    twin = copy.deepcopy(layer)
+    with torch.no_grad():
+        twin.weight.zero_()
+        twin.bias.zero_()
+    x = torch.randn(3, 8)
+    assert torch.equal(twin(x), torch.zeros(3, 4)) and layer(x).abs().sum() > 0
+
+
 def test_batch_norm_and_the_membrane_see_float32():
     """Every LIF and batch-norm layer's input is float32 in a bf16 model, and the spikes a LIF layer emits (0 or 1)
     are exact in bfloat16."""
