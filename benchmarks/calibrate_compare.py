@@ -2,7 +2,7 @@
 there, and how often it finds one that is.
 
     python benchmarks/calibrate_compare.py [--grid ci_cpu] [--trials 20] [--rounds 3] [--method bptt_m]
-                                           [--slowdowns 5,10,20] [--thresholds 3,5,8,10] [--out DIR]
+                                           [--slowdowns 5,10,20] [--thresholds 3,5,8,10] [--out DIR] [--resume]
 
 Every trial runs comparisons exactly as the gate runs them (two sides, fresh worker processes per round, steps
 taken in turn): the code against an unchanged copy of itself on every cell of the grid (A/A), and against copies
@@ -15,7 +15,10 @@ The first measurement's verdict alone is shown too, in brackets.
 Prints, for each threshold: the false alarms and the detections at each slowdown (by the gate's rule, and by the
 cells alone), the smallest threshold with no false alarm, and what a comparison of the whole grid cost. Verdicts
 and per-step times are written after every trial to DIR (verdicts.parquet, steps.parquet, calibration.md), so a
-calibration stopped early keeps its trials.
+calibration stopped early keeps its trials; ``--resume`` adds ``--trials`` more trials to those already in DIR (a
+calibration of 20 trials, ~10 minutes each on the 2-core CI machine, can be run in parts on a quiet machine).
+Each trial records the code it calibrated (``rev``) and when it ran; the settings must be the ones DIR was made
+with.
 """
 
 from __future__ import annotations
@@ -73,6 +76,7 @@ def main(argv=None) -> int:
     p.add_argument("--thresholds", default="3,5,8,10,15")
     p.add_argument("--rev", default=None, help="the code to calibrate (default: the working tree)")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "calibrate_compare")
+    p.add_argument("--resume", action="store_true", help="add the trials to those already stored in --out")
     a = p.parse_args(argv)
     slowdowns = [float(s) for s in a.slowdowns.split(",") if s]
     thresholds = [float(s) / 100 for s in a.thresholds.split(",") if s]
@@ -83,7 +87,22 @@ def main(argv=None) -> int:
         print(f"error: grid {name} has no cell of method {a.method}", file=sys.stderr)
         return 2
     a.out.mkdir(parents=True, exist_ok=True)
-    verdicts, all_steps, gate_s = [], [], []
+    verdicts, all_steps, gate_s, first = [], [], [], 0
+    if a.resume and (a.out / "verdicts.parquet").is_file():
+        old = pd.read_parquet(a.out / "verdicts.parquet")
+        settings = {"grid": name, "rounds": a.rounds, "slowed_method": a.method}
+        stored = {k: old[k].iloc[0] for k in settings if k in old}
+        stored_slowdowns = sorted(set(old["head"]) - {"A'"})
+        if (stored != {k: v for k, v in settings.items() if k in stored}
+                or stored_slowdowns != sorted(f"S{s:g}" for s in slowdowns)
+                or set(old["threshold"]) != set(thresholds)):
+            print(f"error: --resume: {a.out} holds a calibration with other settings ({stored}, slowdowns "
+                  f"{stored_slowdowns}, thresholds {sorted(set(old['threshold']))})", file=sys.stderr)
+            return 2
+        verdicts = old.to_dict("records")
+        all_steps = [pd.read_parquet(a.out / "steps.parquet")]
+        gate_s = old[old["head"] == "A'"].groupby("trial")["aa_wall_s"].first().tolist()
+        first = int(old["trial"].max()) + 1
     with tempfile.TemporaryDirectory(prefix="snnbench-calib-") as tmp:
         roots, labels = {}, {}
         for side in ["A", "A'"] + [f"S{s:g}" for s in slowdowns]:
@@ -92,7 +111,8 @@ def main(argv=None) -> int:
         for s in slowdowns:
             inject_slowdown(roots[f"S{s:g}"], a.method, s)
         slowed = [c for c in cells if c.key in slowed_keys]
-        for trial in range(a.trials):
+        when = pd.Timestamp.now(tz="UTC").isoformat(timespec="seconds")
+        for trial in range(first, first + a.trials):
             runs = [("A'", cells)] + [(f"S{s:g}", slowed) for s in slowdowns]
             for head, todo in runs:
                 cmp = measure({"A": roots["A"], head: roots[head]}, labels, todo, a.rounds)
@@ -111,13 +131,15 @@ def main(argv=None) -> int:
                         verdicts.append({"trial": trial, "head": head, "threshold": thr, "scope": r["scope"],
                                          "method": r["method"], "T": r["T"], "verdict": r["time"],
                                          "ratio": r["ratio"], "low": r["low"], "high": r["high"],
-                                         "detectable": r["detectable"]})
+                                         "detectable": r["detectable"], "rev": labels["A"], "started": when,
+                                         "grid": name, "rounds": a.rounds, "slowed_method": a.method,
+                                         "aa_wall_s": gate_s[-1] if head == "A'" else None})
             v = pd.DataFrame(verdicts)
             pd.concat(all_steps, ignore_index=True).to_parquet(a.out / "steps.parquet", index=False)
             v.to_parquet(a.out / "verdicts.parquet", index=False)
             text = report(v, slowdowns, thresholds, a, gate_s)
             (a.out / "calibration.md").write_text(text + "\n")
-            print(f"trial {trial + 1}/{a.trials} done; A/A comparison of the grid took {gate_s[-1]:.0f} s",
+            print(f"trial {trial + 1}/{first + a.trials} done; A/A comparison of the grid took {gate_s[-1]:.0f} s",
                   file=sys.stderr, flush=True)
     print(text)
     return 0
@@ -154,6 +176,9 @@ def report(v: pd.DataFrame, slowdowns, thresholds, a, gate_s) -> str:
         m = v[(v["head"] == f"S{s:g}") & (v["threshold"] == thresholds[0]) & (v["scope"] == "method")]["ratio"]
         lines.append(f"{s:g}% injected: the method's pooled ratio, median {m.median():.3f} "
                      f"(range {m.min():.3f}-{m.max():.3f})")
+    if "rev" in v:
+        lines.append("code calibrated: " + "; ".join(f"{rev} ({g['trial'].nunique()} trial(s), from {g['started'].min()})"
+                                                      for rev, g in v.groupby("rev", sort=False)))
     lines += [f"smallest threshold without a false alarm: {'none of those tried' if zero is None else f'{zero * 100:g}%'}",
               f"a comparison of the whole grid (two sides, {a.rounds} rounds): median {pd.Series(gate_s).median():.0f} s"]
     return "\n".join(lines)
