@@ -21,10 +21,11 @@ Sources, best first:
 any, else the counter read every ``TRACE_INTERVAL_S`` and differenced; a bounded series (``BoundedSeries``), so a
 cell of hours keeps a few thousand points.
 
-The readings are taken in the training process, by a thread: NVML's calls release the GIL while they wait on the
-driver, and the boundary reads of the counter are one call each after the step's synchronisation, so the counter
-and the steps it brackets are read in the same order in one process (a separate process would add its own
-message latency to each boundary).
+Where a GPU cell's NVML memory sampler runs in its own process (``bench.nvml_sampler``, the usual case), the
+energy is read there too (``ProcessEnergyMeter``): that process samples and integrates the power, and reads the
+counter when the training process asks at a boundary (after the step's synchronisation; one short message each
+way), so the training process runs no sampling thread. Otherwise (no sampler process; RAPL on a CPU) the meter
+reads in the training process, its power or counter polled by a thread.
 """
 
 from __future__ import annotations
@@ -144,7 +145,8 @@ class EnergyMeter:
         self._polls: list[_Poll] = []
         self._idle: tuple[dict, float] | None = None  # both sources over the idle wait, and its seconds
 
-    def start(self) -> None:
+    def _open(self) -> None:
+        """The sources, read here: the counter directly, the power by a polling thread."""
         if self._counter_read is not None:
             self.counter = _Counter(self._counter_read)
         if self._power_read is not None:
@@ -154,6 +156,9 @@ class EnergyMeter:
         elif self.counter is not None:
             self._watts = _CounterWatts(self.counter, clock=self.clock)
             self._polls.append(_Poll(self._watts.sample, TRACE_INTERVAL_S).start())
+
+    def start(self) -> None:
+        self._open()
         self._base_counter = self.counter() if self.counter else 0.0
         self._base_power = self.power() if self.power else 0.0
         if self.idle_s:  # idle: before the cell allocates or computes anything
@@ -189,10 +194,40 @@ class EnergyMeter:
             p.stop()
 
     def trace(self) -> list[tuple[float, float]]:
-        """(clock time, watts) over the cell: the power readings, else the counter's differences (module
-        docstring)."""
+        """(``time.perf_counter()``, watts) over the cell: the power readings, else the counter's differences
+        (module docstring)."""
         series = self.power.series if self.power is not None else self._watts.series if self._watts else None
         return series.points() if series is not None else []
+
+
+class _Remote:
+    """A value the NVML sampler process reads on request (``NvmlProcessSampler.energy``): the counter's joules, or
+    the power integrated there; ``total`` as ``_Counter``'s."""
+
+    def __init__(self, ask, key: str) -> None:
+        self.ask, self.key = ask, key
+        self.total = 0.0
+
+    def __call__(self) -> float:
+        self.total = self.ask()[self.key]
+        return self.total
+
+
+class ProcessEnergyMeter(EnergyMeter):
+    """The meter of a GPU whose NVML memory sampler runs in its own process (``bench.nvml_sampler``): that process
+    reads the counter on request and samples and integrates the power (no thread in the training process); this
+    side asks it at the boundaries, one message each way."""
+
+    def __init__(self, sampler, has_counter: bool, has_power: bool, idle_s: float = IDLE_S) -> None:
+        super().__init__(idle_s=idle_s)
+        self.sampler, self.has_counter, self.has_power = sampler, has_counter, has_power
+
+    def _open(self) -> None:
+        self.counter = _Remote(lambda: self.sampler.energy(), "counter") if self.has_counter else None
+        self.power = _Remote(lambda: self.sampler.energy(), "power") if self.has_power else None
+
+    def trace(self) -> list[tuple[float, float]]:
+        return list(self.sampler.power_trace)
 
 
 class Span:
@@ -249,9 +284,15 @@ def rapl_meter(root: Path = RAPL_ROOT, idle_s: float = IDLE_S) -> tuple[EnergyMe
     return EnergyMeter(lambda: sum(c() for c in counters), None, counter_name="rapl", idle_s=idle_s), None
 
 
-def energy_meter(device, nvml_dev=None, idle_s: float = IDLE_S) -> tuple[EnergyMeter | None, str | None]:
-    """The meter for a torch device: NVML for a GPU with an NVML device, RAPL for the CPU."""
+def energy_meter(device, nvml_dev=None, idle_s: float = IDLE_S, sampler=None) -> tuple[EnergyMeter | None, str | None]:
+    """The meter for a torch device: NVML for a GPU with an NVML device (read by its sampler process when there is
+    one running: ``NvmlProcessSampler``), RAPL for the CPU."""
     if device.type == "cuda":
+        if sampler is not None and sampler.energy_sources is not None:
+            counter, power, reason = sampler.energy_sources
+            if not (counter or power):
+                return None, reason
+            return ProcessEnergyMeter(sampler, counter, power, idle_s), None
         if nvml_dev is None:
             return None, "no NVML device for this GPU"
         import pynvml

@@ -261,8 +261,11 @@ class NvmlProcessSampler(PeakReadings):
         self.baseline: int | None = None
         self.peak: int | None = None
         self.samples: list[tuple[float, int]] = []
+        self.power_trace: list[tuple[float, float]] = []  # (time.perf_counter() here, watts), after stop()
+        self.energy_sources: tuple[bool, bool, str | None] | None = None  # (counter, power, why neither), once started
         self._proc = None
         self._t0 = 0.0
+        self._perf0 = 0.0
 
     def start(self) -> "NvmlProcessSampler":
         import json
@@ -271,7 +274,7 @@ class NvmlProcessSampler(PeakReadings):
 
         repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = {**os.environ, "PYTHONPATH": repo + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")}
-        self._t0 = time.time()
+        self._t0, self._perf0 = time.time(), time.perf_counter()
         self._proc = subprocess.Popen([sys.executable, "-m", "bench.nvml_sampler", self.uuid, str(self.interval_s)],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=repo)
         hello = json.loads(self._proc.stdout.readline() or "{}")
@@ -279,7 +282,18 @@ class NvmlProcessSampler(PeakReadings):
             self._proc.kill()
             raise RuntimeError(f"the NVML sampler process did not start: {hello.get('error', 'no answer')}")
         self.baseline = hello["baseline"]
+        self.energy_sources = (bool(hello.get("energy_counter")), bool(hello.get("energy_power")),
+                               hello.get("energy_reason"))
         return self
+
+    def energy(self) -> dict:
+        """The sampler process's energy readings now: {"counter": joules, "power": joules} since it started (None
+        where the GPU has no such source)."""
+        import json
+
+        self._proc.stdin.write("energy\n")
+        self._proc.stdin.flush()
+        return json.loads(self._proc.stdout.readline())
 
     def cpu_seconds(self) -> float:
         """CPU time the sampler process used so far (it runs beside the cell: not contention)."""
@@ -304,6 +318,7 @@ class NvmlProcessSampler(PeakReadings):
             res = json.loads(self._proc.stdout.readline() or "{}")
             self.peak = res.get("peak")
             self.samples = [(t - self._t0, v) for t, v in res.get("samples", [])]
+            self.power_trace = [(self._perf0 + t - self._t0, w) for t, w in res.get("power", [])]
         finally:
             try:
                 self._proc.wait(timeout=10)

@@ -260,7 +260,6 @@ def run_cell(cell: Cell, data_root: str | None = None, progress: Progress | None
     series: dict[str, list[float]] = {}
     details: dict[str, list[dict]] = {}
     window = MeasureWindow(nvml, nvml_sampler)
-    window.energy, row["energy_null_reason"] = energy_meter(device, nvml) if cell.kind != "fidelity" else (None, None)
     attempt = Attempt(t_cell, rss, window, CellCheckpoint(out, cell.key, writer=ranks is None or ranks.main)
                       if out is not None and cell.kind == "train" else None)
     rss.start()
@@ -271,8 +270,10 @@ def run_cell(cell: Cell, data_root: str | None = None, progress: Progress | None
             except RuntimeError as e:
                 row["gpu_null_reason"] = f"NVML sampler: {e}"
                 nvml_sampler = None
-        if window.energy is not None:  # its idle power first, before this cell computes anything
-            window.energy.start()
+        if cell.kind != "fidelity":  # the sampler process reads the energy where it runs; idle power first
+            window.energy, row["energy_null_reason"] = energy_meter(device, nvml, sampler=nvml_sampler)
+            if window.energy is not None:
+                window.energy.start()
         if cell.kind == "fidelity":
             _seed(cell.seed)  # as a train cell: the same initial weights
             details.update(run_fidelity(cell, device, data_root, row, out, progress))

@@ -60,8 +60,8 @@ def test_a_cell_stores_its_power_trace_beside_its_memory(tmp_path, monkeypatch):
     from bench.grid import Cell
     from reports.results import load_results, write_cell
 
-    monkeypatch.setattr(runner, "energy_meter", lambda device, nvml: nvml_meter(_nvml(power=lambda h: 123_000.0),
-                                                                                  "h", idle_s=0.05))
+    monkeypatch.setattr(runner, "energy_meter", lambda device, nvml, sampler=None: nvml_meter(
+        _nvml(power=lambda h: 123_000.0), "h", idle_s=0.05))
     cell = Cell(method="bptt_m", arch="cnn_digits", dataset="digits", T=2, epochs=1, batch_size=64, train_subset=256)
     res = runner.run_cell(cell)
     assert res.status == "ok", res.row["error"]
@@ -159,6 +159,7 @@ def test_row_columns_from_the_epochs():
     24 W; each epoch row keeps its own joules; the source is the meter's."""
     meter = EnergyMeter(counter=lambda: 0.0, power=None, idle_s=0)
     meter.start()
+    meter.stop()
     meter.counter.total = 1.0  # it advanced
     meter._idle = ({"counter": 8.0, "power": None}, 2.0)  # 4 W while idle
     epochs = [{"epoch": 1, "epoch_time_s": 2.0, "steps": 10, "energy_counter_j": 40.0, "energy_power_j": None},
@@ -181,3 +182,79 @@ def test_idle_power_comes_from_the_source_the_energy_does():
     meter.start()
     meter.stop()
     assert meter.source == "nvml power" and meter.idle_power_w == pytest.approx(150.0, rel=1e-2)
+
+
+STUB_NVML = """import time
+_T0 = time.time()
+class NVMLError(Exception): pass
+class _Mem:
+    def __init__(self, used): self.used = used
+def nvmlInit(): pass
+def nvmlDeviceGetCount(): return 1
+def nvmlDeviceGetHandleByIndex(i): return i
+def nvmlDeviceGetUUID(h): return 'GPU-ABC-1'
+def nvmlDeviceGetMemoryInfo(h): return _Mem(1000)
+def nvmlDeviceGetPowerUsage(h): return 200_000  # mW
+def nvmlDeviceGetTotalEnergyConsumption(h):
+    if {counter}:
+        return 5_000_000 + 200.0 * (time.time() - _T0) * 1e3  # mJ: 200 W since the driver loaded
+    raise NVMLError('NotSupported')
+"""
+
+
+@pytest.mark.parametrize("counter", [True, False])
+def test_the_nvml_sampler_process_reads_the_energy(tmp_path, monkeypatch, counter):
+    """A GPU cell's NVML sampler process (a stand-in pynvml drawing 200 W) reads the counter on request and
+    samples and integrates the power itself: the training process's meter asks it at the boundaries and runs no
+    thread of its own; a span of ~0.3 s is ~60 J by the counter, or by integrated power where there is no
+    counter; the idle power is 200 W; the power readings come back as the trace, on this process's clock."""
+    import threading
+
+    import torch
+
+    from bench.energy import ProcessEnergyMeter, energy_meter
+    from bench.profile import NvmlProcessSampler
+
+    (tmp_path / "pynvml.py").write_text(STUB_NVML.format(counter=counter))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    sampler = NvmlProcessSampler("abc-1", 0.005).start()
+    try:
+        meter, reason = energy_meter(torch.device("cuda"), None, idle_s=0.1, sampler=sampler)
+        assert isinstance(meter, ProcessEnergyMeter) and reason is None
+        polls = lambda: sum(t.name == "snnbench-energy" for t in threading.enumerate())  # noqa: E731
+        before, t_start = polls(), time.perf_counter()
+        meter.start()
+        assert polls() == before  # (earlier tests may have left their own meters' threads)
+        t0 = time.perf_counter()
+        span = Span(meter)
+        time.sleep(0.3)
+        got = span.end()
+        elapsed = time.perf_counter() - t0
+        meter.stop()
+    finally:
+        sampler.stop()
+    assert meter.source == ("nvml counter" if counter else "nvml power")
+    joules = pick(meter, got)
+    assert 200.0 * 0.3 * 0.95 <= joules <= 200.0 * elapsed * 1.05
+    assert got["power"] == pytest.approx(200.0 * elapsed, rel=0.1)
+    assert meter.idle_power_w == pytest.approx(200.0, rel=0.1)
+    trace = meter.trace()
+    assert len(trace) >= 5 and all(w == 200.0 for _, w in trace)
+    assert t_start - 0.5 <= trace[0][0] and trace[-1][0] <= time.perf_counter()
+
+
+def test_no_energy_source_in_the_sampler_process_is_a_reason(tmp_path, monkeypatch):
+    import torch
+
+    from bench.energy import energy_meter
+    from bench.profile import NvmlProcessSampler
+
+    (tmp_path / "pynvml.py").write_text(STUB_NVML.format(counter=False).replace(
+        "def nvmlDeviceGetPowerUsage(h): return 200_000", "def nvmlDeviceGetPowerUsage(h): raise NVMLError('x')"))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    sampler = NvmlProcessSampler("abc-1", 0.005).start()
+    try:
+        meter, reason = energy_meter(torch.device("cuda"), None, sampler=sampler)
+    finally:
+        sampler.stop()
+    assert meter is None and "no energy counter" in reason and "no power readings" in reason
