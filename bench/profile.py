@@ -284,16 +284,23 @@ class NvmlProcessSampler(PeakReadings):
         self.baseline = hello["baseline"]
         self.energy_sources = (bool(hello.get("energy_counter")), bool(hello.get("energy_power")),
                                hello.get("energy_reason"))
+        self._energy = {"counter": 0.0 if self.energy_sources[0] else None,
+                        "power": 0.0 if self.energy_sources[1] else None}
         return self
 
     def energy(self) -> dict:
         """The sampler process's energy readings now: {"counter": joules, "power": joules} since it started (None
-        where the GPU has no such source)."""
+        where the GPU has no such source). A process that no longer answers leaves the last readings standing (as
+        a failed reading ends the in-process meter's series: what was read stands)."""
         import json
 
-        self._proc.stdin.write("energy\n")
-        self._proc.stdin.flush()
-        return json.loads(self._proc.stdout.readline())
+        try:
+            self._proc.stdin.write("energy\n")
+            self._proc.stdin.flush()
+            self._energy = json.loads(self._proc.stdout.readline())
+        except (OSError, ValueError, AttributeError):
+            pass
+        return self._energy
 
     def cpu_seconds(self) -> float:
         """CPU time the sampler process used so far (it runs beside the cell: not contention)."""
@@ -313,9 +320,12 @@ class NvmlProcessSampler(PeakReadings):
         if self._proc is None:
             return self
         try:
-            self._proc.stdin.write("stop\n")
-            self._proc.stdin.flush()
-            res = json.loads(self._proc.stdout.readline() or "{}")
+            try:
+                self._proc.stdin.write("stop\n")
+                self._proc.stdin.flush()
+                res = json.loads(self._proc.stdout.readline() or "{}")
+            except (OSError, ValueError):  # the process died: no peak (the row says null), the cell goes on
+                res = {}
             self.peak = res.get("peak")
             self.samples = [(t - self._t0, v) for t, v in res.get("samples", [])]
             self.power_trace = [(self._perf0 + t - self._t0, w) for t, w in res.get("power", [])]

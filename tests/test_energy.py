@@ -258,3 +258,19 @@ def test_no_energy_source_in_the_sampler_process_is_a_reason(tmp_path, monkeypat
     finally:
         sampler.stop()
     assert meter is None and "no energy counter" in reason and "no power readings" in reason
+
+
+def test_a_sampler_process_that_died_leaves_the_last_readings(tmp_path, monkeypatch):
+    """Its energy stays at the last readings and stopping it gives no peak, without an exception in the cell."""
+    from bench.profile import NvmlProcessSampler
+
+    (tmp_path / "pynvml.py").write_text(STUB_NVML.format(counter=True))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    sampler = NvmlProcessSampler("abc-1", 0.005).start()
+    last = sampler.energy()
+    assert last["counter"] >= 0 and last["power"] >= 0
+    sampler._proc.kill()
+    sampler._proc.wait()
+    assert sampler.energy() == last
+    sampler.stop()
+    assert sampler.peak is None and sampler.power_trace == []
