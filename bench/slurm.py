@@ -36,9 +36,11 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -169,6 +171,9 @@ class SlurmTask:
     def __call__(self, cell_configs: list[dict]) -> dict:
         from .launch import done_here, run_in_subprocess, stored_ok
 
+        from .slurm_boot import redeliver
+
+        redeliver()  # a warning signal that came before submitit's handler: handled now (a checkpoint and requeue)
         out = Path(self.out)
         restarts_at_start = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
         done: dict[str, str] = {}
@@ -258,7 +263,8 @@ def submit(cells: list[Cell], out: Path, data_root: str | None, settings: SlurmS
         for devices in sorted({c.devices for c in phase}):  # one array per devices count: a task asks what it needs
             mine = [c for c in phase if c.devices == devices]
             ex = submitit.AutoExecutor(folder=str(out / "slurm" / "%j"), cluster="slurm",
-                                       slurm_max_num_timeout=settings.max_requeues)
+                                       slurm_max_num_timeout=settings.max_requeues,
+                                       slurm_python=f"{shlex.quote(sys.executable)} -u -m bench.slurm_boot")
             params = settings.for_devices(devices, gpu).executor_parameters()
             if before:
                 params["slurm_additional_parameters"] = {**params.get("slurm_additional_parameters", {}),

@@ -170,8 +170,9 @@ def test_scontrol_requeue_resumes_the_cell(slurm, tmp_path):
 
 
 def test_cell_longer_than_its_time_limit_is_requeued_and_finishes(slurm, tmp_path):
-    """A 1-minute limit with USR2 30 s ahead: each run of the task gets well under a minute, the cell needs more
-    (T=8, 40 epochs: ~45 s of training on 2 cores), so it goes on over requeues from its checkpoints."""
+    """A 1-minute limit with USR2 30 s ahead: each run of the task gets well under a minute (Slurm may send the
+    signal at its first check after the start), the cell needs more (T=8, 40 epochs: ~45 s of training on 2
+    cores), so it goes on over requeues from its checkpoints."""
     g = grid_file(tmp_path, "timelimit", T=[8], epochs=40, slurm="signal_delay_s = 30\n")
     out = tmp_path / "out"
     t0 = time.perf_counter()
@@ -184,6 +185,10 @@ def test_cell_longer_than_its_time_limit_is_requeued_and_finishes(slurm, tmp_pat
     assert row["status"] == "ok" and row["restarts"] >= 1 and es["epoch"].tolist() == list(range(1, 41))
     log = "".join(p.read_text() for p in (out / "slurm").glob("*/*.out"))
     assert "this job is timed-out" in log and "Requeued job" in log
+    # USR2 can come in the task's first second (Slurm sends it up to a minute early): the task starts through
+    # bench.slurm_boot, which keeps it (test_a_warning_signal_before_submitits_handler_is_not_lost)
+    script = next((out / "slurm").glob("*/*_submission.sh")).read_text()
+    assert "-m bench.slurm_boot -u -m submitit.core._submit" in script
 
 
 def test_scancel_stores_cancelled_and_a_rerun_resubmits_and_resumes(slurm, tmp_path):
@@ -247,3 +252,28 @@ def test_no_sbatch_is_one_message(tmp_path):
     g = grid_file(tmp_path, "nosbatch", T=[1], epochs=1)
     r = cli("run", str(g), "--slurm", "--out", str(tmp_path / "o"), env={"PATH": str(tmp_path)})
     assert r.returncode == 2 and "no sbatch on PATH" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_warning_signal_before_submitits_handler_is_not_lost(tmp_path):
+    """Slurm may send USR2 up to a minute early, while the task is still importing: bench.slurm_boot notes it
+    and SlurmTask re-raises it once submitit's handler is in place. A stand-in for submitit's entry point gets
+    USR2 before it installs its handler: through slurm_boot its handler still runs; started plainly, the
+    process dies of the signal."""
+    import signal
+    import sys
+
+    (tmp_path / "fake_submit.py").write_text(
+        "import os, signal, sys\n"
+        "os.kill(os.getpid(), signal.SIGUSR2)  # arrives during 'imports'\n"
+        "signal.signal(signal.SIGUSR2, lambda s, f: print('handled', sys.argv[1:], flush=True))\n"
+        "from bench.slurm_boot import redeliver\n"
+        "redeliver()\n"
+        "print('done', flush=True)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
+    boot = subprocess.run([sys.executable, "-u", "-m", "bench.slurm_boot", "-u", "-m", "fake_submit", "FOLDER"],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert boot.returncode == 0 and boot.stdout.split("\n")[:2] == ["handled ['FOLDER']", "done"], boot
+    plain = subprocess.run([sys.executable, "-u", "-m", "fake_submit", "FOLDER"], capture_output=True, text=True,
+                           env=env, timeout=60)
+    assert plain.returncode == -signal.SIGUSR2
+
