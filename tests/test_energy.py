@@ -96,16 +96,21 @@ def test_nvml_counter_gives_the_energy_of_each_span():
     assert pick(meter, first) == pytest.approx(12.345) and pick(meter, second) == pytest.approx(1.0)
 
 
+def _span_over(meter, seconds: float) -> tuple[dict, float]:
+    """Both sources' joules over a span of ``seconds`` of sleep, and the seconds it really lasted."""
+    t0 = time.perf_counter()
+    span = Span(meter)
+    time.sleep(seconds)
+    got = span.end()
+    return got, time.perf_counter() - t0
+
+
 def test_a_counter_that_does_not_advance_falls_back_to_integrated_power():
     """A counter stuck at one value (some MIG and virtualised setups) while 200 W are drawn: the energy is the
     integral of the power readings, 200 W x the seconds the span lasted."""
     meter, _ = nvml_meter(_nvml(counter=lambda h: 42.0, power=lambda h: 200_000.0), "h", idle_s=0)
     meter.start()
-    t0 = time.perf_counter()
-    span = Span(meter)
-    time.sleep(0.15)
-    got = span.end()
-    elapsed = time.perf_counter() - t0
+    got, elapsed = _span_over(meter, 0.15)
     meter.stop()
     assert meter.source == "nvml power"
     assert got["counter"] == 0.0
@@ -225,11 +230,7 @@ def test_the_nvml_sampler_process_reads_the_energy(tmp_path, monkeypatch, counte
         before, t_start = polls(), time.perf_counter()
         meter.start()
         assert polls() == before  # (earlier tests may have left their own meters' threads)
-        t0 = time.perf_counter()
-        span = Span(meter)
-        time.sleep(0.3)
-        got = span.end()
-        elapsed = time.perf_counter() - t0
+        got, elapsed = _span_over(meter, 0.3)
         meter.stop()
     finally:
         sampler.stop()
