@@ -7,13 +7,16 @@ each round in a fresh worker process per side (bench/compare_worker.py). The two
 (A B B A A B ...), so the k-th steps of the two sides are measured next to each other and whatever slows the machine
 for a while slows both.
 
-The decision, per cell: the per-step times of each side are pooled over the rounds, paired by (round, step), and the
-ratio head/base of their medians is estimated with a 95% bootstrap interval that resamples the pairs
-(``scipy.stats.bootstrap``, paired, percentile). A regression is an interval whose lower end is above
-1 + threshold, an improvement one whose upper end is below 1 - threshold; anything else is "no change", printed with
-the interval and the smallest slowdown this run could have detected, (1 + threshold) * ratio / lower - 1. Metrics
-that do not vary between runs (bytes saved for backward, parameters) are compared with the metric table's
-tolerances.
+The decision, per cell: the per-step times of each side are paired by (round, step); two consecutive pairs of a
+round form an ABBA quartet (one step with the base first, one with the head first: the side that runs second pays for
+the caches the other left, ~30% on a 25 ms step of this 2-core CPU, and in a quartet that cancels), and each
+quartet gives a log ratio head/base. The cell's ratio is exp(median of its quartets' log ratios), with a 95%
+percentile bootstrap interval that resamples the quartets (``scipy.stats.bootstrap``). A comparison runs an even
+number of steps per cell (one more where the grid's is odd), so every step is in a quartet. A regression is an
+interval whose lower end is above 1 + threshold, an improvement one whose upper end is below 1 - threshold; anything
+else is "no change", printed with the interval and the smallest slowdown this run could have detected,
+(1 + threshold) * ratio / lower - 1. Metrics that do not vary between runs (bytes saved for backward, parameters)
+are compared with the metric table's tolerances.
 
 A "slower" verdict is then confirmed: the cells it rests on (the cell, or every cell of a method slower over its cells)
 run again for ``confirm_rounds`` fresh rounds, and the verdict stands only when those new steps alone give it too;
@@ -168,6 +171,12 @@ def cell_message(cell: Cell) -> dict:
     return out
 
 
+def even_steps(cell: Cell) -> Cell:
+    """The cell as a comparison runs it: an even number of timed steps (one more where the grid's is odd), so
+    every step belongs to an ABBA quartet (``quartets``). Its rows and steps stay under the grid cell's key."""
+    return dataclasses.replace(cell, steps=cell.steps + cell.steps % 2) if cell.steps % 2 else cell
+
+
 def run_cell_interleaved(workers: list[SideWorker], cell: Cell) -> dict[str, dict]:
     """Run one cell on every side, the sides taking turns step by step: step k in the order of ``workers`` for
     even k and the reverse for odd k (A B B A ...). The first step (a warm-up or the memory step, never timed) runs
@@ -235,7 +244,7 @@ def measure(roots: dict[str, Path], labels: dict[str, str], cells: list[Cell], r
                 for i, cell in enumerate(todo, 1):
                     progress(f"round {r + 1}/{rounds}, cell {i}/{len(todo)}: {cell.label}")
                     try:
-                        res = run_cell_interleaved(workers, cell)
+                        res = run_cell_interleaved(workers, even_steps(cell))
                     except SideFailed as e:  # a side's worker died: this cell and round are lost for all sides
                         failures.append(f"{cell.label}, round {r + 1}: {e}")
                         crashes.append({"key": cell.key, "round": r, "side": e.side, "error": str(e)})
@@ -276,55 +285,76 @@ def _verdict(point: float, low: float, high: float, n: int, threshold: float) ->
     return Decision(point, low, high, n, verdict, detectable)
 
 
-def decide(base_ms, head_ms, threshold: float, confidence: float = CONFIDENCE, seed: int = 0) -> Decision:
-    """The head/base ratio of median step times with a paired bootstrap interval, and the verdict at ``threshold``
-    (a fraction: 0.05 is 5%). ``base_ms[i]`` and ``head_ms[i]`` are steps measured next to each other."""
-    from scipy.stats import bootstrap
-
+def quartets(base_ms, head_ms, steps=None, rounds=None) -> np.ndarray:
+    """The log head/base ratios of a cell's ABBA quartets: two consecutive steps of a round, one taken with the
+    base first and one with the head first, averaged in log. The sides take turns step by step and the order flips
+    every step (``run_cell_interleaved``), so whichever side runs second after the other pays for the caches the
+    other left: on this 2-core CPU a 25 ms step taken second is ~30% slower than one taken first, and single pairs
+    swing by that much one way and the other (log-ratio sd 0.3). A quartet holds one of each, so that swing cancels
+    in it (sd 0.05). ``steps``/``rounds`` give each pair's step index and round (a quartet is steps 2q and 2q + 1
+    of one round, both measured); without them the pairs are consecutive steps of one round."""
     b, h = np.asarray(base_ms, float), np.asarray(head_ms, float)
     n = min(len(b), len(h))
-    b, h = b[:n], h[:n]
-    if n < 3:
+    lr = np.log(h[:n] / b[:n])
+    if steps is None:
+        m = n // 2 * 2
+        return (lr[0:m:2] + lr[1:m:2]) / 2
+    ids = pd.Series(lr).groupby([np.asarray(rounds)[:n], np.asarray(steps)[:n] // 2])
+    return ids.mean()[ids.size() == 2].to_numpy()
+
+
+def _median(x, axis=-1):
+    return np.median(x, axis=axis)
+
+
+def decide(base_ms, head_ms, threshold: float, confidence: float = CONFIDENCE, seed: int = 0, steps=None,
+           rounds=None) -> Decision:
+    """The head/base ratio of step times with a 95% interval, and the verdict at ``threshold`` (a fraction: 0.05 is
+    5%). ``base_ms[i]`` and ``head_ms[i]`` are steps measured next to each other, in the order the sides took turns
+    (see ``quartets``). The ratio is exp(median of the quartets' log ratios); its interval a percentile bootstrap
+    (``scipy.stats.bootstrap``) that resamples the quartets."""
+    q = quartets(base_ms, head_ms, steps, rounds)
+    n = 2 * len(q)
+    if len(q) < 3:
         return Decision(math.nan, math.nan, math.nan, n, "too few steps", math.nan)
+    return _decide_logs((q,), lambda x, axis=-1: _median(x, axis), threshold, confidence, seed, n)
 
-    def ratio(hh, bb, axis=-1):
-        return np.median(hh, axis=axis) / np.median(bb, axis=axis)
 
-    ci = bootstrap((h, b), ratio, paired=True, vectorized=True, confidence_level=confidence, n_resamples=4000,
+def _decide_logs(samples: tuple, stat, threshold: float, confidence: float, seed: int, n: int) -> Decision:
+    from scipy.stats import bootstrap
+
+    ci = bootstrap(samples, stat, vectorized=True, confidence_level=confidence, n_resamples=4000,
                    method="percentile", rng=np.random.default_rng(seed)).confidence_interval
-    return _verdict(float(ratio(h, b)), float(ci.low), float(ci.high), n, threshold)
+    return _verdict(float(np.exp(stat(*samples))), float(np.exp(ci.low)), float(np.exp(ci.high)), n, threshold)
 
 
 def decide_pooled(groups: list[tuple], threshold: float, confidence: float = CONFIDENCE, seed: int = 0) -> Decision:
     """One verdict over several cells of a method (its T values, say): the geometric mean over the cells of their
-    head/base ratios of medians, with a bootstrap interval that resamples every cell's steps (each side of each cell
-    a sample of its own). A slowdown of a method's code shows in all its cells; pooled, their steps find a smaller
-    one than any cell alone."""
-    from scipy.stats import bootstrap
-
-    groups = [(np.asarray(b, float), np.asarray(h, float)) for b, h in groups]
-    groups = [(b, h) for b, h in groups if len(b) >= 3 and len(h) >= 3]
-    n = sum(min(len(b), len(h)) for b, h in groups)
-    if len(groups) < 2:
+    ratios (each exp(median of its quartets' log ratios)), with a bootstrap interval that resamples every cell's
+    quartets (each cell a sample of its own). A slowdown of a method's code shows in all its cells; pooled, their
+    steps find a smaller one than any cell alone. A group is (base_ms, head_ms) or (base_ms, head_ms, steps,
+    rounds), as ``decide`` takes them."""
+    qs = [quartets(*g) for g in groups]
+    qs = [q for q in qs if len(q) >= 3]
+    n = 2 * sum(len(q) for q in qs)
+    if len(qs) < 2:
         return Decision(math.nan, math.nan, math.nan, n, "too few steps", math.nan)
-    samples = tuple(x for b, h in groups for x in (h, b))
 
-    def gmean_ratio(*xs, axis=-1):
-        logs = [np.log(np.median(xs[i], axis=axis) / np.median(xs[i + 1], axis=axis)) for i in range(0, len(xs), 2)]
-        return np.exp(np.mean(logs, axis=0))
+    def mean_of_medians(*xs, axis=-1):
+        return np.mean([_median(x, axis) for x in xs], axis=0)
 
-    ci = bootstrap(samples, gmean_ratio, paired=False, vectorized=True, confidence_level=confidence,
-                   n_resamples=4000, method="percentile", rng=np.random.default_rng(seed)).confidence_interval
-    return _verdict(float(gmean_ratio(*samples)), float(ci.low), float(ci.high), n, threshold)
+    return _decide_logs(tuple(qs), mean_of_medians, threshold, confidence, seed, n)
 
 
-def paired(steps: pd.DataFrame, key: str, base: str, head: str) -> tuple[np.ndarray, np.ndarray]:
-    """The two sides' step times of one cell, aligned by (round, step): only steps both sides measured."""
+def paired(steps: pd.DataFrame, key: str, base: str, head: str) -> tuple[np.ndarray, ...]:
+    """The two sides' step times of one cell, aligned by (round, step): only steps both sides measured; then each
+    pair's step index and round (for ``quartets``)."""
     d = steps[steps["key"] == key].pivot_table(index=["round", "step"], columns="side", values="step_ms")
     if base not in d or head not in d:
-        return np.array([]), np.array([])
+        return np.array([]), np.array([]), np.array([], int), np.array([], int)
     d = d[[base, head]].dropna()
-    return d[base].to_numpy(), d[head].to_numpy()
+    return (d[base].to_numpy(), d[head].to_numpy(), d.index.get_level_values("step").to_numpy(),
+            d.index.get_level_values("round").to_numpy())
 
 
 def judge(cmp: Comparison, base: str, head: str, threshold: float) -> pd.DataFrame:
@@ -333,8 +363,8 @@ def judge(cmp: Comparison, base: str, head: str, threshold: float) -> pd.DataFra
     out = []
     pairs = {cell.key: paired(cmp.steps, cell.key, base, head) for cell in cmp.cells}
     for cell in cmp.cells:
-        b, h = pairs[cell.key]
-        d = decide(b, h, threshold)
+        b, h, steps, rounds = pairs[cell.key]
+        d = decide(b, h, threshold, steps=steps, rounds=rounds)
         line = {"method": cell.method, "T": cell.T, "key": cell.key, "base_ms": float(np.median(b)) if len(b) else None,
                 "head_ms": float(np.median(h)) if len(h) else None, "ratio": d.ratio, "low": d.low, "high": d.high,
                 "pairs": d.n, "time": d.verdict, "detectable": d.detectable}
@@ -456,7 +486,7 @@ def markdown(table: pd.DataFrame, cmp: Comparison, base: str, head: str, thresho
     if len(pooled):
         rows = [[r["method"], interval(r), r["pairs"], r["time"], detectable(r)]
                 + ([interval(r, "confirm_")] if shown else []) for _, r in pooled.iterrows()]
-        lines += ["", "Each method over its cells (geometric mean of their ratios, every cell's steps resampled):", "",
+        lines += ["", "Each method over its cells (geometric mean of their ratios, every cell's quartets resampled):", "",
                   tabulate(rows, headers=["method", "head/base [95% CI]", "pairs", "time", "detectable"]
                            + (["again [95% CI]"] if shown else []), tablefmt="github")]
 

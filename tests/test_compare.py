@@ -18,12 +18,15 @@ from tests.helpers import cli
 REPO = Path(__file__).resolve().parents[1]
 
 
-def simulated_steps(ratio, n, rng, drift_sd=0.15, noise_sd=0.05, base_ms=50.0):
+def simulated_steps(ratio, n, rng, drift_sd=0.15, noise_sd=0.05, base_ms=50.0, switch=0.0):
     """n pairs of step times measured next to each other: a drift of the machine common to both steps of a pair
-    (log-normal, sd drift_sd) and independent noise per step (log-normal, sd noise_sd); head = ratio x base."""
+    (log-normal, sd drift_sd) and independent noise per step (log-normal, sd noise_sd); head = ratio x base. The
+    sides take turns in the gate's order (base first in even pairs, head first in odd ones) and the side that runs
+    second is slower by exp(switch) (the caches the other side left)."""
     drift = rng.normal(0, drift_sd, n)
-    b = base_ms * np.exp(drift + rng.normal(0, noise_sd, n))
-    h = ratio * base_ms * np.exp(drift + rng.normal(0, noise_sd, n))
+    second_h = np.arange(n) % 2 == 0
+    b = base_ms * np.exp(drift + rng.normal(0, noise_sd, n) + switch * ~second_h)
+    h = ratio * base_ms * np.exp(drift + rng.normal(0, noise_sd, n) + switch * second_h)
     return b, h
 
 
@@ -71,12 +74,35 @@ def test_pooling_a_methods_cells_finds_what_one_cell_cannot():
     assert one.verdict == "too few steps"  # pooling needs two cells
 
 
+def test_quartets_cancel_the_cost_of_running_second():
+    """On the CI machine the side that runs second after the other is ~30% slower (caches), and the order flips
+    every step: single pairs swing by +-30%. The quartets (two consecutive pairs, one of each order) cancel that:
+    the log ratios of a quartet are exactly the ratio's log plus the two steps' noise, the intervals with a 30%
+    swing are as narrow as without it, and an unchanged head is never called slower or faster."""
+    from bench.compare import quartets
+
+    b = np.array([10.0, 13.0, 20.0, 26.0, 5.0])
+    h = np.array([13.0, 10.0, 26.0, 20.0, 7.0])  # the second runner pays 30%; the fifth pair has no partner
+    assert np.allclose(quartets(b, h), [0.0, 0.0])
+    # with step indices and rounds: a quartet is steps 2q, 2q + 1 of one round, both present
+    q = quartets([1.0, 1.0, 1.0, 1.0, 1.0], [2.0, 2.0, 4.0, 8.0, 8.0], steps=[0, 1, 0, 2, 3], rounds=[0, 0, 1, 1, 1])
+    assert np.allclose(q, [np.log(2.0), np.log(8.0)])
+    rng = np.random.default_rng(7)
+    widths = {}
+    for switch in (0.0, 0.3):
+        ds = [decide(*simulated_steps(1.0, 28, rng, switch=switch), threshold=0.05) for _ in range(60)]
+        assert all(d.verdict == "no change" for d in ds)
+        widths[switch] = np.median([np.log(d.high / d.low) for d in ds])
+    assert widths[0.3] < 1.15 * widths[0.0], widths
+
+
 def test_detectable_slowdown_and_too_few_steps():
     rng = np.random.default_rng(4)
     d = decide(*simulated_steps(1.0, 30, rng, noise_sd=0.02), threshold=0.05)
     # detectable = (1 + threshold) * ratio / low - 1: above the threshold, by the interval's half-width or so
     assert d.detectable == pytest.approx(1.05 * d.ratio / d.low - 1) and 0.05 < d.detectable < 0.15
     assert decide([1.0, 2.0], [1.0, 2.0], 0.05).verdict == "too few steps"
+    assert decide([1.0] * 5, [1.0] * 5, 0.05).verdict == "too few steps"  # two quartets
 
 
 def git(repo, *args):
@@ -166,9 +192,10 @@ def test_compare_finds_an_injected_slowdown_in_the_working_tree(tmp_path):
     t = pd.read_parquet(tmp_path / "cmp" / "comparison.parquet").set_index("method")
     assert t.loc["bptt_m", "time"] == "slower" and t.loc["bptt_m", "low"] > 1.05
     assert t.loc["rate_m", "time"] != "slower"
-    assert t.loc["bptt_m", "pairs"] == 18 and (tmp_path / "cmp" / "compare.md").exists()
+    # 9 steps run as 10 (an even number: every step in an ABBA quartet), 2 rounds: 20 pairs
+    assert t.loc["bptt_m", "pairs"] == 20 and (tmp_path / "cmp" / "compare.md").exists()
     assert t.loc["bptt_m", "exact"] is None  # the slowdown changes no saved bytes
-    assert t.loc["bptt_m", "confirm_low"] > 1.05 and t.loc["bptt_m", "confirm_pairs"] == 18  # measured again, agreed
+    assert t.loc["bptt_m", "confirm_low"] > 1.05 and t.loc["bptt_m", "confirm_pairs"] == 20  # measured again, agreed
     assert np.isnan(t.loc["rate_m", "confirm_ratio"])  # nothing to confirm there
     shutil.rmtree(src)
 
@@ -268,7 +295,7 @@ def test_a_base_that_fails_every_cell_is_unusable_input(tmp_path):
     shutil.rmtree(src)
 
 
-def comparison_with_round_effects(cells, ratio, rounds, rng, round_sd=0.10, steps=7):
+def comparison_with_round_effects(cells, ratio, rounds, rng, round_sd=0.10, steps=8):
     """A comparison whose rounds each carry a shared state of the head's worker (log-normal, sd round_sd) on top of
     the per-pair drift and per-step noise: the pairs of a round are not independent, as on a real machine."""
     import pandas as pd
@@ -288,7 +315,7 @@ def test_a_slower_verdict_stands_only_when_fresh_rounds_give_it_too():
     """Round effects make single comparisons call unchanged code slower more often than their 95% intervals say
     (2.5% one-sided; at threshold 0, about 10% here); measuring the flagged cells again and keeping the verdict only
     when the new rounds agree cuts those false alarms to a fraction, while a real 25% slowdown is still confirmed at
-    the 5% threshold. 150 simulated A/A comparisons of one cell (4 rounds of 7 steps, round effects of sd 10%)."""
+    the 5% threshold. 150 simulated A/A comparisons of one cell (4 rounds of 8 steps, round effects of sd 10%)."""
     from bench.compare import confirmed, judge, to_confirm, verdict_code
     from bench.grid import Cell
 
@@ -302,7 +329,7 @@ def test_a_slower_verdict_stands_only_when_fresh_rounds_give_it_too():
         if keys:
             again = judge(comparison_with_round_effects(cells, 1.0, 4, rng), "base", "head", 0.0)
             c = confirmed(t, again)
-            assert c["time"].iloc[0] in ("slower", "not confirmed") and c["confirm_pairs"].iloc[0] == 28
+            assert c["time"].iloc[0] in ("slower", "not confirmed") and c["confirm_pairs"].iloc[0] == 32
             confirmed_alarms += verdict_code(c)
     assert first_alarms >= 8  # the round effects do produce false alarms in one comparison...
     assert confirmed_alarms <= first_alarms / 4  # ...and confirmation removes most of them
