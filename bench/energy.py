@@ -34,7 +34,7 @@ import threading
 import time
 from pathlib import Path
 
-from .sampler import BoundedSeries
+from .sampler import BoundedSeries, Poller
 
 RAPL_ROOT = Path("/sys/class/powercap")
 POWER_INTERVAL_S = 0.02
@@ -60,31 +60,6 @@ class _Counter:
             self.total += max(delta, 0.0)
             self.last = now
             return self.total
-
-
-class _Poll:
-    """Calls ``fn`` every ``interval`` s in a daemon thread until stopped; a call that raises ends the polling."""
-
-    def __init__(self, fn, interval: float) -> None:
-        self.fn, self.interval = fn, interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="snnbench-energy", daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.fn()
-            except Exception:  # a reading that fails ends the series; what was read stands
-                return
-
-    def start(self) -> "_Poll":
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
 
 
 class _CounterWatts:
@@ -142,7 +117,7 @@ class EnergyMeter:
         self.counter: _Counter | None = None
         self.power: _PowerIntegral | None = None
         self._watts: _CounterWatts | None = None  # the trace of a counter-only meter
-        self._polls: list[_Poll] = []
+        self._polls: list[Poller] = []
         self._idle: tuple[dict, float] | None = None  # both sources over the idle wait, and its seconds
 
     def _open(self) -> None:
@@ -152,15 +127,19 @@ class EnergyMeter:
         if self._power_read is not None:
             self.power = _PowerIntegral(self._power_read, clock=self.clock)
             self.power.sample()
-            self._polls.append(_Poll(self.power.sample, POWER_INTERVAL_S).start())
+            self._polls.append(Poller(self.power.sample, POWER_INTERVAL_S, "snnbench-energy").start())
         elif self.counter is not None:
             self._watts = _CounterWatts(self.counter, clock=self.clock)
-            self._polls.append(_Poll(self._watts.sample, TRACE_INTERVAL_S).start())
+            self._polls.append(Poller(self._watts.sample, TRACE_INTERVAL_S, "snnbench-energy").start())
+
+    def _totals(self) -> tuple[float | None, float | None]:
+        """Each source's joules since it was opened (None where absent)."""
+        return self.counter() if self.counter else None, self.power() if self.power else None
 
     def start(self) -> None:
         self._open()
-        self._base_counter = self.counter() if self.counter else 0.0
-        self._base_power = self.power() if self.power else 0.0
+        c, p = self._totals()
+        self._base = (c or 0.0, p or 0.0)
         if self.idle_s:  # idle: before the cell allocates or computes anything
             t, span = self.clock(), Span(self)
             time.sleep(self.idle_s)
@@ -186,8 +165,8 @@ class EnergyMeter:
     def read_both(self) -> tuple[float | None, float | None]:
         """Joules since start() by the counter and by integrated power (None where absent): both are kept, so that
         the source can be chosen when the cell ends."""
-        return (self.counter() - self._base_counter if self.counter else None,
-                self.power() - self._base_power if self.power else None)
+        c, p = self._totals()
+        return None if c is None else c - self._base[0], None if p is None else p - self._base[1]
 
     def stop(self) -> None:
         for p in self._polls:
@@ -200,17 +179,10 @@ class EnergyMeter:
         return series.points() if series is not None else []
 
 
-class _Remote:
-    """A value the NVML sampler process reads on request (``NvmlProcessSampler.energy``): the counter's joules, or
-    the power integrated there; ``total`` as ``_Counter``'s."""
+class _Reported:
+    """One source's joules as the NVML sampler process last reported them; ``total`` as ``_Counter``'s."""
 
-    def __init__(self, ask, key: str) -> None:
-        self.ask, self.key = ask, key
-        self.total = 0.0
-
-    def __call__(self) -> float:
-        self.total = self.ask()[self.key]
-        return self.total
+    total = 0.0
 
 
 class ProcessEnergyMeter(EnergyMeter):
@@ -223,8 +195,16 @@ class ProcessEnergyMeter(EnergyMeter):
         self.sampler, self.has_counter, self.has_power = sampler, has_counter, has_power
 
     def _open(self) -> None:
-        self.counter = _Remote(lambda: self.sampler.energy(), "counter") if self.has_counter else None
-        self.power = _Remote(lambda: self.sampler.energy(), "power") if self.has_power else None
+        self.counter = _Reported() if self.has_counter else None
+        self.power = _Reported() if self.has_power else None
+
+    def _totals(self) -> tuple[float | None, float | None]:
+        """Both sources in one request (``NvmlProcessSampler.energy``): one round trip, one moment."""
+        reply = self.sampler.energy()
+        for source, key in ((self.counter, "counter"), (self.power, "power")):
+            if source is not None:
+                source.total = reply[key]
+        return (self.counter.total if self.counter else None, self.power.total if self.power else None)
 
     def trace(self) -> list[tuple[float, float]]:
         return list(self.sampler.power_trace)

@@ -83,6 +83,33 @@ class BoundedSeries:
         return out
 
 
+class Poller:
+    """Calls ``fn`` every ``interval_s`` seconds in a daemon thread until ``stop()``; a call that raises ends the
+    polling (what was read before stands). The loop of the memory samplers and of the energy meter's power
+    readings."""
+
+    def __init__(self, fn: Callable[[], object], interval_s: float, name: str = "snnbench-sampler") -> None:
+        self.fn, self.interval_s = fn, interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.fn()
+            except Exception:
+                return
+
+    def start(self) -> "Poller":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+
 class Sampler(PeakReadings):
     """A background thread that reads a value every ``interval_s`` and keeps the peak and the series.
 
@@ -97,8 +124,7 @@ class Sampler(PeakReadings):
         self.baseline = baseline
         self.peak: int | None = None
         self.series = BoundedSeries(max_samples, dt=interval_s)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._poller: Poller | None = None
         self._t0 = 0.0
 
     @property
@@ -119,24 +145,18 @@ class Sampler(PeakReadings):
             self.peak = v
         self.series.add(time.perf_counter() - self._t0, v)
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self._take()
-
     def start(self) -> "Sampler":
         self._t0 = time.perf_counter()
         if self.baseline is None:
             self.baseline = self.read()
         self._take()
-        self._thread = threading.Thread(target=self._run, name="snnbench-sampler", daemon=True)
-        self._thread.start()
+        self._poller = Poller(self._take, self.interval_s).start()
         return self
 
     def stop(self) -> "Sampler":
         self._take()
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        if self._poller is not None:
+            self._poller.stop()
         return self
 
     def __enter__(self) -> "Sampler":

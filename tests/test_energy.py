@@ -231,6 +231,10 @@ def test_the_nvml_sampler_process_reads_the_energy(tmp_path, monkeypatch, counte
         meter.start()
         assert polls() == before  # (earlier tests may have left their own meters' threads)
         got, elapsed = _span_over(meter, 0.3)
+        asked, energy = [], sampler.energy
+        sampler.energy = lambda: asked.append(1) or energy()  # noqa: E731
+        meter.read_both()
+        assert len(asked) == 1  # both sources in one request to the sampler process
         meter.stop()
     finally:
         sampler.stop()
