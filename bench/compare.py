@@ -317,7 +317,7 @@ def decide(base_ms, head_ms, threshold: float, confidence: float = CONFIDENCE, s
     n = 2 * len(q)
     if len(q) < 3:
         return Decision(math.nan, math.nan, math.nan, n, "too few steps", math.nan)
-    return _decide_logs((q,), lambda x, axis=-1: _median(x, axis), threshold, confidence, seed, n)
+    return _decide_logs((q,), _median, threshold, confidence, seed, n)
 
 
 def _decide_logs(samples: tuple, stat, threshold: float, confidence: float, seed: int, n: int) -> Decision:
