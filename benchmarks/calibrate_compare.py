@@ -169,9 +169,12 @@ def report(v: pd.DataFrame, slowdowns, thresholds, a, gate_s) -> str:
             zero = thr
     lines.append(tabulate(rows, headers=["threshold", "false alarms (A/A): gate (first measurement)"]
                           + [f"{s:g}% found: gate (first measurement)" for s in slowdowns], tablefmt="github"))
-    cell_aa = v[(v["head"] == "A'") & (v["threshold"] == thresholds[0]) & (v["scope"] == "cell")]["ratio"]
-    lines += ["", f"A/A ratios of the cells: median {cell_aa.median():.3f}, middle 95% [{cell_aa.quantile(0.025):.3f}, "
-                  f"{cell_aa.quantile(0.975):.3f}], furthest from 1: {cell_aa.iloc[(cell_aa - 1).abs().argmax()]:.3f}"]
+    cell_aa = v[(v["head"] == "A'") & (v["threshold"] == thresholds[0]) & (v["scope"] == "cell")]["ratio"].dropna()
+    if len(cell_aa):
+        lines += ["", f"A/A ratios of the cells: median {cell_aa.median():.3f}, middle 95% [{cell_aa.quantile(0.025):.3f}, "
+                      f"{cell_aa.quantile(0.975):.3f}], furthest from 1: {cell_aa.iloc[(cell_aa - 1).abs().argmax()]:.3f}"]
+    else:
+        lines += ["", "A/A ratios of the cells: none (too few steps a cell: a cell needs three ABBA quartets)"]
     for s in slowdowns:
         m = v[(v["head"] == f"S{s:g}") & (v["threshold"] == thresholds[0]) & (v["scope"] == "method")]["ratio"]
         lines.append(f"{s:g}% injected: the method's pooled ratio, median {m.median():.3f} "

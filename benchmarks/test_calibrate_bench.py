@@ -14,7 +14,7 @@ T = [1, 2]
 kind = "profile"
 batch_size = 8
 warmup_steps = 1
-steps = 4
+steps = 6  # three ABBA quartets a round: the fewest a cell is judged on
 """
 
 
