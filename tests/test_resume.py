@@ -147,7 +147,7 @@ def test_grid_process_sigterm_reaches_the_worker_exit_75_then_rerun_finishes(tmp
     import time
 
     t0 = time.time()
-    while not (ckpt_dir.exists() and any(ckpt_dir.iterdir())) and time.time() - t0 < 120:
+    while not (ckpt_dir.exists() and any(ckpt_dir.glob("*.pt"))) and time.time() - t0 < 120:
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)

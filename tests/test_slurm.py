@@ -69,6 +69,17 @@ def job_of(out, n=0):
     return json.loads((out / "slurm" / "jobs.json").read_text())[n]["job_id"]
 
 
+def landed(folder, pattern):
+    """A file of ``pattern`` renamed into ``folder``: the atomic writer's temporary (``.NAME.XXXX.tmp``) is in the
+    folder before the file is, and does not count."""
+    return folder.is_dir() and any(folder.glob(pattern))
+
+
+def stored_status(out):
+    rows = load_results(out)
+    return None if rows.empty else rows["status"].iloc[0]
+
+
 def wait_for(pred, timeout=120, what=""):
     t0 = time.time()
     while not pred():
@@ -147,10 +158,10 @@ def test_scontrol_requeue_resumes_the_cell(slurm, tmp_path):
     out = tmp_path / "out"
     r = cli("run", str(g), "--slurm", "--detach", "--out", str(out), env=slurm)
     assert r.returncode == 0 and "detached" in r.stderr, r.stderr
-    wait_for(lambda: (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()), what="a checkpoint")
+    wait_for(lambda: landed(out / "checkpoints", "*.pt"), what="a checkpoint")
     job = job_of(out)
     subprocess.run(["scontrol", "requeue", job], env=slurm, check=True)
-    wait_for(lambda: (out / "cells").is_dir() and any((out / "cells").iterdir()), what="the preempted row")
+    wait_for(lambda: landed(out / "cells", "*.parquet"), what="the preempted row")
     s = cli("status", str(out), env=slurm)
     assert "requeued" in s.stdout or "running" in s.stdout, s.stdout  # pending again, or already restarted
     w = cli("run", str(g), "--slurm", "--out", str(out), "--poll-s", "1", env=slurm, timeout=600)
@@ -195,10 +206,9 @@ def test_scancel_stores_cancelled_and_a_rerun_resubmits_and_resumes(slurm, tmp_p
     g = grid_file(tmp_path, "cancel", T=[4], epochs=6)
     out = tmp_path / "out"
     assert cli("run", str(g), "--slurm", "--detach", "--out", str(out), env=slurm).returncode == 0
-    wait_for(lambda: (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()), what="a checkpoint")
+    wait_for(lambda: landed(out / "checkpoints", "*.pt"), what="a checkpoint")
     subprocess.run(["scancel", job_of(out)], env=slurm, check=True)
-    wait_for(lambda: (out / "cells").is_dir() and any((out / "cells").iterdir())
-             and load_results(out)["status"].iloc[0] == "cancelled", what="the cancelled row")
+    wait_for(lambda: stored_status(out) == "cancelled", what="the cancelled row")
     s = cli("status", str(out), env=slurm)
     assert "1 cancelled" in s.stdout, s.stdout
     r = cli("run", str(g), "--slurm", "--out", str(out), "--poll-s", "1", env=slurm, timeout=600)
