@@ -174,7 +174,8 @@ def cmd_compare(a) -> int:
     _, cells, out, _ = prepare_run(a.grid, a.filter, a.set, a.device, None, a.out or str(REPO / "results" / "compare"))
     rc, _, md = compare(a.base, a.head, cells, a.rounds, a.threshold, out,
                         progress=lambda s: print(s, file=sys.stderr, flush=True) if a.verbose else None,
-                        confirm_rounds=a.confirm_rounds)
+                        confirm_rounds=a.confirm_rounds,
+                        **({} if a.worker_timeout is None else {"timeout_s": a.worker_timeout}))
     print(md)
     if a.report:
         Path(a.report).write_text(md)
@@ -284,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "they give it too (default: --rounds; 0: no confirmation)")
     cp.add_argument("--threshold", type=float, default=5.0, metavar="PCT",
                     help="a slowdown counts when the interval's lower end is above 1 + PCT/100 (default 5)")
+    cp.add_argument("--worker-timeout", type=float, metavar="S",
+                    help="kill a side's worker that sends nothing for S seconds (a hang): that cell and round count as "
+                         "a failure of that side (default 600)")
     cp.add_argument("--out", help="folder for steps.parquet, comparison.parquet and compare.md (default results/compare)")
     cp.add_argument("--report", metavar="FILE", help="write the comparison as markdown")
     hp = sub.add_parser("history", help="step time and memory per method over commits (a page of plots)")

@@ -28,16 +28,19 @@ both. ``benchmarks/calibrate_compare.py`` measures the false-alarm and detection
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import io
 import json
 import math
 import os
+import queue
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -60,6 +63,8 @@ CODE_PATHS = ("bench", "methods", "reports", "run_bench.py", "pyproject.toml")
 EXACT_METRICS = ("saved_for_backward_mib", "num_params")
 DEFAULT_THRESHOLD_PCT = 5.0
 CONFIDENCE = 0.95
+MIN_QUARTETS = 3  # a cell with fewer ABBA quartets is not judged ("too few steps")
+WORKER_TIMEOUT_S = 600.0  # a side's worker silent this long (set-up, one step, a cell's bookkeeping) is killed
 
 
 # ---------------------------------------------------------------- the two sides' code
@@ -119,32 +124,60 @@ class SideFailed(RuntimeError):
 
 
 class SideWorker:
-    """A worker process running one side's code (see bench/compare_worker.py for the protocol)."""
+    """A worker process running one side's code (see bench/compare_worker.py for the protocol). A worker that
+    sends nothing for ``timeout_s`` seconds (a side that hangs: a deadlock, a step that never ends) is killed and
+    counts as a worker that died in that cell."""
 
-    def __init__(self, name: str, root: Path, script: Path, env: dict | None = None) -> None:
-        self.name, self.root = name, root
+    def __init__(self, name: str, root: Path, script: Path, env: dict | None = None,
+                 timeout_s: float | None = None) -> None:
+        self.name, self.root, self.timeout_s = name, root, timeout_s
         penv = {**os.environ, **(env or {}), "PYTHONPATH": str(root), "PYTHONDONTWRITEBYTECODE": "1"}
         self.proc = subprocess.Popen([sys.executable, str(script)], cwd=root, env=penv, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
+        self.lines: queue.Queue = queue.Queue()  # the worker's stdout, line by line ("" at its end)
+        # its stderr's last lines, read as they come so that the pipe never fills and blocks the worker
+        self.err: collections.deque = collections.deque(maxlen=50)
+        threading.Thread(target=self._pump, daemon=True).start()
+        self._err_pump = threading.Thread(target=self.err.extend, args=(self.proc.stderr,), daemon=True)
+        self._err_pump.start()
         ready = self.read()
         bench_dir = Path(ready.get("bench", "")).resolve()
         if bench_dir != (root / "bench").resolve():
             self.close()
             raise SideFailed(f"side {name}: its worker imported {bench_dir}, not {root / 'bench'}")
 
+    def _pump(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put("")
+
     def read(self) -> dict:
         while True:
-            line = self.proc.stdout.readline()
+            try:
+                line = self.lines.get(timeout=self.timeout_s)
+            except queue.Empty:
+                self.proc.kill()
+                self.proc.wait()
+                raise SideFailed(f"side {self.name}: worker sent nothing for {self.timeout_s:g} s (killed)",
+                                 self.name) from None
             if not line:
-                err = self.proc.stderr.read() if self.proc.poll() is not None else ""
-                raise SideFailed(f"side {self.name}: worker ended: {err.strip().splitlines()[-1] if err.strip() else ''}",
-                                 self.name)
+                try:
+                    self.proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:  # pragma: no cover - closed its stdout and went on
+                    self.proc.kill()
+                    self.proc.wait()
+                self._err_pump.join(timeout=5)
+                last = [ln.strip() for ln in self.err if ln.strip()]
+                raise SideFailed(f"side {self.name}: worker ended: {last[-1] if last else ''}", self.name)
             if line.startswith(PREFIX):
                 return json.loads(line[len(PREFIX):])
 
     def send(self, obj) -> None:
-        self.proc.stdin.write(json.dumps(obj) + "\n")
-        self.proc.stdin.flush()
+        try:
+            self.proc.stdin.write(json.dumps(obj) + "\n")
+            self.proc.stdin.flush()
+        except OSError:  # the worker is gone: read() says why
+            pass
 
     def close(self) -> None:
         try:
@@ -222,9 +255,11 @@ class Comparison:
 
 
 def measure(roots: dict[str, Path], labels: dict[str, str], cells: list[Cell], rounds: int,
-            progress: Callable[[str], None] | None = None, env: dict[str, dict] | None = None) -> Comparison:
+            progress: Callable[[str], None] | None = None, env: dict[str, dict] | None = None,
+            timeout_s: float | None = None) -> Comparison:
     """Run every cell on every side ``rounds`` times (fresh workers per round; the sides' order and the cells'
-    order reverse every round) and collect the per-step times and rows."""
+    order reverse every round) and collect the per-step times and rows. A worker silent for ``timeout_s`` seconds
+    is killed (``SideWorker``)."""
     progress = progress or (lambda s: None)
     names = list(roots)
     steps, rows, failures, crashes = [], [], [], []
@@ -238,7 +273,7 @@ def measure(roots: dict[str, Path], labels: dict[str, str], cells: list[Cell], r
             with ExitStack() as stack:
                 workers = []
                 for n in order:
-                    w = SideWorker(n, roots[n], script, (env or {}).get(n))
+                    w = SideWorker(n, roots[n], script, (env or {}).get(n), timeout_s)
                     stack.callback(w.close)
                     workers.append(w)
                 for i, cell in enumerate(todo, 1):
@@ -250,7 +285,7 @@ def measure(roots: dict[str, Path], labels: dict[str, str], cells: list[Cell], r
                         crashes.append({"key": cell.key, "round": r, "side": e.side, "error": str(e)})
                         for w in workers:
                             w.close()
-                        workers[:] = [SideWorker(n, roots[n], script, (env or {}).get(n)) for n in order]
+                        workers[:] = [SideWorker(n, roots[n], script, (env or {}).get(n), timeout_s) for n in order]
                         for w in workers:
                             stack.callback(w.close)
                         continue
@@ -303,10 +338,6 @@ def quartets(base_ms, head_ms, steps=None, rounds=None) -> np.ndarray:
     return ids.mean()[ids.size() == 2].to_numpy()
 
 
-def _median(x, axis=-1):
-    return np.median(x, axis=axis)
-
-
 def decide(base_ms, head_ms, threshold: float, confidence: float = CONFIDENCE, seed: int = 0, steps=None,
            rounds=None) -> Decision:
     """The head/base ratio of step times with a 95% interval, and the verdict at ``threshold`` (a fraction: 0.05 is
@@ -315,9 +346,9 @@ def decide(base_ms, head_ms, threshold: float, confidence: float = CONFIDENCE, s
     (``scipy.stats.bootstrap``) that resamples the quartets."""
     q = quartets(base_ms, head_ms, steps, rounds)
     n = 2 * len(q)
-    if len(q) < 3:
+    if len(q) < MIN_QUARTETS:
         return Decision(math.nan, math.nan, math.nan, n, "too few steps", math.nan)
-    return _decide_logs((q,), _median, threshold, confidence, seed, n)
+    return _decide_logs((q,), np.median, threshold, confidence, seed, n)
 
 
 def _decide_logs(samples: tuple, stat, threshold: float, confidence: float, seed: int, n: int) -> Decision:
@@ -335,13 +366,13 @@ def decide_pooled(groups: list[tuple], threshold: float, confidence: float = CON
     steps find a smaller one than any cell alone. A group is (base_ms, head_ms) or (base_ms, head_ms, steps,
     rounds), as ``decide`` takes them."""
     qs = [quartets(*g) for g in groups]
-    qs = [q for q in qs if len(q) >= 3]
+    qs = [q for q in qs if len(q) >= MIN_QUARTETS]
     n = 2 * sum(len(q) for q in qs)
     if len(qs) < 2:
         return Decision(math.nan, math.nan, math.nan, n, "too few steps", math.nan)
 
     def mean_of_medians(*xs, axis=-1):
-        return np.mean([_median(x, axis) for x in xs], axis=0)
+        return np.mean([np.median(x, axis=axis) for x in xs], axis=0)
 
     return _decide_logs(tuple(qs), mean_of_medians, threshold, confidence, seed, n)
 
@@ -505,11 +536,29 @@ def markdown(table: pd.DataFrame, cmp: Comparison, base: str, head: str, thresho
     return "\n".join(lines) + "\n"
 
 
+def check_judgeable(cells: list[Cell], rounds: int, confirm_rounds: int) -> None:
+    """A UsageError (exit 2) when a cell would run too few steps to be judged: its first measurement (``rounds``)
+    or its confirmation (``confirm_rounds``, where on) would hold fewer than MIN_QUARTETS ABBA quartets. Such a
+    gate could never fail (every cell "too few steps", or no slower verdict ever confirmed), so it is refused."""
+    for what, n_rounds in (("--rounds", rounds), ("--confirm-rounds", confirm_rounds)):
+        if not n_rounds:
+            continue
+        for cell in cells:
+            steps = even_steps(cell).steps
+            if n_rounds * (steps // 2) < MIN_QUARTETS:
+                raise UsageError(
+                    f"{cell.label}: {steps} timed step(s) a round x {what} {n_rounds} = "
+                    f"{n_rounds * (steps // 2)} ABBA quartet(s), and a cell needs {MIN_QUARTETS} to be judged; "
+                    f"raise {what} or the cell's steps (--set steps=N)")
+
+
 def compare(base_rev: str, head_rev: str | None, cells: list[Cell], rounds: int, threshold_pct: float,
             out: Path | None = None, repo: Path = REPO, progress: Callable[[str], None] | None = None,
-            confirm_rounds: int | None = None) -> tuple[int, pd.DataFrame, str]:
+            confirm_rounds: int | None = None,
+            timeout_s: float | None = WORKER_TIMEOUT_S) -> tuple[int, pd.DataFrame, str]:
     """Check out both sides, measure, decide, and measure a slower verdict again (``confirm_rounds``, default
-    ``rounds``; 0: no confirmation). Returns (exit code, table, markdown)."""
+    ``rounds``; 0: no confirmation). A side's worker silent for ``timeout_s`` seconds is killed: that cell and
+    round are lost, a failure of that side. Returns (exit code, table, markdown)."""
     cells = [c for c in cells if c.kind == "profile"]
     confirm_rounds = rounds if confirm_rounds is None else confirm_rounds
     if not cells:
@@ -520,6 +569,9 @@ def compare(base_rev: str, head_rev: str | None, cells: list[Cell], rounds: int,
         raise UsageError(f"--confirm-rounds must be 0 or more, not {confirm_rounds}")
     if not 0 <= threshold_pct < 100:
         raise UsageError(f"--threshold is a percentage in [0, 100), not {threshold_pct}")
+    if timeout_s is not None and not timeout_s > 0:
+        raise UsageError(f"--worker-timeout is a number of seconds above 0, not {timeout_s}")
+    check_judgeable(cells, rounds, confirm_rounds)
     threshold = threshold_pct / 100
     again = None
     with tempfile.TemporaryDirectory(prefix="snnbench-sides-") as tmp:
@@ -527,7 +579,7 @@ def compare(base_rev: str, head_rev: str | None, cells: list[Cell], rounds: int,
         labels = {"base": checkout(repo, base_rev, roots["base"], CODE_PATHS),
                   "head": checkout(repo, head_rev, roots["head"], CODE_PATHS)}
         try:
-            cmp = measure(roots, labels, cells, rounds, progress)
+            cmp = measure(roots, labels, cells, rounds, progress, timeout_s=timeout_s)
             table = judge(cmp, "base", "head", threshold)
             cells_only = table[table["scope"] == "cell"]
             base_failed = cells_only["problem"].fillna("").str.contains("base: ")
@@ -537,7 +589,8 @@ def compare(base_rev: str, head_rev: str | None, cells: list[Cell], rounds: int,
             if keys and confirm_rounds:
                 if progress:
                     progress(f"{len(keys)} cell(s) slower: measuring them again, {confirm_rounds} round(s)")
-                again = measure(roots, labels, [c for c in cells if c.key in keys], confirm_rounds, progress)
+                again = measure(roots, labels, [c for c in cells if c.key in keys], confirm_rounds, progress,
+                                timeout_s=timeout_s)
                 table = confirmed(table, judge(again, "base", "head", threshold))
         except SideFailed as e:
             raise UsageError(f"cannot run a side of the comparison: {e}") from None

@@ -2,6 +2,7 @@
 sides' code (a revision, the working tree with uncommitted edits, a revision that does not exist), and one real
 comparison that must find an injected slowdown."""
 
+import dataclasses
 import importlib.util
 import shutil
 import subprocess
@@ -164,6 +165,93 @@ def test_cli_grid_without_profile_cells_exits_2():
     assert r.returncode == 2 and "no" in r.stderr and "profile" in r.stderr, r.stderr
 
 
+def project_copy(tmp_path, message="base"):
+    """The project's files as they are now, committed in a git repository of their own at tmp_path/proj (files
+    already there are kept and committed)."""
+    src = tmp_path / "proj"
+    assert "working tree" in checkout(REPO, None, src)
+    git(src, "init", "-q")
+    git(src, "config", "user.email", "t@example.org")
+    git(src, "config", "user.name", "t")
+    git(src, "add", ".")
+    git(src, "commit", "-qm", message)
+    return src
+
+
+def test_cli_a_grid_too_small_to_judge_exits_2():
+    """Fewer than three ABBA quartets a cell, in the first measurement or in the confirmation, would make a gate
+    that cannot fail (every cell "too few steps", or no slower verdict ever confirmed): refused before anything
+    runs."""
+    r = cli("compare", "HEAD", "--grid", "ci_cpu", "--rounds", "1", "--set", "steps=4")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "2 ABBA quartet(s)" in r.stderr and "--rounds" in r.stderr and "Traceback" not in r.stderr
+    r = cli("compare", "HEAD", "--grid", "ci_cpu", "--rounds", "2", "--confirm-rounds", "1", "--set", "steps=4")
+    assert r.returncode == 2 and "--confirm-rounds 1" in r.stderr, r.stderr
+    r = cli("compare", "HEAD", "--grid", "ci_cpu", "--worker-timeout", "0")
+    assert r.returncode == 2 and "--worker-timeout" in r.stderr, r.stderr
+
+    from bench.compare import check_judgeable
+    from bench.grid import Cell
+
+    cell = Cell("bptt_m", "cnn_digits", "synthetic:cifar10", 1, kind="profile", steps=5)  # run as 6: 3 quartets
+    check_judgeable([cell], 1, 1)
+    two = dataclasses.replace(cell, steps=2)
+    check_judgeable([two], 3, 0)  # 3 rounds of one quartet; no confirmation
+    with pytest.raises(UsageError, match="1 ABBA quartet"):
+        check_judgeable([two], 1, 0)
+
+
+FAKE_WORKER = """
+import json, sys, time
+sys.stderr.write(("noise " * 40 + "\\n") * {noise})  # more than a pipe holds: read on, or the worker blocks
+sys.stderr.flush()
+print("@cmp " + json.dumps({{"bench": {bench!r}}}), flush=True)
+sys.stdin.readline()
+time.sleep(600)  # a side that hangs in its cell
+"""
+
+
+def test_a_worker_that_hangs_is_killed_and_fails_its_side(tmp_path):
+    """A side's worker that sends nothing for the timeout is killed and reported as that side's failure (measure()
+    then loses the cell and round, and judge() fails a head that did this); its stderr is read while it runs, so a
+    worker that writes more than a pipe holds is not blocked by it."""
+    import time
+
+    from bench.compare import SideFailed, SideWorker
+
+    (tmp_path / "bench").mkdir()
+    script = tmp_path / "worker.py"
+    script.write_text(FAKE_WORKER.format(bench=str(tmp_path / "bench"), noise=1000))  # ~240 KB of stderr
+    w = SideWorker("head", tmp_path, script, timeout_s=2.0)  # its ready line comes after the noise
+    w.send({"cell": {}})
+    t0 = time.perf_counter()
+    with pytest.raises(SideFailed, match="side head: worker sent nothing for 2 s") as e:
+        w.read()
+    assert e.value.side == "head" and 1.9 < time.perf_counter() - t0 < 30
+    assert w.proc.poll() is not None  # killed, not left behind
+    w.close()
+
+
+def test_cli_a_head_that_hangs_fails_the_gate_and_the_gate_ends(tmp_path):
+    """The head's bptt_m step never returns (uncommitted, in the working tree): with --worker-timeout the gate
+    kills that worker, reports the cell as the head's failure and exits 1 instead of waiting for CI's limit."""
+    src = project_copy(tmp_path)
+    init = src / "methods" / "__init__.py"
+    hang = "\nimport time as _t\nMETHODS['bptt_m'].train_step = lambda *a, **k: _t.sleep(3600)\n"
+    init.write_text(init.read_text() + hang)
+    r = subprocess.run([sys.executable, "run_bench.py", "compare", "HEAD", "--grid", "ci_cpu", "--filter",
+                        "method=bptt_m", "--filter", "T=1", "--rounds", "1", "--set", "steps=5", "--confirm-rounds", "0",
+                        "--worker-timeout", "20", "--out", str(tmp_path / "cmp")],
+                       cwd=src, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stdout + r.stderr
+    import pandas as pd
+
+    t = pd.read_parquet(tmp_path / "cmp" / "comparison.parquet")
+    assert t["problem"].iloc[0] == "head: worker sent nothing for 20 s (killed)", t["problem"].iloc[0]
+    assert "Workers that died" in r.stdout
+    shutil.rmtree(src)
+
+
 def load_calibration():
     spec = importlib.util.spec_from_file_location("calibrate_compare", REPO / "benchmarks" / "calibrate_compare.py")
     mod = importlib.util.module_from_spec(spec)
@@ -174,14 +262,7 @@ def load_calibration():
 def test_compare_finds_an_injected_slowdown_in_the_working_tree(tmp_path):
     """A copy of the project as a git repository; its working tree's bptt_m step made 4x slower (uncommitted; a
     size that no noise of a shared machine hides): compare HEAD against the working tree calls bptt_m slower (exit 1) and leaves rate_m alone."""
-    src = tmp_path / "proj"
-    label = checkout(REPO, None, src)
-    assert "working tree" in label
-    git(src, "init", "-q")
-    git(src, "config", "user.email", "t@example.org")
-    git(src, "config", "user.name", "t")
-    git(src, "add", ".")
-    git(src, "commit", "-qm", "base")
+    src = project_copy(tmp_path)
     load_calibration().inject_slowdown(src, "bptt_m", 300)
     r = subprocess.run([sys.executable, "run_bench.py", "compare", "HEAD", "--grid", "ci_cpu", "--filter",
                         "method=bptt_m,rate_m", "--filter", "T=1", "--rounds", "2", "--set", "steps=9",
@@ -276,20 +357,15 @@ def test_a_side_builds_the_cell_from_the_fields_that_differ_from_the_defaults():
 def test_a_base_that_fails_every_cell_is_unusable_input(tmp_path):
     """A base revision whose every step raises stores only failed rows: compare says the base ran no cell and exits 2
     (a gate that passes because its reference never ran would pass anything)."""
-    src = tmp_path / "proj"
-    checkout(REPO, None, src)
-    init = src / "methods" / "__init__.py"
+    init = tmp_path / "proj" / "methods" / "__init__.py"
+    checkout(REPO, None, init.parents[1])
     good = init.read_text()
     init.write_text(good + "\nfor _m in METHODS.values():\n    _m.train_step = lambda *a, **k: (_ for _ in ()).throw("
                     "RuntimeError('broken base'))\n")
-    git(src, "init", "-q")
-    git(src, "config", "user.email", "t@example.org")
-    git(src, "config", "user.name", "t")
-    git(src, "add", ".")
-    git(src, "commit", "-qm", "broken base")
+    src = project_copy(tmp_path, "broken base")
     init.write_text(good)  # the working tree (head) is fixed
     r = subprocess.run([sys.executable, "run_bench.py", "compare", "HEAD", "--grid", "ci_cpu", "--filter",
-                        "method=bptt_m", "--filter", "T=1,4", "--rounds", "1", "--set", "steps=3"],
+                        "method=bptt_m", "--filter", "T=1,4", "--rounds", "1", "--set", "steps=5"],
                        cwd=src, capture_output=True, text=True, timeout=600)
     assert r.returncode == 2 and "ran no cell" in r.stderr and "broken base" in r.stderr, r.stdout + r.stderr
     shutil.rmtree(src)
