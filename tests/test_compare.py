@@ -165,16 +165,15 @@ def test_cli_grid_without_profile_cells_exits_2():
     assert r.returncode == 2 and "no" in r.stderr and "profile" in r.stderr, r.stderr
 
 
-def project_copy(tmp_path, message="base"):
-    """The project's files as they are now, committed in a git repository of their own at tmp_path/proj (files
-    already there are kept and committed)."""
+def project_copy(tmp_path):
+    """The project's files as they are now, committed in a git repository of their own at tmp_path/proj."""
     src = tmp_path / "proj"
     assert "working tree" in checkout(REPO, None, src)
     git(src, "init", "-q")
     git(src, "config", "user.email", "t@example.org")
     git(src, "config", "user.name", "t")
     git(src, "add", ".")
-    git(src, "commit", "-qm", message)
+    git(src, "commit", "-qm", "base")
     return src
 
 
@@ -357,12 +356,12 @@ def test_a_side_builds_the_cell_from_the_fields_that_differ_from_the_defaults():
 def test_a_base_that_fails_every_cell_is_unusable_input(tmp_path):
     """A base revision whose every step raises stores only failed rows: compare says the base ran no cell and exits 2
     (a gate that passes because its reference never ran would pass anything)."""
-    init = tmp_path / "proj" / "methods" / "__init__.py"
-    checkout(REPO, None, init.parents[1])
+    src = project_copy(tmp_path)
+    init = src / "methods" / "__init__.py"
     good = init.read_text()
     init.write_text(good + "\nfor _m in METHODS.values():\n    _m.train_step = lambda *a, **k: (_ for _ in ()).throw("
                     "RuntimeError('broken base'))\n")
-    src = project_copy(tmp_path, "broken base")
+    git(src, "commit", "-qam", "broken base")
     init.write_text(good)  # the working tree (head) is fixed
     r = subprocess.run([sys.executable, "run_bench.py", "compare", "HEAD", "--grid", "ci_cpu", "--filter",
                         "method=bptt_m", "--filter", "T=1,4", "--rounds", "1", "--set", "steps=5"],
