@@ -174,8 +174,7 @@ def cmd_compare(a) -> int:
     _, cells, out, _ = prepare_run(a.grid, a.filter, a.set, a.device, None, a.out or str(REPO / "results" / "compare"))
     rc, _, md = compare(a.base, a.head, cells, a.rounds, a.threshold, out,
                         progress=lambda s: print(s, file=sys.stderr, flush=True) if a.verbose else None,
-                        confirm_rounds=a.confirm_rounds,
-                        **({} if a.worker_timeout is None else {"timeout_s": a.worker_timeout}))
+                        confirm_rounds=a.confirm_rounds, timeout_s=a.worker_timeout)
     print(md)
     if a.report:
         Path(a.report).write_text(md)

@@ -256,7 +256,7 @@ class Comparison:
 
 def measure(roots: dict[str, Path], labels: dict[str, str], cells: list[Cell], rounds: int,
             progress: Callable[[str], None] | None = None, env: dict[str, dict] | None = None,
-            timeout_s: float | None = None) -> Comparison:
+            timeout_s: float = WORKER_TIMEOUT_S) -> Comparison:
     """Run every cell on every side ``rounds`` times (fresh workers per round; the sides' order and the cells'
     order reverse every round) and collect the per-step times and rows. A worker silent for ``timeout_s`` seconds
     is killed (``SideWorker``)."""
@@ -267,15 +267,17 @@ def measure(roots: dict[str, Path], labels: dict[str, str], cells: list[Cell], r
     with tempfile.TemporaryDirectory(prefix="snnbench-cmp-") as tmp:
         script = Path(tmp) / "compare_worker.py"
         shutil.copy2(Path(__file__).with_name("compare_worker.py"), script)
+
+        def start(n: str, stack: ExitStack) -> SideWorker:
+            w = SideWorker(n, roots[n], script, (env or {}).get(n), timeout_s)
+            stack.callback(w.close)
+            return w
+
         for r in range(rounds):
             order = names if r % 2 == 0 else names[::-1]
             todo = cells if r % 2 == 0 else cells[::-1]
             with ExitStack() as stack:
-                workers = []
-                for n in order:
-                    w = SideWorker(n, roots[n], script, (env or {}).get(n), timeout_s)
-                    stack.callback(w.close)
-                    workers.append(w)
+                workers = [start(n, stack) for n in order]
                 for i, cell in enumerate(todo, 1):
                     progress(f"round {r + 1}/{rounds}, cell {i}/{len(todo)}: {cell.label}")
                     try:
@@ -285,9 +287,7 @@ def measure(roots: dict[str, Path], labels: dict[str, str], cells: list[Cell], r
                         crashes.append({"key": cell.key, "round": r, "side": e.side, "error": str(e)})
                         for w in workers:
                             w.close()
-                        workers[:] = [SideWorker(n, roots[n], script, (env or {}).get(n), timeout_s) for n in order]
-                        for w in workers:
-                            stack.callback(w.close)
+                        workers[:] = [start(n, stack) for n in order]
                         continue
                     for side, out in res.items():
                         rows.append({**out["row"], "side": side, "round": r, "key": cell.key})
@@ -555,10 +555,10 @@ def check_judgeable(cells: list[Cell], rounds: int, confirm_rounds: int) -> None
 def compare(base_rev: str, head_rev: str | None, cells: list[Cell], rounds: int, threshold_pct: float,
             out: Path | None = None, repo: Path = REPO, progress: Callable[[str], None] | None = None,
             confirm_rounds: int | None = None,
-            timeout_s: float | None = WORKER_TIMEOUT_S) -> tuple[int, pd.DataFrame, str]:
+            timeout_s: float | None = None) -> tuple[int, pd.DataFrame, str]:
     """Check out both sides, measure, decide, and measure a slower verdict again (``confirm_rounds``, default
     ``rounds``; 0: no confirmation). A side's worker silent for ``timeout_s`` seconds is killed: that cell and
-    round are lost, a failure of that side. Returns (exit code, table, markdown)."""
+    round are lost, a failure of that side (None: ``WORKER_TIMEOUT_S``). Returns (exit code, table, markdown)."""
     cells = [c for c in cells if c.kind == "profile"]
     confirm_rounds = rounds if confirm_rounds is None else confirm_rounds
     if not cells:
@@ -571,6 +571,7 @@ def compare(base_rev: str, head_rev: str | None, cells: list[Cell], rounds: int,
         raise UsageError(f"--threshold is a percentage in [0, 100), not {threshold_pct}")
     if timeout_s is not None and not timeout_s > 0:
         raise UsageError(f"--worker-timeout is a number of seconds above 0, not {timeout_s}")
+    timeout_s = WORKER_TIMEOUT_S if timeout_s is None else timeout_s
     check_judgeable(cells, rounds, confirm_rounds)
     threshold = threshold_pct / 100
     again = None

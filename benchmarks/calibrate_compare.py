@@ -64,7 +64,7 @@ def inject_slowdown(root: Path, method: str, pct: float) -> None:
 
 
 def main(argv=None) -> int:
-    from bench.compare import WORKER_TIMEOUT_S, checkout, confirmed, judge, measure, to_confirm
+    from bench.compare import checkout, confirmed, judge, measure, to_confirm
     from bench.grid import expand, load_grid
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
         for trial in range(first, first + a.trials):
             runs = [("A'", cells)] + [(f"S{s:g}", slowed) for s in slowdowns]
             for head, todo in runs:
-                cmp = measure({"A": roots["A"], head: roots[head]}, labels, todo, a.rounds, timeout_s=WORKER_TIMEOUT_S)
+                cmp = measure({"A": roots["A"], head: roots[head]}, labels, todo, a.rounds)
                 if head == "A'":
                     gate_s.append(cmp.wall_s)
                 all_steps.append(cmp.steps.assign(trial=trial, comparison=head, stage="first"))
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
                 keys = set().union(*(to_confirm(t) for t in tables.values()))
                 if keys:  # the gate's second measurement, once for every threshold's flagged cells
                     again = measure({"A": roots["A"], head: roots[head]}, labels, [c for c in todo if c.key in keys],
-                                    a.rounds, timeout_s=WORKER_TIMEOUT_S)
+                                    a.rounds)
                     all_steps.append(again.steps.assign(trial=trial, comparison=head, stage="again"))
                     tables = {thr: confirmed(t, judge(again, "A", head, thr)) for thr, t in tables.items()}
                 for thr, t in tables.items():
