@@ -16,7 +16,8 @@ Prints, for each threshold: the false alarms and the detections at each slowdown
 cells alone), the smallest threshold with no false alarm, and what a comparison of the whole grid cost. Verdicts
 and per-step times are written after every trial to DIR (verdicts.parquet, steps.parquet, calibration.md), so a
 calibration stopped early keeps its trials; ``--resume`` adds ``--trials`` more trials to those already in DIR (a
-calibration of 20 trials, ~10 minutes each on the 2-core CI machine, can be run in parts on a quiet machine).
+calibration of 20 trials, ~10 minutes each on the 2-core CI machine, can be run in parts on a quiet machine; DIR
+may hold the verdicts alone, as ``baselines/speed-calibration-cpu/`` does).
 Each trial records the code it calibrated (``rev``) and when it ran; the settings must be the ones DIR was made
 with.
 """
@@ -100,7 +101,8 @@ def main(argv=None) -> int:
                   f"{stored_slowdowns}, thresholds {sorted(set(old['threshold']))})", file=sys.stderr)
             return 2
         verdicts = old.to_dict("records")
-        all_steps = [pd.read_parquet(a.out / "steps.parquet")]
+        # the per-step times are the bulky part, and a calibration kept with the project keeps only its verdicts
+        all_steps = [pd.read_parquet(a.out / "steps.parquet")] if (a.out / "steps.parquet").is_file() else []
         gate_s = old[old["head"] == "A'"].groupby("trial")["aa_wall_s"].first().tolist()
         first = int(old["trial"].max()) + 1
     with tempfile.TemporaryDirectory(prefix="snnbench-calib-") as tmp:

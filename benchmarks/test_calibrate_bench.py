@@ -29,12 +29,15 @@ def test_calibration_finds_and_confirms_a_large_slowdown(tmp_path):
     steps = pd.read_parquet(tmp_path / "out" / "steps.parquet")
     assert set(steps[steps["comparison"] == "S300"]["stage"]) == {"first", "again"}
     assert "1/1 (1/1)" in (tmp_path / "out" / "calibration.md").read_text()
-    # a second run adds its trial to the first (a calibration run in parts); other settings are refused
+    # a second run adds its trial to the first (a calibration run in parts), from the verdicts alone (what the
+    # project keeps of a calibration); other settings are refused
+    (tmp_path / "out" / "steps.parquet").unlink()
     rc = calibrate_compare.main(["--grid", str(tmp_path / "tiny.toml"), "--trials", "1", "--rounds", "1",
                                  "--slowdowns", "300", "--thresholds", "5", "--out", str(tmp_path / "out"), "--resume"])
     assert rc == 0
     v = pd.read_parquet(tmp_path / "out" / "verdicts.parquet")
     assert sorted(v["trial"].unique()) == [0, 1] and v["rev"].str.startswith("working tree").all()
+    assert set(pd.read_parquet(tmp_path / "out" / "steps.parquet")["trial"]) == {1}
     text = (tmp_path / "out" / "calibration.md").read_text()
     assert "2 trial(s)" in text and "2/2 (2/2)" in text
     assert calibrate_compare.main(["--grid", str(tmp_path / "tiny.toml"), "--trials", "1", "--rounds", "2",

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,6 +23,20 @@ class NoOpOptimizer:
 
     def step(self):
         pass
+
+
+def landed(folder: Path, pattern: str) -> bool:
+    """A file of ``pattern`` renamed into ``folder``: the atomic writer's temporary (``.NAME.XXXX.tmp``) is in the
+    folder before the file is, and does not count."""
+    return folder.is_dir() and any(folder.glob(pattern))
+
+
+def wait_for(pred, timeout=120, what="", poll_s=0.1):
+    t0 = time.time()
+    while not pred():
+        if time.time() - t0 > timeout:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(poll_s)
 
 
 def zero_grads(model):

@@ -14,7 +14,7 @@ from reports.results import load_results
 from bench.checkpoint import CellCheckpoint
 from bench.grid import Cell
 from bench.launch import run_in_subprocess
-from .helpers import REPO, cli
+from .helpers import REPO, cli, landed, wait_for
 
 # 45 batches per epoch of the digits; an epoch takes ~0.5 s on 2 cores, so a signal sent when the worker reports
 # epoch 2 lands inside that epoch
@@ -143,12 +143,7 @@ def test_grid_process_sigterm_reaches_the_worker_exit_75_then_rerun_finishes(tmp
     out = tmp_path / "out"
     cmd = [sys.executable, str(REPO / "run_bench.py"), "run", str(grid), "--out", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
-    ckpt_dir = out / "checkpoints"
-    import time
-
-    t0 = time.time()
-    while not (ckpt_dir.exists() and any(ckpt_dir.glob("*.pt"))) and time.time() - t0 < 120:
-        time.sleep(0.05)
+    wait_for(lambda: landed(out / "checkpoints", "*.pt"), what="a checkpoint", poll_s=0.05)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err

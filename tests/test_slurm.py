@@ -20,7 +20,7 @@ from bench.errors import UsageError
 from bench.grid import Cell
 from bench.slurm import SlurmSettings
 
-from .helpers import REPO, cli
+from .helpers import REPO, cli, landed, wait_for
 
 pytestmark = pytest.mark.slurm
 SCRIPT = REPO / "scripts" / "slurm-local.sh"
@@ -69,23 +69,9 @@ def job_of(out, n=0):
     return json.loads((out / "slurm" / "jobs.json").read_text())[n]["job_id"]
 
 
-def landed(folder, pattern):
-    """A file of ``pattern`` renamed into ``folder``: the atomic writer's temporary (``.NAME.XXXX.tmp``) is in the
-    folder before the file is, and does not count."""
-    return folder.is_dir() and any(folder.glob(pattern))
-
-
 def stored_status(out):
     rows = load_results(out)
     return None if rows.empty else rows["status"].iloc[0]
-
-
-def wait_for(pred, timeout=120, what=""):
-    t0 = time.time()
-    while not pred():
-        if time.time() - t0 > timeout:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def test_job_array_gives_the_rows_of_a_local_run(slurm, tmp_path):
