@@ -13,7 +13,7 @@ import run_bench
 from reports.results import load_results
 from methods import METHODS, Method
 
-from .helpers import cli, tiny_grid
+from .helpers import cli, tiny_grid, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -102,9 +102,8 @@ def test_sigkill_then_rerun_completes_only_missing_cells(tiny, tmp_path):
     cmd = [sys.executable, str(REPO / "run_bench.py"), "run", str(tiny), "--out", str(out), "--device", "cpu"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     cells = out / "cells"
-    deadline = time.time() + 240
-    while time.time() < deadline and len(list(cells.glob("*.parquet")) if cells.exists() else []) < 2:
-        time.sleep(0.05)
+    wait_for(lambda: cells.is_dir() and len(list(cells.glob("*.parquet"))) >= 2, timeout=240, what="two stored cells",
+             poll_s=0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     time.sleep(0.5)  # the running worker dies with its parent (PR_SET_PDEATHSIG)
