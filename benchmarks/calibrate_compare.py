@@ -1,8 +1,9 @@
 """Calibrate the speed gate (run_bench.py compare) on this machine: how often it calls a regression that is not
 there, and how often it finds one that is.
 
-    python benchmarks/calibrate_compare.py [--grid ci_cpu] [--trials 20] [--rounds 3] [--method bptt_m]
-                                           [--slowdowns 5,10,20] [--thresholds 3,5,8,10] [--out DIR] [--resume]
+    python benchmarks/calibrate_compare.py [--grid ci_cpu] [--device cpu|cuda] [--trials 20] [--rounds 3]
+                                           [--method bptt_m] [--slowdowns 5,10,20] [--thresholds 3,5,8,10]
+                                           [--out DIR] [--resume]
 
 Every trial runs comparisons exactly as the gate runs them (two sides, fresh worker processes per round, steps
 taken in turn): the code against an unchanged copy of itself on every cell of the grid (A/A), and against copies
@@ -66,10 +67,12 @@ def inject_slowdown(root: Path, method: str, pct: float) -> None:
 
 def main(argv=None) -> int:
     from bench.compare import checkout, confirmed, judge, measure, to_confirm
-    from bench.grid import expand, load_grid
+    from bench.errors import UsageError
+    from bench.launch import prepare_run
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--grid", default="ci_cpu")
+    p.add_argument("--device", help="cpu, cuda, cuda:N (default: the grid's, else cuda if available), as for run")
     p.add_argument("--trials", type=int, default=20)
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--method", default="bptt_m")
@@ -81,17 +84,25 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     slowdowns = [float(s) for s in a.slowdowns.split(",") if s]
     thresholds = [float(s) / 100 for s in a.thresholds.split(",") if s]
-    name, spec = load_grid(a.grid)
-    cells = [c for c in expand(spec, name) if c.kind == "profile"]
-    slowed_keys = {c.key for c in cells if c.method == a.method}
-    if not slowed_keys:
-        print(f"error: grid {name} has no cell of method {a.method}", file=sys.stderr)
+    try:  # the cells exactly as `run_bench.py compare --grid` makes them, the device included
+        name, cells, a.out, _ = prepare_run(a.grid, [], [], a.device, None, str(a.out))
+        cells = [c for c in cells if c.kind == "profile"]
+        slowed_keys = {c.key for c in cells if c.method == a.method}
+        if not slowed_keys:
+            raise UsageError(f"grid {name} has no profile cell of method {a.method}")
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    a.out.mkdir(parents=True, exist_ok=True)
+    device = ", ".join(sorted({c.device for c in cells}))
+    if device.startswith("cuda"):  # the GPU model: a calibration holds for the model it ran on
+        import torch
+
+        device += f" ({torch.cuda.get_device_name(cells[0].device)})"
+    a.device = device
     verdicts, all_steps, gate_s, first = [], [], [], 0
     if a.resume and (a.out / "verdicts.parquet").is_file():
         old = pd.read_parquet(a.out / "verdicts.parquet")
-        settings = {"grid": name, "rounds": a.rounds, "slowed_method": a.method}
+        settings = {"grid": name, "rounds": a.rounds, "slowed_method": a.method, "device": device}
         stored = {k: old[k].iloc[0] for k in settings if k in old}
         stored_slowdowns = sorted(set(old["head"]) - {"A'"})
         if (stored != {k: v for k, v in settings.items() if k in stored}
@@ -134,7 +145,8 @@ def main(argv=None) -> int:
                                          "method": r["method"], "T": r["T"], "verdict": r["time"],
                                          "ratio": r["ratio"], "low": r["low"], "high": r["high"],
                                          "detectable": r["detectable"], "rev": labels["A"], "started": when,
-                                         "grid": name, "rounds": a.rounds, "slowed_method": a.method,
+                                         "grid": name, "device": device, "rounds": a.rounds,
+                                         "slowed_method": a.method,
                                          "aa_wall_s": gate_s[-1] if head == "A'" else None})
             v = pd.DataFrame(verdicts)
             pd.concat(all_steps, ignore_index=True).to_parquet(a.out / "steps.parquet", index=False)
@@ -151,8 +163,8 @@ def report(v: pd.DataFrame, slowdowns, thresholds, a, gate_s) -> str:
     from tabulate import tabulate
 
     n = v["trial"].nunique()
-    lines = [f"calibration of run_bench.py compare on grid {a.grid}: {n} trial(s), {a.rounds} round(s) per comparison, "
-             f"slowdowns injected into {a.method}", ""]
+    lines = [f"calibration of run_bench.py compare on grid {a.grid}, device {a.device}: {n} trial(s), {a.rounds} "
+             f"round(s) per comparison, slowdowns injected into {a.method}", ""]
     rows, zero = [], None
     for thr in thresholds:
         t = v[v["threshold"] == thr]

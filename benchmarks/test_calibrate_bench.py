@@ -3,6 +3,7 @@ with the gate's confirming second measurement; the slowdown is found and confirm
 
 import calibrate_compare
 import pandas as pd
+import torch
 
 GRID = """name = "tiny"
 [axes]
@@ -24,11 +25,13 @@ def test_calibration_finds_and_confirms_a_large_slowdown(tmp_path):
                                  "--slowdowns", "300", "--thresholds", "5", "--out", str(tmp_path / "out")])
     assert rc == 0
     v = pd.read_parquet(tmp_path / "out" / "verdicts.parquet")
+    assert (v["device"] == "cpu").all()  # the device it ran on, the one `run` picks here (no GPU)
     slowed = v[v["head"] == "S300"]
     assert (slowed["verdict"] == "slower").all() and len(slowed) == 3  # two cells and the method over them
     steps = pd.read_parquet(tmp_path / "out" / "steps.parquet")
     assert set(steps[steps["comparison"] == "S300"]["stage"]) == {"first", "again"}
     assert "1/1 (1/1)" in (tmp_path / "out" / "calibration.md").read_text()
+    assert "device cpu:" in (tmp_path / "out" / "calibration.md").read_text()
     # a second run adds its trial to the first (a calibration run in parts), from the verdicts alone (what the
     # project keeps of a calibration); other settings are refused
     (tmp_path / "out" / "steps.parquet").unlink()
@@ -43,3 +46,14 @@ def test_calibration_finds_and_confirms_a_large_slowdown(tmp_path):
     assert calibrate_compare.main(["--grid", str(tmp_path / "tiny.toml"), "--trials", "1", "--rounds", "2",
                                    "--slowdowns", "300", "--thresholds", "5", "--out", str(tmp_path / "out"),
                                    "--resume"]) == 2
+
+
+def test_calibration_refuses_bad_input_before_any_trial(tmp_path, capsys):
+    (tmp_path / "tiny.toml").write_text(GRID)
+    args = ["--grid", str(tmp_path / "tiny.toml"), "--trials", "1", "--out", str(tmp_path / "out")]
+    assert calibrate_compare.main(args + ["--method", "rate_m"]) == 2
+    assert "has no profile cell of method rate_m" in capsys.readouterr().err
+    if not torch.cuda.is_available():  # the device goes to the cells as `run --device` sends it
+        assert calibrate_compare.main(args + ["--device", "cuda"]) == 2
+        assert "no CUDA device is available" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "verdicts.parquet").exists()
