@@ -241,11 +241,16 @@ def run_cell(cell: Cell, data_root: str | None = None, progress: Progress | None
     if cell.devices > 1 and ranks is None:  # in-process callers (compare's workers, tests) cannot start ranks
         return Result(failure_row(cell, "error", f"a cell on {cell.devices} devices runs through bench/worker.py, "
                                                  "which starts its ranks; this caller runs one process"))
-    if ranks is not None:
-        try:
+    try:
+        if ranks is not None:
             device = init_ranks(ranks, device.type)
-        except Exception as e:
-            return Result(failure_row(cell, "error", f"rank {ranks.rank} of {ranks.world}: {type(e).__name__}: {e}"))
+        elif device.type == "cuda" and device.index is not None:
+            # what names no device goes to the current one: the timing probe's CUDA events (recorded on the
+            # current stream) and Triton's launches would be on cuda:0 while a cell on cuda:1 computes on cuda:1
+            torch.cuda.set_device(device)
+    except Exception as e:
+        where = f"rank {ranks.rank} of {ranks.world}: " if ranks is not None else f"device {device}: "
+        return Result(failure_row(cell, "error", f"{where}{type(e).__name__}: {e}"))
     nvml, gpu_reason = nvml_device(device)
     nvml_sampler = NvmlProcessSampler(nvml.uuid, SAMPLE_INTERVAL_S) if nvml else None
     rss = Sampler(rss_reader(), RSS_INTERVAL_S, baseline=0)

@@ -52,6 +52,25 @@ def test_failure_becomes_a_row():
     assert res.row["acc_top1"] is None
 
 
+def test_a_cell_on_a_numbered_gpu_makes_it_the_current_device(monkeypatch):
+    """Whatever names no device (the timing probe's CUDA events, Triton's launches) goes to the current device: a
+    cell on cuda:1 must make cuda:1 current before anything runs, or its phase times are read off an idle cuda:0.
+    Here set_device stands in for the driver and refuses, which must become the cell's row, not an exception."""
+    import torch
+
+    asked = []
+
+    def set_device(d):
+        asked.append(torch.device(d))
+        raise RuntimeError("no such GPU here")
+
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    res = run_cell(Cell(method="bptt_m", arch="cnn_digits", dataset="synthetic:cifar10", T=1, kind="profile",
+                        batch_size=2, warmup_steps=0, steps=1, device="cuda:1"))
+    assert asked == [torch.device("cuda", 1)]
+    assert res.status == "error" and res.row["error"] == "device cuda:1: RuntimeError: no such GPU here"
+
+
 def test_event_frames_profile():
     res = run_cell(Cell(method="rate_s", arch="vggsnn_dvs", dataset="synthetic:cifar10_dvs", T=10, kind="profile",
                         batch_size=2, warmup_steps=0, steps=1))
