@@ -48,9 +48,20 @@ def grads(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def _toml_list(xs) -> str:
+    return "[" + ", ".join(f'"{x}"' if isinstance(x, str) else str(x) for x in xs) + "]"
+
+
 def tiny_grid(name="tiny", methods=("bptt_m",), T=(1,), train_subset=128, dataset="digits", extra="") -> str:
     """A train grid of a 16-unit MLP on a slice of the digits: the smallest cells the real CLI can run."""
-    q = lambda xs: "[" + ", ".join(f'"{x}"' if isinstance(x, str) else str(x) for x in xs) + "]"  # noqa: E731
-    return (f'name = "{name}"\n[axes]\nmethod = {q(methods)}\narch = ["mlp"]\ndataset = ["{dataset}"]\nT = {q(T)}\n'
-            f"[fixed]\nepochs = 1\nbatch_size = {min(128, train_subset)}\ntrain_subset = {train_subset}\n"
-            "warmup_steps = 0\narch_options = { widths = [16] }\n" + extra)
+    return (f'name = "{name}"\n[axes]\nmethod = {_toml_list(methods)}\narch = ["mlp"]\ndataset = ["{dataset}"]\n'
+            f"T = {_toml_list(T)}\n[fixed]\nepochs = 1\nbatch_size = {min(128, train_subset)}\n"
+            f"train_subset = {train_subset}\nwarmup_steps = 0\narch_options = {{ widths = [16] }}\n" + extra)
+
+
+def tiny_profile_grid(name="tiny_profile", methods=("bptt_m",), T=(1, 2), batch_size=8, steps=2, width=8) -> str:
+    """A profile grid of a narrow cnn_digits on synthetic CIFAR-10-shaped input: what the gates measure, small."""
+    return (f'name = "{name}"\n[axes]\nmethod = {_toml_list(methods)}\narch = ["cnn_digits"]\n'
+            f'dataset = ["synthetic:cifar10"]\nT = {_toml_list(T)}\n[fixed]\nkind = "profile"\n'
+            f"batch_size = {batch_size}\nwarmup_steps = 1\nsteps = {steps}\n"
+            f"arch_options = {{ widths = [{width}, {width}, {width}] }}\n")

@@ -12,7 +12,7 @@ from bench.errors import UsageError
 from methods import METHODS
 from reports.results import atomic_write_parquet, load_results
 
-from .helpers import REPO, cli
+from .helpers import REPO, cli, tiny_profile_grid
 
 
 def cell_row(method="bptt_m", T=4, **metrics):
@@ -212,20 +212,7 @@ def test_invariants_cli(tmp_path):
 
 # ---------------------------------------------------------------- end to end
 
-GRID = """
-name = "gate_e2e"
-[axes]
-method = ["bptt_m", "rate_m"]
-arch = ["cnn_digits"]
-dataset = ["synthetic:cifar10"]
-T = [1, 2]
-[fixed]
-kind = "profile"
-batch_size = 8
-warmup_steps = 1
-steps = 2
-arch_options = { widths = [8, 8, 8] }
-"""
+GRID = tiny_profile_grid("gate_e2e", methods=("bptt_m", "rate_m"))
 
 # a code change, not a configuration change: every process started with this on its path runs a bptt_m whose step
 # keeps one extra [T*B, ...] activation alive, while the cells' configuration (and so their match to the baseline)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from .helpers import tiny_profile_grid
+
 WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / ".github" / "workflows").glob("*.yml"))
 
 
@@ -34,19 +36,8 @@ def test_workflow_commands_parse():
         build_parser().parse_args(argv)  # exits (SystemExit) on an unknown command or option
 
 
-TINY = """name = "tiny_gpu_gate"
-[axes]
-method = ["bptt_m"]
-arch = ["cnn_digits"]
-dataset = ["synthetic:cifar10"]
-T = [1, 2]
-[fixed]
-kind = "profile"
-batch_size = 4
-warmup_steps = 1
-steps = 6
-arch_options = {widths = [4, 4, 4]}
-"""
+# six measured steps: three ABBA quartets a round, the fewest the compare step judges
+TINY = tiny_profile_grid("tiny_gpu_gate", batch_size=4, steps=6, width=4)
 
 
 def _run_workflow(event: str, repo: Path, tmp: Path, sha: str) -> dict:
