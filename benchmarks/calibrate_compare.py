@@ -7,8 +7,9 @@ there, and how often it finds one that is.
 
 Every trial runs comparisons exactly as the gate runs them (two sides, fresh worker processes per round, steps
 taken in turn): the code against an unchanged copy of itself on every cell of the grid (A/A), and against copies
-in which ``--method``'s ``train_step`` spins for an extra 5, 10 or 20% of its own duration (the injected slowdowns)
-on that method's cells, where a slowdown can show. The gate fails when any cell, or any method over its cells, is
+in which ``--method``'s ``train_step`` spins for an extra 5, 10 or 20% of its own duration (the injected slowdowns;
+on a GPU the duration of its kernels too, which the spin waits for) on that method's cells, where a slowdown can
+show. The gate fails when any cell, or any method over its cells, is
 called slower and fresh rounds of those cells confirm it (the gate's second measurement, run here whenever some
 threshold flags a cell); a false alarm is an A/A comparison that would fail it, a detection a slowed one that does.
 The first measurement's verdict alone is shown too, in brackets.
@@ -41,12 +42,16 @@ SLOWDOWN = '''
 def _calibration_slowdown():
     import time as _time
 
+    import torch as _torch
+
     cls = METHODS[{method!r}]
     inner = cls.train_step
 
     def train_step(self, *args, **kwargs):
         t0 = _time.perf_counter()
         out = inner(self, *args, **kwargs)
+        if _torch.cuda.is_initialized():  # the step's own duration is its GPU work's: wait for it (the timing
+            _torch.cuda.synchronize()     # probe waits at the step's end anyway), else the spin hides behind it
         end = _time.perf_counter() + {fraction!r} * (_time.perf_counter() - t0)
         while _time.perf_counter() < end:
             pass

@@ -57,3 +57,24 @@ def test_calibration_refuses_bad_input_before_any_trial(tmp_path, capsys):
         assert calibrate_compare.main(args + ["--device", "cuda"]) == 2
         assert "no CUDA device is available" in capsys.readouterr().err
     assert not (tmp_path / "out" / "verdicts.parquet").exists()
+
+
+def test_injected_slowdown_is_a_share_of_the_gpu_work(tmp_path, monkeypatch):
+    """On a GPU a step returns while its kernels still run: the injected spin must wait for them and be a share of
+    the step's whole duration, or it hides behind the work the timing probe waits for anyway. Here the GPU's
+    backlog is a stand-in synchronize that takes 50 ms, the step itself returns at once, and the slowdown is 100%:
+    the wrapped step takes the backlog and as much again."""
+    import time
+
+    (tmp_path / "methods").mkdir()
+    (tmp_path / "methods" / "__init__.py").write_text(
+        "class Quick:\n    def train_step(self, *args):\n        return 'out'\n\n\nMETHODS = {'quick': Quick}\n")
+    calibrate_compare.inject_slowdown(tmp_path, "quick", 100)
+    backlog = 0.05
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: time.sleep(backlog))
+    ns: dict = {}
+    exec(compile((tmp_path / "methods" / "__init__.py").read_text(), "methods/__init__.py", "exec"), ns)
+    t0 = time.perf_counter()
+    assert ns["Quick"]().train_step("model", "x") == "out"
+    assert 2 * backlog <= time.perf_counter() - t0 < 2 * backlog + 0.5
