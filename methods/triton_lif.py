@@ -222,6 +222,20 @@ def _rate_step_kernel(x_ptr, v_ptr, rho_ptr, s_ptr, vo_ptr, rho_out_ptr, count_p
     tl.store(vo_ptr + offs, _reset(h, s, threshold, v_reset, SOFT, HARD_VRESET).to(vo_ptr.dtype.element_ty), mask=mask)
 
 
+INT32_MAX = 2**31 - 1
+
+
+def _blocks(n: int, total: int | None = None) -> tuple[int]:
+    """The launch grid for ``n`` neurons a step (``total``: every element a kernel indexes, T*n for the multi-step
+    kernels). The kernels index with 32-bit offsets (t * N + offs): past 2^31 elements they would wrap around and
+    read and write other memory, so that is refused with a clear message instead."""
+    total = n if total is None else total
+    if total + BLOCK > INT32_MAX:  # the masked lanes past the end compute their offsets too
+        raise ValueError(f"the Triton LIF kernels index with 32-bit offsets: {total} elements (over 2^31) in one "
+                         "launch; use backend 'torch', or a smaller batch or T")
+    return (triton.cdiv(n, BLOCK),)
+
+
 def _flags(cfg: NeuronConfig) -> dict:
     return {"SOFT": cfg.reset == "soft", "HARD_VRESET": cfg.reset == "hard" and bool(cfg.v_reset)}
 
@@ -236,7 +250,7 @@ def lif_forward(x: torch.Tensor, cfg: NeuronConfig, save_h: bool = True) -> tupl
     T, N = x.shape[0], x[0].numel()
     s = torch.empty_like(x)
     h = torch.empty(x.shape, dtype=torch.float32, device=x.device) if save_h else s
-    _lif_fwd_kernel[(triton.cdiv(N, BLOCK),)](x, s, h, N, T, *_scalars(cfg), SAVE_H=save_h, BLOCK=BLOCK, **_flags(cfg))
+    _lif_fwd_kernel[_blocks(N, x.numel())](x, s, h, N, T, *_scalars(cfg), SAVE_H=save_h, BLOCK=BLOCK, **_flags(cfg))
     return s, (h if save_h else None)
 
 
@@ -244,7 +258,7 @@ def lif_backward(grad_s: torch.Tensor, h: torch.Tensor, cfg: NeuronConfig, dtype
     grad_s = grad_s.contiguous()
     T, N = h.shape[0], h[0].numel()
     gx = torch.empty(h.shape, dtype=dtype, device=h.device)
-    _lif_bwd_kernel[(triton.cdiv(N, BLOCK),)](grad_s, h, gx, N, T, *_scalars(cfg), SOFT=cfg.reset == "soft",
+    _lif_bwd_kernel[_blocks(N, h.numel())](grad_s, h, gx, N, T, *_scalars(cfg), SOFT=cfg.reset == "soft",
                                               DETACH=cfg.detach_reset, KIND=SURROGATE_KIND[cfg.surrogate], BLOCK=BLOCK)
     return gx
 
@@ -272,7 +286,7 @@ def rate_spike_pass(x: torch.Tensor, cfg: NeuronConfig) -> tuple[torch.Tensor, t
     s = torch.empty_like(x)
     count = torch.empty(x.shape[1:], dtype=torch.float32, device=x.device)
     elig = torch.empty_like(count)
-    _rate_pass_kernel[(triton.cdiv(N, BLOCK),)](x, s, count, elig, N, T, *_scalars(cfg),
+    _rate_pass_kernel[_blocks(N, x.numel())](x, s, count, elig, N, T, *_scalars(cfg),
                                                 DETACH=cfg.detach_reset, KIND=SURROGATE_KIND[cfg.surrogate],
                                                 BLOCK=BLOCK, **_flags(cfg))
     return s, count.to(x.dtype), elig.to(x.dtype)
@@ -294,7 +308,7 @@ class TritonLIFStep(torch.autograd.Function):
         decay, threshold, v_reset, _ = _scalars(cfg)
         if trace is not None and (trace.shape != x.shape or not trace.is_contiguous()):
             raise ValueError(f"trace of shape {tuple(trace.shape)} for spikes of shape {tuple(x.shape)}")
-        _step_fwd_kernel[(triton.cdiv(x.numel(), BLOCK),)](x, x if first else v.contiguous(), s, h, v_out,
+        _step_fwd_kernel[_blocks(x.numel())](x, x if first else v.contiguous(), s, h, v_out,
                                                           s if trace is None else trace, x.numel(), decay, threshold,
                                                           v_reset, float(trace_decay), FIRST=first,
                                                           HAS_TRACE=trace is not None, BLOCK=BLOCK, **_flags(cfg))
@@ -308,7 +322,7 @@ class TritonLIFStep(torch.autograd.Function):
         cfg = ctx.cfg
         gx = torch.empty(h.shape, dtype=ctx.dtype, device=h.device)
         _, threshold, v_reset, alpha = _scalars(cfg)
-        _step_bwd_kernel[(triton.cdiv(h.numel(), BLOCK),)](grad_s.contiguous(), grad_v.contiguous(), h, gx, h.numel(),
+        _step_bwd_kernel[_blocks(h.numel())](grad_s.contiguous(), grad_v.contiguous(), h, gx, h.numel(),
                                                           threshold, v_reset, alpha, SOFT=cfg.reset == "soft",
                                                           DETACH=cfg.detach_reset, KIND=SURROGATE_KIND[cfg.surrogate],
                                                           BLOCK=BLOCK)
@@ -327,7 +341,7 @@ def rate_spike_step(x: torch.Tensor, v: torch.Tensor | None, rho: torch.Tensor |
     rho_out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     if first:
         count, elig = torch.empty_like(rho_out), torch.empty_like(rho_out)
-    _rate_step_kernel[(triton.cdiv(x.numel(), BLOCK),)](x, x if first else v.contiguous(), rho_out if first else rho,
+    _rate_step_kernel[_blocks(x.numel())](x, x if first else v.contiguous(), rho_out if first else rho,
                                                        s, v_out, rho_out, count, elig, x.numel(), *_scalars(cfg),
                                                        FIRST=first, DETACH=cfg.detach_reset,
                                                        KIND=SURROGATE_KIND[cfg.surrogate], BLOCK=BLOCK, **_flags(cfg))

@@ -70,6 +70,28 @@ def test_triton_lif_equals_torch_for_every_neuron(kw):
     assert _rel(p1[2], p0[2]) <= 1e-6
 
 
+def test_triton_lif_refuses_what_its_32_bit_offsets_cannot_reach():
+    """The kernels index with 32-bit offsets (t * N + offs): a launch over more than 2^31 elements would wrap around
+    into other memory. Every entry point refuses it before launching (meta tensors: nothing is allocated)."""
+    import methods.triton_lif as tl
+
+    cfg = get_preset("rbp")
+    last = 2**31 - 1 - tl.BLOCK  # the largest launch whose masked lanes past the end still fit in 32 bits
+    assert tl._blocks(1000, last) == (1,) and tl._blocks(last) == (-(-last // tl.BLOCK),)
+    with pytest.raises(ValueError, match="32-bit offsets"):
+        tl._blocks(1000, last + 1)
+    big = torch.empty(4, 2**29 + 1, device="meta")  # T = 4 steps of 2^29 + 1 neurons: 2^31 + 4 elements
+    for call in (lambda: tl.lif_forward(big, cfg), lambda: tl.rate_spike_pass(big, cfg),
+                 lambda: tl.lif_backward(big, big, cfg, big.dtype)):
+        with pytest.raises(ValueError, match="32-bit offsets"):
+            call()
+    step = torch.empty(2**31, device="meta")  # one step of 2^31 neurons
+    for call in (lambda: tl.TritonLIFStep.apply(step, None, cfg), lambda: tl.rate_spike_step(step, None, None, None,
+                                                                                              None, cfg)):
+        with pytest.raises(ValueError, match="32-bit offsets"):
+            call()
+
+
 @pytest.mark.parametrize("kw", CONFIGS, ids=lambda kw: "-".join(f"{v}" for v in kw.values()))
 def test_triton_lif_step_equals_torch_for_every_neuron(kw):
     """The single-step modes' fused step (forward and backward one kernel each) against the torch step: the same
