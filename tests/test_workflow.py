@@ -40,6 +40,13 @@ def test_workflow_commands_parse():
 TINY = tiny_profile_grid("tiny_gpu_gate", batch_size=4, steps=6, width=4)
 
 
+def _gate_steps() -> list[dict]:
+    """The steps of the GPU workflow's one job, as GitHub reads them."""
+    import yaml
+
+    return yaml.safe_load(WORKFLOWS[0].read_text())["jobs"]["gate"]["steps"]
+
+
 def _run_workflow(event: str, repo: Path, tmp: Path, sha: str) -> dict:
     """The workflow's `run:` steps for one event, as the runner runs them (bash -e, in the checkout, with the
     job's environment), on this CPU: its grid replaced by a two-cell one and `--device cuda` by cpu. The Install
@@ -47,16 +54,13 @@ def _run_workflow(event: str, repo: Path, tmp: Path, sha: str) -> dict:
     import os
     import re
 
-    import yaml
-
-    wf = yaml.safe_load(WORKFLOWS[0].read_text())
     (tmp / "tiny.toml").write_text(TINY)
     values = {"github.event.pull_request.base.sha": sha, "github.event.pull_request.head.sha": sha}
     outputs: dict = {}
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "GITHUB_SHA": sha, "SNNBENCH_HISTORY": str(tmp / "runner-history"), "GITHUB_OUTPUT": str(tmp / "out.txt")}
     ran = []
-    for step in wf["jobs"]["gate"]["steps"]:
+    for step in _gate_steps():
         if "run" not in step or "pip install" in step["run"]:
             continue
         cond = step.get("if", "true")
@@ -113,10 +117,7 @@ def test_workflow_steps_run_by_hand_on_cpu(tmp_path):
     gate = (repo / "results" / "ci_gpu" / "gate.md").read_text()
     assert "no memory baseline" not in push["ran"][-2][2] and "peak" in gate.lower()
 
-    import yaml
-
-    upload = next(st for st in yaml.safe_load(WORKFLOWS[0].read_text())["jobs"]["gate"]["steps"]
-                  if st.get("uses", "").startswith("actions/upload-artifact"))
+    upload = next(st for st in _gate_steps() if st.get("uses", "").startswith("actions/upload-artifact"))
     uploaded = [repo / p.strip() for p in upload["with"]["path"].splitlines() if p.strip()]
     assert (repo / "results" / "history" / "history.html").is_file()
     for img in re.findall(r"src='([^']+)'", (repo / "results" / "history" / "history.html").read_text()):
