@@ -209,8 +209,10 @@ def cmd_baseline(a) -> int:
 
 
 def cmd_default(a) -> int:
+    from bench.slurm import POLL_S
+
     a.grid, a.filter, a.set, a.out, a.data_root, a.in_process, a.slurm, a.device = "default", [], [], None, None, False, False, None
-    a.reuse_stale, a.detach, a.slurm_set, a.poll_s = False, False, [], 10.0
+    a.reuse_stale, a.detach, a.slurm_set, a.poll_s = False, False, [], POLL_S
     a.gpus, a.jobs, a.share_cpu = None, None, False
     a.quiet_summary = True
     rc = cmd_run(a)
@@ -220,6 +222,12 @@ def cmd_default(a) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # the defaults live where they are used (torch-free modules: the parser imports no torch)
+    from bench.check import FLAT_TOL_PCT, MAX_TIME_RATIO
+    from bench.compare import DEFAULT_THRESHOLD_PCT
+    from bench.slurm import POLL_S
+    from reports.results import METRICS
+
     p = _Parser(prog="run_bench.py", description="Benchmark SNN training methods.")
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="cmd", parser_class=_Parser)
@@ -251,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--share-cpu", action="store_true", help="with --jobs: let profile cells share the CPU anyway")
     r.add_argument("--detach", action="store_true",
                    help="with --slurm: return once the jobs are submitted (`status DIR` follows them)")
-    r.add_argument("--poll-s", type=float, default=10.0, help="with --slurm: how often to look at the queue (default 10)")
+    r.add_argument("--poll-s", type=float, default=POLL_S,
+                   help=f"with --slurm: how often to look at the queue, in seconds (default {POLL_S:g})")
     rp = sub.add_parser("report", help="figures, tables, summary.md and index.html of a results folder")
     rp.add_argument("dir")
     rp.add_argument("--out", help="report folder (default DIR/report)")
@@ -260,16 +269,15 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="the regression gate: results against a baseline, and invariants")
     c.add_argument("--baseline", help="baseline: a parquet file (see `baseline`) or a results folder")
     c.add_argument("--results", help="results folder to check")
-    from reports.results import METRICS
-
     c.add_argument("--tolerance", action="append", default=[], metavar="[METHOD:]METRIC=PCT",
                    help="tolerance in percent, or 'off' (defaults: "
                         + ", ".join(f"{m.name} {m.tolerance:g}" for m in METRICS if m.tolerance is not None) + ")")
     c.add_argument("--invariants", metavar="R", help="check the machine-independent invariants on results R")
-    c.add_argument("--max-time-ratio", type=float, default=0.8,
+    c.add_argument("--max-time-ratio", type=float, default=MAX_TIME_RATIO,
                    help="invariant: a method's step time at the largest T <= this x its stated reference's "
-                        "(rate_m: bptt_m; default 0.8)")
-    c.add_argument("--flat-tol", type=float, default=2.0, help="invariant: flat in T within this percent (default 2)")
+                        f"(rate_m: bptt_m; default {MAX_TIME_RATIO:g})")
+    c.add_argument("--flat-tol", type=float, default=FLAT_TOL_PCT,
+                   help=f"invariant: flat in T within this percent (default {FLAT_TOL_PCT:g})")
     c.add_argument("--report", metavar="FILE", help="write the comparison as markdown")
     cp = sub.add_parser("compare", help="the speed gate: two git revisions measured side by side on this machine")
     cp.add_argument("base", help="the base revision (a commit, tag or branch)")
@@ -282,8 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--confirm-rounds", type=int, metavar="N",
                     help="measure the cells of a slower verdict again for N fresh rounds; the verdict stands only if "
                          "they give it too (default: --rounds; 0: no confirmation)")
-    cp.add_argument("--threshold", type=float, default=5.0, metavar="PCT",
-                    help="a slowdown counts when the interval's lower end is above 1 + PCT/100 (default 5)")
+    cp.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD_PCT, metavar="PCT",
+                    help="a slowdown counts when the interval's lower end is above 1 + PCT/100 "
+                         f"(default {DEFAULT_THRESHOLD_PCT:g})")
     cp.add_argument("--worker-timeout", type=float, metavar="S",
                     help="kill a side's worker that sends nothing for S seconds (a hang): that cell and round count as "
                          "a failure of that side (default 600)")
@@ -312,8 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     import warnings
 
-    from bench.errors import UsageError
-    from bench.launch import StoreFailed
+    from bench.errors import StoreFailed, UsageError
     from reports.results import FolderBusy
 
     warnings.showwarning = _show_warning

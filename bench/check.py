@@ -23,13 +23,17 @@ import pandas as pd
 
 from .errors import UsageError
 
-# columns that define a cell's configuration (what it measures), for matching results to a baseline
-CONFIG_COLUMNS = ("method", "arch", "dataset", "T", "seed", "kind", "batch_size", "epochs", "warmup_steps", "steps",
-                  "optimizer", "lr", "momentum", "weight_decay", "schedule", "neuron", "method_options",
-                  "arch_options", "train_subset", "precision", "device_type")
-ID_COLUMNS = ("method", "arch", "dataset", "T", "seed")
-
 from reports.results import MEASURE_COLUMNS, METRIC, METRICS
+
+from .cell import MEASURED_FIELDS
+
+# the columns that say what a cell measures, to match results to a baseline: the Cell's fields that change a
+# result (bench/cell.py decides which do not), with the device's type in place of the device itself
+CONFIG_COLUMNS = tuple("device_type" if f == "device" else f for f in MEASURED_FIELDS)
+ID_COLUMNS = ("method", "arch", "dataset", "T", "seed")
+# the invariants' defaults (README, "Regression gate"; the CLI and the GPU workflow take them from here)
+MAX_TIME_RATIO = 0.8  # a method's step time at the largest T, at most this share of its stated reference's
+FLAT_TOL_PCT = 2.0  # "flat in T": the bytes saved for backward vary over T by at most this percent
 
 # metric -> tolerance in percent, as the metric table declares it
 DEFAULT_TOLERANCES: dict[str, float] = {m.name: m.tolerance for m in METRICS if m.tolerance is not None}
@@ -227,7 +231,7 @@ def _stated(m: pd.DataFrame, col: str) -> str | None:
     return str(v.iloc[0]) if len(v) else None
 
 
-def invariants(results: pd.DataFrame, max_time_ratio: float = 0.8, flat_tol_pct: float = 2.0,
+def invariants(results: pd.DataFrame, max_time_ratio: float = MAX_TIME_RATIO, flat_tol_pct: float = FLAT_TOL_PCT,
                min_growth: float = 0.5) -> pd.DataFrame:
     """Checks that hold on any machine, each with its measured value and limit. What to check comes from the rows,
     which carry what each method claims (``memory_in_T``, ``time_reference_method``, declared on the Method class):
@@ -245,7 +249,7 @@ def invariants(results: pd.DataFrame, max_time_ratio: float = 0.8, flat_tol_pct:
     for gkey, g in df.groupby(gcols, dropna=False, sort=True):
         where = " ".join(f"{c}={v}" for c, v in zip(gcols, gkey) if c in ("arch", "dataset", "batch_size", "device_type"))
         for method, m in g.groupby("method"):
-            saved = m.groupby("T")["saved_for_backward_mib"].median().dropna()
+            saved = _over_T(m, "saved_for_backward_mib")
             scaling = _stated(m, "memory_in_T")
             if len(saved) >= 2 and scaling == "flat":
                 measured = saved.max() / saved.min()
@@ -263,8 +267,7 @@ def invariants(results: pd.DataFrame, max_time_ratio: float = 0.8, flat_tol_pct:
                              "verdict": "ok" if (measured >= limit and monotone) else "FAIL"})
             ref = _stated(m, "time_reference_method")
             if ref:
-                mine = m.groupby("T")["step_time_ms_median"].median().dropna()
-                theirs = g[g["method"] == ref].groupby("T")["step_time_ms_median"].median().dropna()
+                mine, theirs = _over_T(m, "step_time_ms_median"), _over_T(g[g["method"] == ref], "step_time_ms_median")
                 common = sorted(set(mine.index) & set(theirs.index))
                 if common:
                     t = common[-1]
@@ -273,6 +276,13 @@ def invariants(results: pd.DataFrame, max_time_ratio: float = 0.8, flat_tol_pct:
                                  "measured": measured, "limit": f"<= {max_time_ratio:.3f}",
                                  "verdict": "ok" if measured <= max_time_ratio else "FAIL"})
     return pd.DataFrame(rows, columns=["invariant", "subject", "where", "measured", "limit", "verdict"])
+
+
+def _over_T(m: pd.DataFrame, col: str) -> pd.Series:
+    """The median of ``col`` per T (empty where no row measured it: train cells without a timed step, say)."""
+    if col not in m.columns:
+        return pd.Series(dtype=float)
+    return pd.to_numeric(m[col], errors="coerce").groupby(m["T"]).median().dropna()
 
 
 def _over_t(method: str, saved: pd.Series) -> str:
@@ -331,7 +341,7 @@ def write_baseline(results: str | Path, out: str | Path) -> int:
 
 
 def run_gate(baseline: str | None, results: str | None, tolerances: list[str], invariants_dir: str | None,
-             max_time_ratio: float = 0.8, flat_tol: float = 2.0, report: str | None = None) -> tuple[bool, str]:
+             max_time_ratio: float = MAX_TIME_RATIO, flat_tol: float = FLAT_TOL_PCT, report: str | None = None) -> tuple[bool, str]:
     """The whole gate, as ``run_bench.py check`` runs it: (failed, the text to print); writes the markdown report
     when asked. Unusable input raises UsageError."""
     if not invariants_dir and not (baseline and results):

@@ -21,9 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from reports.results import write_atomic
+from reports.results import CHECKPOINTS, write_atomic
 
-CHECKPOINTS = "checkpoints"
 WEIGHTS = "weights"
 FORMAT = 1
 

@@ -52,10 +52,10 @@ import pandas as pd
 
 from reports.results import METRIC, atomic_write_parquet, write_atomic
 
+from . import REPO
+from .cell import CELL_FIELDS, Cell
 from .errors import UsageError
-from .grid import CELL_FIELDS, Cell
 
-REPO = Path(__file__).resolve().parents[1]
 PREFIX = "@cmp "
 # what a side needs to run a cell: the three packages (and what marks the root); grids, tests, data stay behind
 CODE_PATHS = ("bench", "methods", "reports", "run_bench.py", "pyproject.toml")

@@ -26,7 +26,6 @@ import torch
 RANK_DIR_ENV = "SNNBENCH_RANK_DIR"
 # memory columns that are per rank: the row keeps the largest rank's, and the sum over the ranks as <name>_sum
 PER_RANK_MEMORY = ("peak_alloc_mib", "peak_reserved_mib", "peak_nvml_mib", "peak_rss_mib", "footprint_mib")
-STATUS_ORDER = ("oom", "error", "preempted", "ok")  # the cell's status: the first of these any rank has
 
 
 @dataclass(frozen=True)
@@ -93,9 +92,9 @@ def rank_file(rank: int) -> str:
 
 def combine(results: list, world: int):
     """The cell's Result from its ranks' (bench.runner.Result, or None for a rank that left none)."""
-    from reports.results import summarise
+    from reports.results import STATUSES, summarise
 
-    from .runner import Result
+    from .rows import Result
 
     present = [(i, r) for i, r in enumerate(results) if r is not None]
     missing = [i for i, r in enumerate(results) if r is None]
@@ -105,7 +104,7 @@ def combine(results: list, world: int):
     if missing and not failed:
         raise RuntimeError(f"rank(s) {', '.join(map(str, missing))} of {world} ended without a result")
     if failed:  # the cell fails as its worst rank; the others were stopped, or stopped with it
-        worst = min((r.row["status"] for _, r in failed), key=STATUS_ORDER.index)
+        worst = min((r.row["status"] for _, r in failed), key=STATUSES.index)  # the worst
         row = dict(present[0][1].row)
         errors = [f"rank {i}: {r.row.get('error') or worst}" for i, r in failed if r.row["status"] == worst]
         if missing:

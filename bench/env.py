@@ -9,7 +9,8 @@ import subprocess
 from functools import lru_cache
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from . import REPO
+
 
 
 @lru_cache(maxsize=1)

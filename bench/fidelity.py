@@ -31,7 +31,7 @@ from reports.results import load_results
 
 from .checkpoint import WEIGHTS, weights_path
 from .data import dataset_info, get_loaders
-from .grid import LAST_EPOCH, Cell
+from .cell import LAST_EPOCH, Cell
 
 
 class WeightsMissing(RuntimeError):

@@ -10,8 +10,6 @@ import os
 import random
 import time
 import traceback
-from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -20,72 +18,27 @@ from methods import METHODS, MethodConfig
 from methods.distributed import data_parallel
 from methods.layers import LIF, count_parameters, set_backend, set_precision
 
-from reports.results import MEASURE_COLUMNS, summarise
+from reports.results import PHASES, summarise
 
 from .checkpoint import CellCheckpoint, rng_state, set_rng_state
 from .data import dataset_info, get_loaders
 from .distributed import Ranks, agree, all_sum
 from .distributed import init as init_ranks
-from .env import environment
 from .energy import EnergyMeter, Span, energy_meter, pick
 from .fidelity import WeightsMissing, run_fidelity
 from .ops import OpCounter
 from .ops import totals as op_totals
-from .fingerprint import fingerprint
-from .grid import LAST_EPOCH, Cell
+from .cell import LAST_EPOCH, Cell
 from .profile import (MIB, CpuContention, NvmlProcessSampler, RssFootprint, Sampler, SavedTensorsMeter, TimingProbe,
                       nvml_device, rss_reader, sync)
+from .env import environment
+from .rows import Progress, Result, base_row, failure_row
 from .stop import STOP
 
 log = logging.getLogger(__name__)
 
 SAMPLE_INTERVAL_S = 0.005  # NVML sampling period, in its own process (a reading every 5-6 ms)
 RSS_INTERVAL_S = 0.05  # RSS series for the memory-over-time figure; the peak comes from the kernel (ru_maxrss)
-
-Progress = Callable[[dict], None]
-
-
-@dataclass
-class Result:
-    row: dict
-    epochs: list[dict] = field(default_factory=list)
-    samples: list[dict] = field(default_factory=list)
-    series: dict[str, list[float]] = field(default_factory=dict)  # per measured step, in order (reports.SERIES)
-    details: dict[str, list[dict]] = field(default_factory=dict)  # the cell's analyses (reports.results.DETAILS)
-
-    @property
-    def status(self) -> str:
-        return self.row["status"]
-
-
-def config_columns(cell: Cell) -> dict:
-    cfg = cell.config()
-    for k in ("method_options", "arch_options"):
-        cfg[k] = json.dumps(cfg[k], sort_keys=True)
-    for k in Cell.EPOCH_LISTS:
-        cfg[k] = json.dumps(list(cfg[k]))
-    return cfg
-
-
-def base_row(cell: Cell, status: str, error: str | None = None) -> dict:
-    method = METHODS[cell.method]
-    row = {"key": cell.key, "status": status, "error": error, **config_columns(cell),
-           "code_fingerprint": fingerprint(cell.device), "restarts": 0, "resumed_at": None,
-           "memory_in_T": method.memory_in_T, "time_reference_method": method.faster_than}
-    for c in MEASURE_COLUMNS:
-        row.setdefault(c, None)
-    return row
-
-
-def failure_row(cell: Cell, status: str, error: str) -> dict:
-    """The row of a cell whose worker died before it could write one."""
-    row = base_row(cell, status, error)
-    try:
-        row.update(environment(torch.device("cpu")))
-    except Exception:  # pragma: no cover - environment capture never stops a failure row
-        pass
-    return row
-
 
 def _seed(seed: int) -> None:
     random.seed(seed)
@@ -514,7 +467,7 @@ class StepMeasure:
     def series(self) -> dict[str, list[float]]:
         """The measured steps' times, in order: the whole step and each phase."""
         out = {"step_ms": list(self.step_ms),
-               **{f"{ph}_ms": list(self.phase_ms.get(ph, [])) for ph in ("forward", "backward", "optimizer")}}
+               **{f"{ph}_ms": list(self.phase_ms.get(ph, [])) for ph in PHASES}}
         if self.wait_ms:
             out["data_wait_ms"] = list(self.wait_ms)
         return out

@@ -47,10 +47,11 @@ from pathlib import Path
 
 from reports.results import load_results, write_atomic, write_cell
 
+from .cell import Cell, run_phases
 from .errors import UsageError
-from .grid import Cell, run_phases
 
 JOBS = Path("slurm") / "jobs.json"
+POLL_S = 10.0  # how often `run --slurm` looks at the queue and the stored rows, in seconds
 # squeue states in which a job will still run (or is running) its cells
 ACTIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING",
           "SUSPENDED", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD"}
@@ -169,7 +170,7 @@ class SlurmTask:
         self._proc = proc
 
     def __call__(self, cell_configs: list[dict]) -> dict:
-        from .launch import done_here, run_in_subprocess, stored_ok
+        from .spawn import done_here, run_in_subprocess, stored_ok
 
         from .slurm_boot import redeliver
 
@@ -341,10 +342,10 @@ def active_cells(out: Path) -> dict[str, str]:
     return {k: j for k, (j, st) in states.items() if st in ACTIVE}
 
 
-def wait(records: list[dict], cells: dict[str, Cell], out: Path, stream, poll_s: float = 10.0) -> list[tuple]:
+def wait(records: list[dict], cells: dict[str, Cell], out: Path, stream, poll_s: float = POLL_S) -> list[tuple]:
     """Watch the submitted cells until each has left the queue; returns (cell, status, error) for each. A job that
     left the queue without storing its cell's row gets a row with status ``error`` naming its log."""
-    from .runner import failure_row
+    from .rows import failure_row
 
     submitted = {key: rec for rec in records for key in rec["cells"] if key in cells}
     left = dict(submitted)

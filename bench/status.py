@@ -16,14 +16,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from reports.results import load_results, lock_holder_alive, read_lock, read_manifest
+from reports.results import CHECKPOINTS, TO_CONTINUE, load_results, lock_holder_alive, read_lock, read_manifest
 
-from .checkpoint import CHECKPOINTS
 from .fingerprint import is_current
-from .launch import TO_CONTINUE
 from .slurm import ACTIVE, queue_states
 
-STATES = ("ok", "stale", "failed", "missing", "running", "pending", "requeued", "preempted", "cancelled")
+# a cell's state: its stored status (the failures folded into "failed"), its freshness, or where Slurm has it
+STATES = ("ok", "stale", "failed", "missing", "running", "pending", "requeued") + TO_CONTINUE
 
 
 BASIC = ("ok", "stale", "failed", "missing", "running")  # always counted; the others when they occur

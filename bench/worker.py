@@ -33,8 +33,8 @@ def _threads_from_slurm() -> None:
 def main(argv=None) -> int:
     from reports.results import write_cell
 
-    from .grid import Cell
-    from .launch import PROGRESS_PREFIX, STORE_FAILED_EXIT
+    from .cell import Cell
+    from .spawn import PROGRESS_PREFIX, STORE_FAILED_EXIT
     from .runner import run_cell
 
     p = argparse.ArgumentParser()
@@ -101,7 +101,7 @@ def run_ranks(cell, argv: list[str]):
     import torch
 
     from . import distributed
-    from .runner import Result, failure_row
+    from .rows import Result, failure_row
 
     with tempfile.TemporaryDirectory(prefix="snnbench-ranks-") as tmp:
         env = {**os.environ, distributed.RANK_DIR_ENV: tmp}

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .neuron import NeuronConfig, charge, dv_dh, lif_step, reset
+from .syncbn import bn_dims, bn_shape, sync_batchnorm
 
 __all__ = ["BACKENDS", "PRECISIONS", "set_backend", "set_precision", "LIF", "BatchNorm", "SpikingModule", "configure", "reset_state", "spiking_modules", "RateNode", "RateBatchNorm"]
 
@@ -301,14 +302,6 @@ LIF.MODES.update(
 # --------------------------------------------------------------------------- batch norm
 
 
-def _bn_dims(x: torch.Tensor) -> tuple[int, ...]:
-    return (0,) + tuple(range(2, x.dim()))
-
-
-def _bn_shape(x: torch.Tensor) -> tuple[int, ...]:
-    return (1, x.shape[1]) + (1,) * (x.dim() - 2)
-
-
 class RateBatchNorm(torch.autograd.Function):
     """BN of the rate pass: value from the spike statistics, the statistics' gradient from the rate batch.
 
@@ -328,7 +321,7 @@ class RateBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, mean_s, invstd_s, eps, group=None, synced=False):  # type: ignore[override]
-        dims, shape = _bn_dims(x), _bn_shape(x)
+        dims, shape = bn_dims(x), bn_shape(x)
         s = invstd_s.view(shape)
         xhat = (x - mean_s.view(shape)) * s
         n = x.numel() // x.shape[1]
@@ -350,7 +343,7 @@ class RateBatchNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         xhat, s, shift, weight = ctx.saved_tensors
-        dims = _bn_dims(grad)
+        dims = bn_dims(grad)
         g_bias = grad.sum(dims, keepdim=True)
         g_weight = (grad * xhat).sum(dims, keepdim=True)
         gw = None if weight is None else g_weight.view(-1)
@@ -359,7 +352,7 @@ class RateBatchNorm(torch.autograd.Function):
             both = torch.cat([g_bias, g_weight])
             torch.distributed.all_reduce(both, group=ctx.group)
             g_bias, g_weight = both[:1], both[1:]
-        scale = s if weight is None else s * weight.view(_bn_shape(grad))
+        scale = s if weight is None else s * weight.view(bn_shape(grad))
         g_x = scale * (grad - g_bias / ctx.n - (xhat + shift) * (g_weight / ctx.n))
         return g_x, gw, gb, None, None, None, None, None
 
@@ -389,8 +382,6 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm, SpikingModule):
 
     def _standard(self, x: torch.Tensor) -> torch.Tensor:
         if self.synced and self.training:
-            from .distributed import sync_batchnorm
-
             return sync_batchnorm(self, x)[0]
         return nn.modules.batchnorm._BatchNorm.forward(self, x)
 
@@ -402,8 +393,6 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm, SpikingModule):
         if self.mode == "spike_multi":
             self.reset_state()
         if self.synced:
-            from .distributed import sync_batchnorm
-
             y, mean, invstd = sync_batchnorm(self, x)
         else:
             self.num_batches_tracked.add_(1)

@@ -319,7 +319,7 @@ def _os_lif(self: LIF, x: torch.Tensor) -> torch.Tensor:
     else:
         with torch.no_grad():
             if self.synced:  # data parallel: the layer's statistics over every rank's batch
-                from .distributed import global_moments
+                from .syncbn import global_moments
 
                 m, var, n = global_moments(h.reshape(-1, 1), self.group)
                 mean, std = m[0], torch.sqrt(var[0] * (n / max(n - 1, 1)))  # std_mean's unbiased std
@@ -381,7 +381,7 @@ def _osr_bn_synced(self: BatchNorm, x: torch.Tensor) -> torch.Tensor:
     """OSR over every rank's batch (methods/distributed.py): y = w (xhat r + d) + b is BN with the weight w r and
     the bias w d + b, r and d constants, so the synchronised BN function gives its value and its gradient
     through the global batch statistics."""
-    from .distributed import SyncBatchNormFunction, global_moments
+    from .syncbn import SyncBatchNormFunction, global_moments
 
     mean, var, count = global_moments(x.detach(), self.group)
     _osr_accumulate(self, mean, var)

@@ -49,6 +49,14 @@ DETAILS: dict[str, str] = {
 KINDS = ("cells", "epochs", "samples") + tuple(DETAILS)
 MANIFEST = "manifest.json"
 LOCK = ".lock"
+CHECKPOINTS = "checkpoints"  # <results>/checkpoints/<key>.pt: a train cell's state to resume from (bench/checkpoint.py)
+
+# a cell row's status, worst first (a cell on several devices takes its worst rank's)
+STATUSES = ("oom", "error", "cancelled", "preempted", "ok")
+# statuses of a cell that is to be continued (a rerun resumes it from its checkpoint), not a failure
+TO_CONTINUE = ("preempted", "cancelled")
+# the phases of a training step that the runner times (a method marks them with probe.phase(name))
+PHASES = ("forward", "backward", "optimizer")
 
 # columns a row of each kind must have to be used at all
 REQUIRED: dict[str, tuple[str, ...]] = {
@@ -85,9 +93,7 @@ class Metric:
 # A metric that is a statistic of one of them is one line below; summarise() computes it.
 SERIES = {
     "step_ms": "time of each measured step [ms]",
-    "forward_ms": "forward time of each measured step [ms]",
-    "backward_ms": "backward time of each measured step [ms]",
-    "optimizer_ms": "optimizer time of each measured step [ms]",
+    **{f"{ph}_ms": f"{ph} time of each measured step [ms]" for ph in PHASES},
     "epoch_s": "time of each epoch's training steps [s]",
     "data_wait_ms": "time each measured step of a train cell waited for its batch [ms]",
 }
@@ -179,9 +185,18 @@ for _m in METRICS:  # a misspelt series or statistic fails at import, not in the
         _statistic(_m.stat or "median")
 # what the runner measures, per cell row; null where it cannot be measured (a GPU column on a CPU, say)
 MEASURE_COLUMNS = tuple(METRIC)
-# configuration fields that are numbers (the rest of a cell's config is text)
-CONFIG_NUMERIC = ("T", "seed", "batch_size", "eval_batch_size", "epochs", "warmup_steps", "steps", "lr", "momentum",
-                  "weight_decay", "train_subset", "devices")
+# a cell row's configuration: the fields of bench.cell.Cell as stored (a table as a JSON object, a list of epochs as
+# a JSON list), each with its type. Stated here because this module reads results without bench or torch; a test
+# holds it to the Cell's fields (tests/test_check.py), so neither can move without the other.
+CONFIG_TYPES: dict[str, str] = {
+    "method": "text", "arch": "text", "dataset": "text", "T": "int", "seed": "int", "kind": "text",
+    "batch_size": "int", "eval_batch_size": "int", "epochs": "int", "warmup_steps": "int", "steps": "int",
+    "optimizer": "text", "lr": "float", "momentum": "float", "weight_decay": "float", "schedule": "text",
+    "neuron": "text", "method_options": "object", "arch_options": "object", "train_subset": "int", "device": "text",
+    "precision": "text", "grid": "text", "checkpoint_minutes": "float", "save_weights_at": "list", "devices": "int",
+    "reference": "text", "trained_by": "text", "weights_at": "list", "backend": "text",
+}
+CONFIG_NUMERIC = tuple(c for c, t in CONFIG_TYPES.items() if t in ("int", "float"))
 NUMERIC: dict[str, tuple[str, ...]] = {
     "cells": CONFIG_NUMERIC + MEASURE_COLUMNS + ("schema_version",),
     "epochs": ("epoch", "train_loss", "test_acc", "epoch_time_s", "lr", "firing_rate_mean", "steps", "energy_j"),
@@ -192,8 +207,6 @@ NUMERIC: dict[str, tuple[str, ...]] = {
     "saved": ("bytes",),
     "ops": ("layer", "dense_macs", "effective_macs", "effective_acs", "input_sparsity"),
 }
-# the cells' configuration columns whose values must be present for a row to mean anything
-IDENTITY = ("method", "arch", "dataset", "T")
 
 # a cell's timings count as measured under contention when other processes used more than this share of the CPUs
 CONTENTION_LIMIT = 0.10
@@ -326,16 +339,57 @@ def upgrade(df: pd.DataFrame, source: str = "frame", kind: str = "cells") -> pd.
                   f"(e.g. {raw[bad].iloc[0]!r}); read as missing")
         df[col] = num
     if kind == "cells":
-        for col in IDENTITY + ("key", "status"):
-            if col not in CONFIG_NUMERIC:
-                df[col] = df[col].map(lambda v: None if _isnull(v) else str(v))
-        lost = df[list(IDENTITY) + ["key", "status"]].isna().any(axis=1)
+        for col in ("key", "status"):
+            df[col] = df[col].map(lambda v: None if _isnull(v) else str(v))
+        lost = df[["key", "status"]].isna().any(axis=1)
         if lost.any():
-            _warn(f"{source}: {int(lost.sum())} row(s) without method, arch, dataset, T, key or status: skipped")
+            _warn(f"{source}: {int(lost.sum())} row(s) without a key or status: skipped")
             df = df[~lost]
+        df = _valid_config(df, source)
         if not df.empty:
             df["T"] = df["T"].astype("int64")
     return df
+
+
+_CONFIG_KIND_NAMES = {"text": "text", "int": "a whole number", "float": "a number", "object": "a JSON object",
+                      "list": "a JSON list"}
+
+
+def _config_problem(kind: str, v) -> str | None:
+    """The bad value as the warning shows it ("null", or its repr), or None where ``v`` is of type ``kind``."""
+    if _isnull(v):
+        return "null"
+    if kind == "int":
+        return None if float(v).is_integer() else repr(v)
+    if kind == "float":
+        return None
+    if not isinstance(v, str):
+        return repr(v)
+    if kind in ("object", "list"):
+        try:
+            parsed = json.loads(v)
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, dict if kind == "object" else list):
+            return repr(v)
+    return None
+
+
+def _valid_config(df: pd.DataFrame, source: str) -> pd.DataFrame:
+    """The rows whose every configuration column holds a value of its type; each other row is skipped with a
+    warning naming the file, the column and the value (a cell whose configuration is unknown cannot be matched,
+    grouped or labelled). The numeric columns were made numbers before: text there is already null."""
+    bad = pd.Series(False, index=df.index)
+    for col, kind in CONFIG_TYPES.items():
+        if col not in df.columns:
+            continue  # written before the field existed: the upgrade rules decide what such a row means
+        problems = df[col].map(lambda v: _config_problem(kind, v))
+        hit = problems.notna() & ~bad
+        if hit.any():
+            _warn(f"{source}: column {col!r} holds {problems[hit].iloc[0]} where {_CONFIG_KIND_NAMES[kind]} belongs: "
+                  f"{int(hit.sum())} cell row(s) skipped")
+            bad |= hit
+    return df[~bad]
 
 
 def _isnull(v) -> bool:
