@@ -189,3 +189,76 @@ def test_crafted_cifar_pickle_runs_no_code(tmp_path):
     assert not marker.exists()
     assert r.returncode == 1, r.stderr
     assert "data_batch_1: refused to load" in r.stderr and ("posix.system" in r.stderr or "os.system" in r.stderr), r.stderr
+
+
+# --------------------------------------------------------------------------- a configuration column null or mistyped
+
+# per stored type, a null and a value of the wrong type (reports.results.CONFIG_TYPES)
+_BAD_VALUES = {"text": [None, 7], "int": [None, 2.5], "float": [None, "abc"], "object": [None, "[1, 2]"],
+               "list": [None, '{"a": 1}']}
+
+
+def _baseline_rows() -> pd.DataFrame:
+    return pd.read_parquet(REPO / "baselines" / "cpu.parquet")
+
+
+def _write_row(out: Path, row: dict) -> None:
+    row = dict(row)
+    row.pop("schema_version", None)
+    write_cell(out, row["key"], row)
+
+
+def test_a_null_weight_decay_is_one_warning_not_a_traceback(tmp_path):
+    """The probe: one stored cell's weight_decay is NaN; check names the file and the column, skips that cell
+    (which the baseline then misses: a regression), and leaves the results as they were."""
+    rows = _baseline_rows()
+    out = tmp_path / "res"
+    for i, row in enumerate(rows.to_dict("records")):
+        _write_row(out, {**row, "weight_decay": float("nan")} if i == 0 else row)
+    bad = out / "cells" / f"{rows['key'].iloc[0]}.parquet"
+    before = _snapshot(out)
+    r = cli("check", "--baseline", str(REPO / "baselines" / "cpu.parquet"), "--results", str(out))
+    assert "Traceback" not in r.stderr + r.stdout, r.stderr
+    assert f"warning: {bad}: column 'weight_decay' holds null where a number belongs: 1 cell row(s) skipped" \
+        in r.stderr, r.stderr
+    assert r.returncode == 1 and "19 matched cells" in r.stdout and "REGRESSION (not in results)" in r.stdout
+    assert _snapshot(out) == before
+
+
+def test_every_configuration_column_null_or_mistyped_through_every_reading_command(tmp_path):
+    """For every configuration column of the Cell, a stored cell with it null and one with a value of the wrong
+    type, beside the 20 good cells of the CPU baseline: check, report, status, history and baseline each end
+    without a traceback, warn once per bad file naming it and the column, use the good cells, and change no
+    stored file."""
+    from reports.results import CONFIG_TYPES
+
+    rows = _baseline_rows()
+    out = tmp_path / "res"
+    for row in rows.to_dict("records"):
+        _write_row(out, row)
+    template = rows.iloc[0].to_dict()
+    bad: dict[str, str] = {}  # key -> column
+    for col, kind in CONFIG_TYPES.items():
+        for j, value in enumerate(_BAD_VALUES[kind]):
+            key = f"bad-{col}-{j}"
+            _write_row(out, {**template, "key": key, col: value})
+            bad[key] = col
+    before = _snapshot(out)
+    base = REPO / "baselines" / "cpu.parquet"
+    runs = {
+        "check": cli("check", "--baseline", str(base), "--results", str(out), "--invariants", str(out)),
+        "report": cli("report", str(out)),
+        "status": cli("status", str(out)),
+        "history": cli("history", str(tmp_path / "hist"), "--add", str(out), "--commit", "abc1234"),
+        "baseline": cli("baseline", str(out), str(tmp_path / "b.parquet")),
+    }
+    for name, r in runs.items():
+        assert "Traceback" not in r.stderr + r.stdout, f"{name}:\n{r.stderr[-3000:]}"
+        assert r.returncode == 0, f"{name}: rc {r.returncode}\n{r.stdout[-1500:]}\n{r.stderr[-1500:]}"
+        for key, col in bad.items():
+            assert f"{key}.parquet: column '{col}'" in r.stderr, f"{name}: no warning for {key}\n{r.stderr[-1500:]}"
+    assert "20 matched cells" in runs["check"].stdout and "gate passed" in runs["check"].stdout
+    assert runs["status"].stdout.startswith("20 cell(s): ")
+    assert len(pd.read_parquet(tmp_path / "b.parquet")) == 20
+    after = {k: v for k, v in _snapshot(out).items() if not k.startswith("report/")}  # the report is new
+    assert after == before  # nothing stored was touched

@@ -296,3 +296,47 @@ def read_cells_frame(rows):
     from bench.check import _with_config
 
     return _with_config(pd.DataFrame(rows))
+
+
+# --------------------------------------------------------------------------- the identity of a cell
+
+
+def test_the_gate_matches_on_the_cells_own_fields():
+    """The matching columns are derived from bench.cell.Cell: every field but those left out of its key, the device
+    as its type. A field added to the Cell is matched on without an edit of the gate."""
+    from dataclasses import fields
+
+    from bench.cell import Cell
+    from bench.check import CONFIG_COLUMNS
+
+    names = [f.name for f in fields(Cell)]
+    assert set(CONFIG_COLUMNS) == (set(names) - set(Cell.NOT_IN_KEY) - {"device"}) | {"device_type"}
+    assert {"backend", "devices", "eval_batch_size", "reference", "trained_by", "weights_at"} <= set(CONFIG_COLUMNS)
+
+
+def test_the_stored_configuration_types_are_the_cells():
+    """reports.results.CONFIG_TYPES (the format's own statement, read without bench) is held to the Cell."""
+    from dataclasses import fields
+
+    from bench.cell import Cell
+    from reports.results import CONFIG_TYPES
+
+    as_stored = {"str": "text", "int": "int", "float": "float", "dict": "object", "tuple": "list"}
+    assert CONFIG_TYPES == {f.name: as_stored[f.type] for f in fields(Cell)}
+
+
+@pytest.mark.parametrize("field,value", [("backend", "triton"), ("devices", 2)])
+def test_a_cell_that_differs_only_in_backend_or_devices_is_not_compared(tmp_path, field, value):
+    """A triton (or 2-device) result measures something else than the torch, 1-device baseline cell: that baseline
+    cell is "not in results" (a regression: the gate cannot see it), and its metrics are never compared."""
+    both = {"backend": "torch", "devices": 1, "eval_batch_size": 256, "reference": "", "trained_by": "",
+            "weights_at": "[0]"}
+    base = write(tmp_path / "b.parquet", [cell_row("bptt_m", 4, **both), cell_row("rate_m", 4, **both)])
+    other = cell_row("bptt_m", 4, **{**both, field: value, "step_time_ms_median": 5.0, "saved_for_backward_mib": 1.0})
+    res = results_dir(tmp_path, [other, cell_row("rate_m", 4, **both)])
+    table, summary = compare(read_cells(base, "baseline"), read_cells(res, "results"), parse_tolerances([]))
+    bptt = table[table["method"] == "bptt_m"]
+    assert list(bptt["verdict"]) == ["REGRESSION (not in results)"] and list(bptt["metric"]) == ["status"]
+    assert summary["only_in_results"] == 1 and summary["matched_cells"] == 1
+    r = cli("check", "--baseline", str(base), "--results", str(res))
+    assert r.returncode == 1 and "REGRESSION (not in results)" in r.stdout, r.stdout + r.stderr

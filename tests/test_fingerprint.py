@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.fingerprint import RESULT_SOURCES, code_hash, fingerprint, normalised_source, source_files
+from bench import fingerprint as fp
+from bench.fingerprint import code_hash, fingerprint, normalised_source, source_files
 from reports.results import load_results
 
 from .helpers import tiny_grid
@@ -60,14 +61,80 @@ def test_any_code_change_changes_the_hash(tmp_path):
     assert code_hash(root2) != code_hash(REPO)
 
 
-def test_only_result_changing_sources_count(tmp_path):
+def _edit(root: Path, rel: str) -> None:
+    """A change of code (not of a comment) at the end of one file."""
+    (root / rel).write_text((root / rel).read_text() + "\nEDITED = 1\n")
+
+
+# modules whose code changes a row's numbers, though an earlier hand-kept list of sources left them out
+RESULT_MODULES = ("bench/energy.py", "bench/ops.py", "bench/fidelity.py", "bench/distributed.py", "bench/rows.py",
+                  "bench/env.py", "bench/worker.py", "methods/syncbn.py")
+# modules that schedule, store, gate or report: a change there keeps every stored result
+HARNESS_MODULES = ("bench/launch.py", "bench/check.py", "bench/compare.py", "bench/status.py", "bench/slurm.py",
+                   "bench/grid.py", "bench/spawn.py", "reports/render.py", "reports/results.py", "run_bench.py")
+
+
+@pytest.mark.parametrize("rel", RESULT_MODULES)
+def test_an_edit_of_a_module_a_cell_runs_makes_cells_stale(tmp_path, rel):
     root = _copy_sources(tmp_path / "copy")
-    for harmless in ("bench/check.py", "bench/launch.py", "reports/render.py", "run_bench.py"):
-        (root / harmless).write_text((root / harmless).read_text() + "\nHARMLESS = 1\n")
+    _edit(root, rel)
+    assert code_hash(root) != code_hash(REPO)
+
+
+def test_an_edit_of_the_launcher_gate_or_reports_keeps_cells_fresh(tmp_path):
+    root = _copy_sources(tmp_path / "copy")
+    for rel in HARNESS_MODULES:
+        _edit(root, rel)
     assert code_hash(root) == code_hash(REPO)
-    names = {p.relative_to(REPO).as_posix() for p in source_files(REPO)}
-    assert "methods/neuron.py" in names and "bench/runner.py" in names and "bench/launch.py" not in names
-    assert set(RESULT_SOURCES) <= {n.split("/")[0] if n.startswith("methods") else n for n in names}
+
+
+def test_a_new_module_that_a_cell_imports_is_hashed_without_a_list(tmp_path):
+    """A module added later and imported lazily by the runner is found by the walk, as is one the runner starts
+    as a process (`-m`); one nothing imports is not."""
+    root = _copy_sources(tmp_path / "copy")
+    (root / "bench" / "newmeter.py").write_text("FACTOR = 2\n")
+    (root / "bench" / "newproc.py").write_text("X = 1\n")
+    (root / "bench" / "unused.py").write_text("Y = 1\n")
+    runner = root / "bench" / "runner.py"
+    runner.write_text(runner.read_text() + "\n\ndef _later():\n    from .newmeter import FACTOR\n\n    return FACTOR\n"
+                      "\n\nCMD = ['python', '-m', 'bench.newproc']\n")
+    names = {p.relative_to(root).as_posix() for p in source_files(root)}
+    assert {"bench/newmeter.py", "bench/newproc.py"} <= names and "bench/unused.py" not in names
+    before = code_hash(root)
+    (root / "bench" / "newmeter.py").write_text("FACTOR = 3\n")
+    assert code_hash(root) != before
+
+
+_IMPORTED = """
+import json, sys
+from pathlib import Path
+from bench.cell import Cell
+from bench.runner import run_cell
+base = dict(method="bptt_m", arch="mlp", dataset="digits", T=2, batch_size=16, train_subset=32,
+            arch_options={"widths": [8]}, warmup_steps=0)
+for cell in (Cell(**base, kind="train", epochs=1), Cell(**base, kind="profile", steps=2),
+             Cell(**base, kind="fidelity", steps=1, reference="bptt_m")):
+    res = run_cell(cell, None, None, out=Path(sys.argv[1]))
+    assert res.status == "ok", res.row.get("error")
+print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in ("bench", "methods"))))
+"""
+
+
+def test_every_module_a_cell_imports_is_hashed_or_named(tmp_path):
+    """A train, a profile and a fidelity cell run in a fresh interpreter: each module of bench/ or methods/ that
+    they imported is hashed, or named in NOT_RESULTS with its reason. A module the walk missed fails here."""
+    import json
+
+    r = subprocess.run([sys.executable, "-c", _IMPORTED, str(tmp_path / "res")], capture_output=True, text=True,
+                       cwd=REPO, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    imported = set(json.loads(r.stdout.splitlines()[-1]))
+    hashed = {p.relative_to(REPO).with_suffix("").as_posix().replace("/", ".").removesuffix(".__init__")
+              for p in source_files(REPO)}
+    named = set(getattr(fp, "NOT_RESULTS", {}))
+    assert {"bench.energy", "bench.ops", "bench.fidelity", "bench.distributed", "bench.runner"} <= imported
+    assert imported - hashed - named == set()
+    assert all(len(why) > 20 for why in fp.NOT_RESULTS.values())  # each says why
 
 
 def test_fingerprint_names_torch_and_device_type():

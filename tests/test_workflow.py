@@ -33,7 +33,23 @@ def test_workflow_commands_parse():
     assert {c.split()[0] for c in calls} >= {"compare", "run", "check", "history", "report"}
     for c in calls:
         argv = [re.sub(r"\$\{\{[^}]*\}\}|\$[A-Z_]+", "X", a) for a in shlex.split(c.split("&&")[0])]
-        build_parser().parse_args(argv)  # exits (SystemExit) on an unknown command or option
+        ns = build_parser().parse_args(argv)  # exits (SystemExit) on an unknown command or option
+        # a default the workflow spells out must be the one the code keeps (it is better left out)
+        for option, value in _DEFAULTS.items():
+            if hasattr(ns, option):
+                assert getattr(ns, option) == value, f"the workflow's --{option.replace('_', '-')} is not the default"
+
+
+def _defaults() -> dict:
+    from bench.check import FLAT_TOL_PCT, MAX_TIME_RATIO
+    from bench.compare import DEFAULT_THRESHOLD_PCT
+    from bench.slurm import POLL_S
+
+    return {"max_time_ratio": MAX_TIME_RATIO, "flat_tol": FLAT_TOL_PCT, "threshold": DEFAULT_THRESHOLD_PCT,
+            "poll_s": POLL_S}
+
+
+_DEFAULTS = _defaults()
 
 
 # six measured steps: three ABBA quartets a round, the fewest the compare step judges
