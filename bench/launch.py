@@ -37,6 +37,7 @@ class GridOutcome:
     skipped: list[Cell] = field(default_factory=list)
     stale_kept: list[Cell] = field(default_factory=list)
     queued: list[Cell] = field(default_factory=list)  # pending or running under Slurm already: not resubmitted
+    queued_jobs: dict[str, str] = field(default_factory=dict)  # their keys -> the Slurm job that has each
     submitted: list[dict] = field(default_factory=list)  # Slurm jobs submitted (bench/slurm.py)
     not_started: list[Cell] = field(default_factory=list)  # left when a stop signal ended the grid
     stopped_by: str | None = None
@@ -154,95 +155,119 @@ def run_grid(cells: list[Cell], out: Path, data_root: str | None = None, launche
     out = Path(out)
     stream = stream or sys.stderr
     with FolderLock(out) as lock:
-        if lock.taken_over:
-            stream.write(f"took over the lock of a run that is no longer alive (pid {lock.taken_over.get('pid')})\n")
-        remove_stray_temp_files(out)
-        current = {t: fingerprint(t) for t in sorted({device_type(c.device) for c in cells})}
-        try:
-            update_manifest(out, cells[0].grid if cells else "", {c.key: c.config() for c in cells}, current)
-        except OSError as e:
-            raise StoreFailed(f"cannot write the manifest of {out}: {e}\nno cell ran: {len(cells)} cell(s) not stored. "
-                              "Free the space and run the same command again.") from None
-        stored = stored_ok(out)
-        queued = _queued(out, stream)
-        outcome = GridOutcome()
-        todo, stale = [], []
-        for c in cells:
-            if c.key in queued:
-                outcome.queued.append(c)
-            elif done_here(stored, c):
-                outcome.skipped.append(c)
-            elif c.key not in stored:
-                todo.append(c)
-            elif reuse_stale:
-                outcome.stale_kept.append(c)
-            else:
-                stale.append(c)
-                todo.append(c)
-        if outcome.skipped:
-            stream.write(f"{len(outcome.skipped)} cell(s) already stored with status ok: skipped\n")
-        if outcome.queued:
-            jobs = sorted({queued[c.key] for c in outcome.queued})
-            stream.write(f"{len(outcome.queued)} cell(s) pending or running under Slurm (job(s) "
-                         + ", ".join(jobs[:5]) + (", ..." if len(jobs) > 5 else "") + "): not submitted again\n")
-        if stale:
-            stream.write(f"{len(stale)} cell(s) stale (code changed since they ran): rerunning "
-                         "(--reuse-stale keeps them)\n")
-        if outcome.stale_kept:
-            stream.write(f"{len(outcome.stale_kept)} cell(s) stale (code changed since they ran): kept, as "
-                         "--reuse-stale asks; report and check mark them\n")
+        _prepare_folder(lock, out, cells, stream)
+        outcome, todo, stale = plan(cells, stored_ok(out), _queued(out, stream), reuse_stale)
+        _say_plan(outcome, stale, stream)
         if launcher == "slurm":
             if todo or outcome.queued:
                 _run_on_slurm(todo, out, data_root, slurm, outcome, stream, detach, poll_s)
             return outcome
-        slots = slots or [Slot()]
-        display = ProgressDisplay(len(cells), stream, work_left=sum(cell_cost(c) for c in todo), slots=len(slots))
-        display.done = len(cells) - len(todo)
-        STOP.clear()
-        STOP.install()
-        workers: dict[str | None, subprocess.Popen] = {}
-
-        def forward(signum: int) -> None:  # a signal to the grid process reaches its workers
-            for p in list(workers.values()):
-                if p.poll() is None:
-                    p.send_signal(signum)
-
-        undo = STOP.forward(forward)
-
-        def run_one(cell: Cell, slot: Slot) -> None:
-            display.start_cell(cell, slot.name)
-            lock.note_cell(display.labels() if len(slots) > 1 else cell.label)
-            progress = lambda d: display.update(d, slot.name)  # noqa: E731
-            try:
-                if launcher == "inprocess":
-                    st, err = run_in_process(cell, out, data_root, progress)
-                else:
-                    st, err = run_in_subprocess(cell, out, data_root, progress, stopping=lambda: STOP.requested,
-                                                on_start=lambda p: workers.__setitem__(slot.name, p),
-                                                env=slot.env, concurrent=len(slots))
-            finally:
-                workers.pop(slot.name, None)
-            outcome.ran.append((cell, st, err))
-            display.end_cell(st, slot.name)
-
-        try:
-            left: list[Cell] = []
-            for phase in run_phases(todo):  # fidelity cells read the weights train cells keep: they start after them
-                left += phase if STOP.requested else run_pool(phase, slots, run_one, lambda: STOP.requested)
-            outcome.not_started = left if STOP.requested else []
-            outcome.stopped_by = STOP.name
-        except StoreFailed as e:
-            done = {id(c) for c, _, _ in outcome.ran}
-            left = [c for c in todo if id(c) not in done]
-            raise StoreFailed(f"{e}\nthe grid stopped: {len(left)} cell(s) not stored ("
-                              + ", ".join(c.label for c in left[:5]) + (", ..." if len(left) > 5 else "")
-                              + f"); the {len(outcome.ran) + len(outcome.skipped)} cell(s) stored before stay "
-                              "readable. Free the space and run the same command again.") from None
-        finally:
-            undo()
-            STOP.uninstall()
-            lock.note_cell(None)
+        _run_here(todo, len(cells), out, data_root, launcher, slots or [Slot()], lock, outcome, stream)
     return outcome
+
+
+def _prepare_folder(lock: FolderLock, out: Path, cells: list[Cell], stream) -> None:
+    """With the lock held: say whether it was taken over, remove what a killed writer left, and record the cells
+    asked for and this code's fingerprints in the manifest."""
+    if lock.taken_over:
+        stream.write(f"took over the lock of a run that is no longer alive (pid {lock.taken_over.get('pid')})\n")
+    remove_stray_temp_files(out)
+    current = {t: fingerprint(t) for t in sorted({device_type(c.device) for c in cells})}
+    try:
+        update_manifest(out, cells[0].grid if cells else "", {c.key: c.config() for c in cells}, current)
+    except OSError as e:
+        raise StoreFailed(f"cannot write the manifest of {out}: {e}\nno cell ran: {len(cells)} cell(s) not stored. "
+                          "Free the space and run the same command again.") from None
+
+
+def plan(cells: list[Cell], stored: dict[str, str | None], queued: dict[str, str],
+         reuse_stale: bool = False) -> tuple[GridOutcome, list[Cell], list[Cell]]:
+    """(the outcome so far, the cells to run, the stale ones among them): a cell queued under Slurm is left to its
+    job, one stored ok by this code is skipped, one stored ok by other code is rerun (kept with ``reuse_stale``)."""
+    outcome = GridOutcome()
+    todo, stale = [], []
+    for c in cells:
+        if c.key in queued:
+            outcome.queued.append(c)
+        elif done_here(stored, c):
+            outcome.skipped.append(c)
+        elif c.key not in stored:
+            todo.append(c)
+        elif reuse_stale:
+            outcome.stale_kept.append(c)
+        else:
+            stale.append(c)
+            todo.append(c)
+    outcome.queued_jobs = {c.key: queued[c.key] for c in outcome.queued}
+    return outcome, todo, stale
+
+
+def _say_plan(outcome: GridOutcome, stale: list[Cell], stream) -> None:
+    """One line for each kind of cell that will not simply run: skipped, queued, stale (rerun or kept)."""
+    if outcome.skipped:
+        stream.write(f"{len(outcome.skipped)} cell(s) already stored with status ok: skipped\n")
+    if outcome.queued:
+        jobs = sorted(set(outcome.queued_jobs.values()))
+        stream.write(f"{len(outcome.queued)} cell(s) pending or running under Slurm (job(s) "
+                     + ", ".join(jobs[:5]) + (", ..." if len(jobs) > 5 else "") + "): not submitted again\n")
+    if stale:
+        stream.write(f"{len(stale)} cell(s) stale (code changed since they ran): rerunning "
+                     "(--reuse-stale keeps them)\n")
+    if outcome.stale_kept:
+        stream.write(f"{len(outcome.stale_kept)} cell(s) stale (code changed since they ran): kept, as "
+                     "--reuse-stale asks; report and check mark them\n")
+
+
+def _run_here(todo: list[Cell], total: int, out: Path, data_root, launcher: str, slots: list["Slot"], lock: FolderLock,
+              outcome: GridOutcome, stream) -> None:
+    """Run ``todo`` on this machine, one worker per cell and slot (or in this process), fidelity cells after the
+    others; a stop signal to this process reaches the running workers, and no further cell starts."""
+    display = ProgressDisplay(total, stream, work_left=sum(cell_cost(c) for c in todo), slots=len(slots))
+    display.done = total - len(todo)
+    STOP.clear()
+    STOP.install()
+    workers: dict[str | None, subprocess.Popen] = {}
+
+    def forward(signum: int) -> None:  # a signal to the grid process reaches its workers
+        for p in list(workers.values()):
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    undo = STOP.forward(forward)
+
+    def run_one(cell: Cell, slot: Slot) -> None:
+        display.start_cell(cell, slot.name)
+        lock.note_cell(display.labels() if len(slots) > 1 else cell.label)
+        progress = lambda d: display.update(d, slot.name)  # noqa: E731
+        try:
+            if launcher == "inprocess":
+                st, err = run_in_process(cell, out, data_root, progress)
+            else:
+                st, err = run_in_subprocess(cell, out, data_root, progress, stopping=lambda: STOP.requested,
+                                            on_start=lambda p: workers.__setitem__(slot.name, p),
+                                            env=slot.env, concurrent=len(slots))
+        finally:
+            workers.pop(slot.name, None)
+        outcome.ran.append((cell, st, err))
+        display.end_cell(st, slot.name)
+
+    try:
+        left: list[Cell] = []
+        for phase in run_phases(todo):  # fidelity cells read the weights train cells keep: they start after them
+            left += phase if STOP.requested else run_pool(phase, slots, run_one, lambda: STOP.requested)
+        outcome.not_started = left if STOP.requested else []
+        outcome.stopped_by = STOP.name
+    except StoreFailed as e:
+        done = {id(c) for c, _, _ in outcome.ran}
+        left = [c for c in todo if id(c) not in done]
+        raise StoreFailed(f"{e}\nthe grid stopped: {len(left)} cell(s) not stored ("
+                          + ", ".join(c.label for c in left[:5]) + (", ..." if len(left) > 5 else "")
+                          + f"); the {len(outcome.ran) + len(outcome.skipped)} cell(s) stored before stay "
+                          "readable. Free the space and run the same command again.") from None
+    finally:
+        undo()
+        STOP.uninstall()
+        lock.note_cell(None)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ import os
 import random
 import time
 import traceback
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -190,100 +191,154 @@ def run_cell(cell: Cell, data_root: str | None = None, progress: Progress | None
     that did to the timings). ``ranks``: this process is one rank of a multi-device cell (bench/distributed.py)."""
     t_cell = time.perf_counter()
     progress = progress or (lambda d: None)
-    device = torch.device(cell.device)
     if cell.devices > 1 and ranks is None:  # in-process callers (compare's workers, tests) cannot start ranks
         return Result(failure_row(cell, "error", f"a cell on {cell.devices} devices runs through bench/worker.py, "
                                                  "which starts its ranks; this caller runs one process"))
+    device, failed = _set_up_device(cell, ranks)
+    if failed:
+        return Result(failure_row(cell, "error", failed))
+    meters = Meters(device, energy=cell.kind != "fidelity")
+    row = _first_row(cell, device, meters, concurrent)
+    epochs: list[dict] = []
+    series: dict[str, list[float]] = {}
+    details: dict[str, list[dict]] = {}
+    attempt = Attempt(t_cell, meters.rss, meters.window, CellCheckpoint(out, cell.key, writer=ranks is None or ranks.main)
+                      if out is not None and cell.kind == "train" else None)
+    meters.rss.start()
+    try:
+        meters.start(row)
+        if cell.kind == "fidelity":
+            _seed(cell.seed)  # as a train cell: the same initial weights
+            details.update(run_fidelity(cell, device, data_root, row, out, progress))
+        else:
+            series = _train_or_profile(cell, device, data_root, row, epochs, progress, meters.window, attempt, ranks,
+                                       details)
+    except Exception as e:
+        row.update(failure_status(e))
+    finally:
+        meters.stop()
+    meters.columns(row, epochs)
+    row["cell_wall_s"] = time.perf_counter() - t_cell
+    samples = attempt.merge_earlier(row, meters.samples())
+    _checkpoint_columns(attempt.checkpoint, row)
+    if row["status"] == "preempted":  # its checkpoint holds the epochs and samples so far; the row says where
+        epochs, samples = [], []
+    return Result(row, epochs, samples, series, details)
+
+
+def _set_up_device(cell: Cell, ranks: Ranks | None) -> tuple[torch.device, str | None]:
+    """(the device the cell computes on, None), or (the device, why it cannot be used)."""
+    device = torch.device(cell.device)
     try:
         if ranks is not None:
-            device = init_ranks(ranks, device.type)
-        elif device.type == "cuda" and device.index is not None:
+            return init_ranks(ranks, device.type), None
+        if device.type == "cuda" and device.index is not None:
             # what names no device goes to the current one: the timing probe's CUDA events (recorded on the
             # current stream) and Triton's launches would be on cuda:0 while a cell on cuda:1 computes on cuda:1
             torch.cuda.set_device(device)
     except Exception as e:
         where = f"rank {ranks.rank} of {ranks.world}: " if ranks is not None else f"device {device}: "
-        return Result(failure_row(cell, "error", f"{where}{type(e).__name__}: {e}"))
-    nvml, gpu_reason = nvml_device(device)
-    nvml_sampler = NvmlProcessSampler(nvml.uuid, SAMPLE_INTERVAL_S) if nvml else None
-    rss = Sampler(rss_reader(), RSS_INTERVAL_S, baseline=0)
+        return device, f"{where}{type(e).__name__}: {e}"
+    return device, None
+
+
+def _first_row(cell: Cell, device: torch.device, meters: "Meters", concurrent: int) -> dict:
+    """The row before anything is measured: configuration, environment, the GPU as NVML names it."""
     row = base_row(cell, "ok")
     row.update(environment(device))
-    row["gpu_null_reason"] = gpu_reason
+    row["gpu_null_reason"] = meters.gpu_reason
     row["concurrent_cells"] = concurrent
+    nvml = meters.nvml
     if nvml:
         row.update(gpu_uuid=nvml.uuid, nvml_driver=nvml.driver, mig_mode=nvml.mig_mode,
                    gpu_other_processes=json.dumps(nvml.other_processes), gpu_name=nvml.name)
-    epochs: list[dict] = []
-    series: dict[str, list[float]] = {}
-    details: dict[str, list[dict]] = {}
-    window = MeasureWindow(nvml, nvml_sampler)
-    attempt = Attempt(t_cell, rss, window, CellCheckpoint(out, cell.key, writer=ranks is None or ranks.main)
-                      if out is not None and cell.kind == "train" else None)
-    rss.start()
-    try:
-        if nvml_sampler:  # its first reading, before this process allocates on the GPU, is the baseline
-            try:
-                nvml_sampler.start()
-            except RuntimeError as e:
-                row["gpu_null_reason"] = f"NVML sampler: {e}"
-                nvml_sampler = None
-        if cell.kind != "fidelity":  # the sampler process reads the energy where it runs; idle power first
-            window.energy, row["energy_null_reason"] = energy_meter(device, nvml, sampler=nvml_sampler)
-            if window.energy is not None:
-                window.energy.start()
-        if cell.kind == "fidelity":
-            _seed(cell.seed)  # as a train cell: the same initial weights
-            details.update(run_fidelity(cell, device, data_root, row, out, progress))
-        else:
-            series = _train_or_profile(cell, device, data_root, row, epochs, progress, window, attempt, ranks, details)
-    except Preempted as e:
-        row.update(status="preempted", error=str(e))
-    except WeightsMissing as e:  # an input the cell needs is not there: the message says which, no traceback
-        row.update(status="error", error=str(e))
-    except torch.cuda.OutOfMemoryError as e:
-        row.update(status="oom", error=f"CUDA out of memory: {str(e).splitlines()[0]}")
-    except MemoryError as e:
-        row.update(status="oom", error=f"host out of memory: {e}")
-    except Exception as e:
-        if is_host_oom(e):
-            row.update(status="oom", error=f"host out of memory: {str(e).strip().splitlines()[-1]}")
-        else:
-            tb = traceback.format_exc(limit=8)
-            row.update(status="error", error=f"{type(e).__name__}: {e}\n{tb}")
-    finally:
-        rss.stop()
-        if nvml_sampler:
-            nvml_sampler.stop()
-        if window.energy is not None:
-            window.energy.stop()
-    energy_columns(window.energy, row, epochs, window.profile_energy)
-    footprint, peak_rss = window.footprint.stop()
-    row["peak_rss_mib"] = peak_rss / MIB
-    row["footprint_mib"] = footprint / MIB if footprint is not None else None
-    if footprint is None and window.footprint.start_rss is not None:
-        row["footprint_null_reason"] = "the kernel offers no reset of the resident high-water mark (/proc/self/clear_refs)"
-    if nvml_sampler and nvml_sampler.peak is not None:
-        row["peak_nvml_mib"] = nvml_sampler.peak_above_baseline / MIB
-        row["nvml_baseline_mib"] = nvml_sampler.baseline / MIB
-        proc = nvml.process_used_bytes(os.getpid())
-        row["peak_nvml_process_mib"] = proc / MIB if proc is not None else None
-    row["cell_wall_s"] = time.perf_counter() - t_cell
-    samples = [{"source": "rss", "t_s": t, "mib": v / MIB} for t, v in rss.samples]
-    if nvml_sampler:
-        samples += [{"source": "nvml", "t_s": t, "mib": (v - nvml_sampler.baseline) / MIB} for t, v in nvml_sampler.samples]
-    if window.energy is not None:  # power over the cell (watts; the energy meter's clock is perf_counter too)
-        samples += [{"source": "power", "t_s": t - rss.started_at, "w": w} for t, w in window.energy.trace()]
-    samples = attempt.merge_earlier(row, samples)
-    ckpt = attempt.checkpoint
-    if ckpt is not None and ckpt.write_s:
+    return row
+
+
+def failure_status(e: Exception) -> dict:
+    """The status and error of a cell that ended with ``e`` (call it in the ``except`` block: the traceback is the
+    one being handled): a stop request is ``preempted``, running out of memory (GPU or host) ``oom``, a missing
+    input an ``error`` with its message alone, anything else an ``error`` with the traceback."""
+    if isinstance(e, Preempted):
+        return {"status": "preempted", "error": str(e)}
+    if isinstance(e, WeightsMissing):  # an input the cell needs is not there: the message says which
+        return {"status": "error", "error": str(e)}
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        return {"status": "oom", "error": f"CUDA out of memory: {str(e).splitlines()[0]}"}
+    if isinstance(e, MemoryError):
+        return {"status": "oom", "error": f"host out of memory: {e}"}
+    if is_host_oom(e):
+        return {"status": "oom", "error": f"host out of memory: {str(e).strip().splitlines()[-1]}"}
+    return {"status": "error", "error": f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=8)}"}
+
+
+def _checkpoint_columns(ckpt: CellCheckpoint | None, row: dict) -> None:
+    """What checkpointing cost (mean write time, size); the checkpoint of a cell that ended ok is removed."""
+    if ckpt is None:
+        return
+    if ckpt.write_s:
         row["checkpoint_s"] = sum(ckpt.write_s) / len(ckpt.write_s)
         row["checkpoint_mib"] = ckpt.size_bytes / MIB
-    if ckpt is not None and row["status"] == "ok":
+    if row["status"] == "ok":
         ckpt.remove()
-    if row["status"] == "preempted":  # its checkpoint holds the epochs and samples so far; the row says where
-        epochs, samples = [], []
-    return Result(row, epochs, samples, series, details)
+
+
+class Meters:
+    """The instruments that run beside a cell, from before its model is built to after its row's last step: the
+    RSS sampler, on a GPU the NVML sampler process, the energy meter (idle power first; not for fidelity cells),
+    and the window over the training loop (``MeasureWindow``). ``start`` and ``stop`` bracket the cell, whatever
+    happens in it; ``columns`` writes what they saw into the row; ``samples`` gives their series."""
+
+    def __init__(self, device: torch.device, energy: bool) -> None:
+        self.device, self.energy = device, energy
+        self.nvml, self.gpu_reason = nvml_device(device)
+        self.nvml_sampler = NvmlProcessSampler(self.nvml.uuid, SAMPLE_INTERVAL_S) if self.nvml else None
+        self.rss = Sampler(rss_reader(), RSS_INTERVAL_S, baseline=0)
+        self.window = MeasureWindow(self.nvml, self.nvml_sampler)
+
+    def start(self, row: dict) -> None:
+        if self.nvml_sampler:  # its first reading, before this process allocates on the GPU, is the baseline
+            try:
+                self.nvml_sampler.start()
+            except RuntimeError as e:
+                row["gpu_null_reason"] = f"NVML sampler: {e}"
+                self.nvml_sampler = None
+        if self.energy:  # the sampler process reads the energy where it runs; idle power first
+            self.window.energy, row["energy_null_reason"] = energy_meter(self.device, self.nvml, sampler=self.nvml_sampler)
+            if self.window.energy is not None:
+                self.window.energy.start()
+
+    def stop(self) -> None:
+        self.rss.stop()
+        if self.nvml_sampler:
+            self.nvml_sampler.stop()
+        if self.window.energy is not None:
+            self.window.energy.stop()
+
+    def columns(self, row: dict, epochs: list[dict]) -> None:
+        window = self.window
+        energy_columns(window.energy, row, epochs, window.profile_energy)
+        footprint, peak_rss = window.footprint.stop()
+        row["peak_rss_mib"] = peak_rss / MIB
+        row["footprint_mib"] = footprint / MIB if footprint is not None else None
+        if footprint is None and window.footprint.start_rss is not None:
+            row["footprint_null_reason"] = "the kernel offers no reset of the resident high-water mark (/proc/self/clear_refs)"
+        sampler = self.nvml_sampler
+        if sampler and sampler.peak is not None:
+            row["peak_nvml_mib"] = sampler.peak_above_baseline / MIB
+            row["nvml_baseline_mib"] = sampler.baseline / MIB
+            proc = self.nvml.process_used_bytes(os.getpid())
+            row["peak_nvml_process_mib"] = proc / MIB if proc is not None else None
+
+    def samples(self) -> list[dict]:
+        """RSS, GPU memory (above the sampler's baseline) and power over the cell, on the RSS sampler's clock."""
+        samples = [{"source": "rss", "t_s": t, "mib": v / MIB} for t, v in self.rss.samples]
+        if self.nvml_sampler:
+            base = self.nvml_sampler.baseline
+            samples += [{"source": "nvml", "t_s": t, "mib": (v - base) / MIB} for t, v in self.nvml_sampler.samples]
+        if self.window.energy is not None:  # watts; the energy meter's clock is perf_counter too
+            samples += [{"source": "power", "t_s": t - self.rss.started_at, "w": w} for t, w in self.window.energy.trace()]
+        return samples
 
 
 class Attempt:
@@ -581,98 +636,144 @@ def _train(cell: Cell, device, model, method, opt, sched, train, test, measure: 
            row: dict, window: MeasureWindow, attempt: Attempt | None, tell, ranks: Ranks | None = None,
            details: dict | None = None) -> None:
     """The epochs of a train cell, resumed from its checkpoint when there is one, checkpointing as it goes."""
-    n_epochs = cell.epochs
-    ckpt = attempt.checkpoint if attempt is not None else None
-    start_epoch, start_batch, best, losses, epoch_before_s = 1, 0, -math.inf, [], 0.0
-    state = ckpt.load() if ckpt is not None else None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        if sched is not None and state["schedule"] is not None:
-            sched.load_state_dict(state["schedule"])
-        epochs[:] = state["epochs"]
-        best, start_epoch, start_batch = state["best"], state["epoch"], state["batch"]
-        losses, epoch_before_s = list(state["losses"].to(device).unbind()), state["epoch_s"]
-        measure.load_state(state["measure"])
-        attempt.resumed(state)
-        set_rng_state(state["rng"])  # last: building the model and the loaders drew from the RNGs too
-    every_s = cell.checkpoint_minutes * 60.0
-
-    def save(epoch: int, batch: int, epoch_s: float, losses: list) -> None:
-        sync(device)
-        ckpt.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                   "schedule": sched.state_dict() if sched is not None else None, "rng": rng_state(device),
-                   "epoch": epoch, "batch": batch, "epoch_s": epoch_s,
-                   "losses": torch.stack(losses).detach().cpu() if losses else torch.zeros(0),
-                   "epochs": [dict(e) for e in epochs], "best": best, "measure": measure.state(),
-                   "restarts": attempt.restarts, "resumed_at": attempt.resumed_at, "attempts": attempt.so_far()})
-
-    def stop(epoch: int, batch: int) -> Preempted:
-        return Preempted(f"stopped by {_stopped_by()} at epoch {epoch}, batch {batch} of {len(train)}; checkpointed, "
-                         "it resumes there when run again")
-
+    saver = _Saver(cell, device, attempt, model, opt, sched, epochs, measure, len(train))
+    start = saver.resume()
     window.start()  # model, optimizer and data are set up: what grows from here is the training's
-    last_save = time.perf_counter()
-    for epoch in range(start_epoch, n_epochs + 1):
-        first = 0
-        if epoch == start_epoch:
-            first = start_batch
-        else:
-            losses, epoch_before_s = [], 0.0
-        sync(device)
-        t_epoch = time.perf_counter()
-        span = Span(window.energy) if window.energy is not None else None
-        paused = 0.0  # checkpoint writes inside the epoch: not training time
-        for b, (wait_ms, (x, y)) in enumerate(_timed(train.batches(epoch - 1, first)), first + 1):
-            losses.append(measure.step(x, y, wait_ms))
-            tell(epoch)
-            if ckpt is None:
-                continue
-            stopping, due = stop_requested(ranks, device, bool(every_s) and time.perf_counter() - last_save >= every_s)
-            if stopping or due:
-                t0 = time.perf_counter()
-                save(epoch, b, epoch_before_s + t0 - t_epoch - paused, losses)
-                last_save = time.perf_counter()
-                paused += last_save - t0
-                if stopping:
-                    raise stop(epoch, b)
-        sync(device)
-        epoch_s = epoch_before_s + time.perf_counter() - t_epoch - paused
-        joules = span.end() if span is not None else {}
+    saver.last_save = time.perf_counter()
+    for epoch in range(start.epoch, cell.epochs + 1):
+        first, losses, before_s = (start.batch, start.losses, start.epoch_s) if epoch == start.epoch else (0, [], 0.0)
+        epoch_s, joules, losses = _train_epoch(epoch, first, losses, before_s, train, measure, window, saver, ranks,
+                                               device, tell)
         lr = opt.param_groups[0]["lr"]
         if sched:
             sched.step()
         train_loss = float(torch.stack(losses).mean()) if losses else None
-        window.footprint.pause()  # evaluation's memory is not training memory
-        last = epoch == n_epochs
-        acc, rate, found = evaluate(method, model, test, device, ranks, analyses=last) if test is not None \
-            else (None, None, {})
-        if details is not None:
-            details.update(found)
-        row.update(op_totals(found.get("ops", [])))
-        shuffles = [r["acc"] for r in found.get("anytime", []) if r["analysis"] == "shuffle"]
-        if shuffles:
-            row["acc_shuffled"] = sum(shuffles) / len(shuffles)
-        window.footprint.resume()
+        acc, rate = _evaluate_epoch(method, model, test, device, ranks, epoch == cell.epochs, window, row, details)
         if acc is not None:
-            best = max(best, acc)
+            saver.best = max(saver.best, acc)
         epochs.append({"epoch": epoch, "train_loss": train_loss, "test_acc": acc, "epoch_time_s": epoch_s,
                        "lr": lr, "firing_rate_mean": rate, "steps": len(train) - first,
                        **{f"energy_{k}_j": v for k, v in joules.items()}})
         if not math.isfinite(train_loss or 0.0):
             raise FloatingPointError(f"training loss is {train_loss} at epoch {epoch}")
-        if ckpt is not None and (epoch in cell.save_weights_at or epoch == n_epochs and LAST_EPOCH in cell.save_weights_at):
-            ckpt.save_weights(epoch, model)
-        if ckpt is not None and epoch < n_epochs:
-            save(epoch + 1, 0, 0.0, [])
-            last_save = time.perf_counter()
-            if stop_requested(ranks, device)[0]:
-                raise stop(epoch + 1, 0)
+        saver.epoch_end(epoch, ranks)
     if epochs:
         last = epochs[-1]
-        row.update(acc_top1=last["test_acc"], acc_top1_best=best if best > -math.inf else None,
+        row.update(acc_top1=last["test_acc"], acc_top1_best=saver.best if saver.best > -math.inf else None,
                    train_loss=last["train_loss"], firing_rate_mean=last["firing_rate_mean"],
                    **summarise({"epoch_s": [e["epoch_time_s"] for e in epochs]}))
+
+
+def _train_epoch(epoch: int, first: int, losses: list, before_s: float, train, measure: StepMeasure,
+                 window: MeasureWindow, saver: "_Saver", ranks, device, tell) -> tuple[float, dict, list]:
+    """The training steps of one epoch from batch ``first`` (a resumed epoch: its losses and seconds so far), with
+    the checkpoints a stop request or ``checkpoint_minutes`` ask for. Returns (the epoch's training seconds, its
+    energy per source, its losses)."""
+    sync(device)
+    t_epoch = time.perf_counter()
+    span = Span(window.energy) if window.energy is not None else None
+    paused = 0.0  # checkpoint writes inside the epoch: not training time
+    for b, (wait_ms, (x, y)) in enumerate(_timed(train.batches(epoch - 1, first)), first + 1):
+        losses.append(measure.step(x, y, wait_ms))
+        tell(epoch)
+        if saver.ckpt is None:
+            continue
+        stopping, due = stop_requested(ranks, device, saver.due())
+        if stopping or due:
+            t0 = time.perf_counter()
+            saver.save(epoch, b, before_s + t0 - t_epoch - paused, losses)
+            paused += saver.last_save - t0
+            if stopping:
+                raise saver.stopped(epoch, b)
+    sync(device)
+    epoch_s = before_s + time.perf_counter() - t_epoch - paused
+    return epoch_s, span.end() if span is not None else {}, losses
+
+
+def _evaluate_epoch(method, model, test, device, ranks, last: bool, window: MeasureWindow, row: dict,
+                    details: dict | None) -> tuple[float | None, float | None]:
+    """(accuracy, firing rate) on the test set after an epoch; after the last, the analyses too (into ``details``
+    and the row's operation counts and shuffled accuracy). Its memory is not the training's footprint."""
+    window.footprint.pause()
+    acc, rate, found = evaluate(method, model, test, device, ranks, analyses=last) if test is not None \
+        else (None, None, {})
+    if details is not None:
+        details.update(found)
+    row.update(op_totals(found.get("ops", [])))
+    shuffles = [r["acc"] for r in found.get("anytime", []) if r["analysis"] == "shuffle"]
+    if shuffles:
+        row["acc_shuffled"] = sum(shuffles) / len(shuffles)
+    window.footprint.resume()
+    return acc, rate
+
+
+class _Start(NamedTuple):
+    epoch: int
+    batch: int
+    losses: list
+    epoch_s: float
+
+
+class _Saver:
+    """A train cell's checkpoints: what it resumes from, and when and what it saves (at epoch ends but the last,
+    every ``checkpoint_minutes``, on a stop request), with the weights it keeps (``save_weights_at``)."""
+
+    def __init__(self, cell: Cell, device, attempt: Attempt | None, model, opt, sched, epochs: list[dict],
+                 measure: StepMeasure, batches: int) -> None:
+        self.cell, self.device, self.attempt = cell, device, attempt
+        self.model, self.opt, self.sched, self.epochs, self.measure, self.batches = model, opt, sched, epochs, measure, batches
+        self.ckpt = attempt.checkpoint if attempt is not None else None
+        self.every_s = cell.checkpoint_minutes * 60.0
+        self.best = -math.inf
+        self.last_save = time.perf_counter()
+
+    def resume(self) -> _Start:
+        """Load the checkpoint into the model, optimizer, schedule, measure and RNGs; where the training goes on."""
+        state = self.ckpt.load() if self.ckpt is not None else None
+        if state is None:
+            return _Start(1, 0, [], 0.0)
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        if self.sched is not None and state["schedule"] is not None:
+            self.sched.load_state_dict(state["schedule"])
+        self.epochs[:] = state["epochs"]
+        self.best = state["best"]
+        self.measure.load_state(state["measure"])
+        self.attempt.resumed(state)
+        set_rng_state(state["rng"])  # last: building the model and the loaders drew from the RNGs too
+        return _Start(state["epoch"], state["batch"], list(state["losses"].to(self.device).unbind()), state["epoch_s"])
+
+    def due(self) -> bool:
+        return bool(self.every_s) and time.perf_counter() - self.last_save >= self.every_s
+
+    def save(self, epoch: int, batch: int, epoch_s: float, losses: list) -> None:
+        """The whole state, to resume at ``batch`` of ``epoch`` (``epoch_s`` and ``losses``: that epoch's so far)."""
+        sync(self.device)
+        a = self.attempt
+        self.ckpt.save({"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                        "schedule": self.sched.state_dict() if self.sched is not None else None,
+                        "rng": rng_state(self.device), "epoch": epoch, "batch": batch, "epoch_s": epoch_s,
+                        "losses": torch.stack(losses).detach().cpu() if losses else torch.zeros(0),
+                        "epochs": [dict(e) for e in self.epochs], "best": self.best, "measure": self.measure.state(),
+                        "restarts": a.restarts, "resumed_at": a.resumed_at, "attempts": a.so_far()})
+        self.last_save = time.perf_counter()
+
+    def stopped(self, epoch: int, batch: int) -> Preempted:
+        return Preempted(f"stopped by {_stopped_by()} at epoch {epoch}, batch {batch} of {self.batches}; "
+                         "checkpointed, it resumes there when run again")
+
+    def epoch_end(self, epoch: int, ranks) -> None:
+        """After an epoch's evaluation: the weights the cell keeps; a checkpoint to resume at the next epoch (not
+        after the last), and the stop a request asks for."""
+        if self.ckpt is None:
+            return
+        keep = self.cell.save_weights_at
+        if epoch in keep or epoch == self.cell.epochs and LAST_EPOCH in keep:
+            self.ckpt.save_weights(epoch, self.model)
+        if epoch < self.cell.epochs:
+            self.save(epoch + 1, 0, 0.0, [])
+            if stop_requested(ranks, self.device)[0]:
+                raise self.stopped(epoch + 1, 0)
 
 
 def _timed(batches):
