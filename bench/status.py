@@ -74,6 +74,8 @@ def cell_states(folder: Path) -> pd.DataFrame:
         row = rows.get(key)
         if row is None or st not in ACTIVE or row["state"] == "ok":
             continue
+        if st == "COMPLETING" and row["state"] != "missing":  # its processes are ending: the row it stored stands
+            continue
         if st == "PENDING" or st.startswith("REQUEUE"):
             again = row["state"] in TO_CONTINUE or (folder / CHECKPOINTS / f"{key}.pt").exists()
             row.update(state="requeued" if again else "pending",
