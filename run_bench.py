@@ -162,7 +162,7 @@ def cmd_list(a) -> int:
 def cmd_check(a) -> int:
     from bench.check import run_gate
 
-    failed, text = run_gate(a.baseline, a.results, a.tolerance, a.invariants, a.max_time_ratio, a.flat_tol, a.report)
+    failed, text = run_gate(a.baseline, a.results, a.tolerance, a.invariants, a.max_growth_ratio, a.flat_tol, a.report)
     print(text)
     return 1 if failed else 0
 
@@ -223,7 +223,7 @@ def cmd_default(a) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     # the defaults live where they are used (torch-free modules: the parser imports no torch)
-    from bench.check import FLAT_TOL_PCT, MAX_TIME_RATIO
+    from bench.check import FLAT_TOL_PCT, MAX_GROWTH_RATIO
     from bench.compare import DEFAULT_THRESHOLD_PCT
     from bench.slurm import POLL_S
     from reports.results import METRICS
@@ -273,9 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tolerance in percent, or 'off' (defaults: "
                         + ", ".join(f"{m.name} {m.tolerance:g}" for m in METRICS if m.tolerance is not None) + ")")
     c.add_argument("--invariants", metavar="R", help="check the machine-independent invariants on results R")
-    c.add_argument("--max-time-ratio", type=float, default=MAX_TIME_RATIO,
-                   help="invariant: a method's step time at the largest T <= this x its stated reference's "
-                        f"(rate_m: bptt_m; default {MAX_TIME_RATIO:g})")
+    c.add_argument("--max-growth-ratio", "--max-time-ratio", type=float, default=MAX_GROWTH_RATIO,
+                   help="invariant: how fast a method's step time grows with T (slope over the T both ran), at most "
+                        f"this x its stated reference's (rate_m: bptt_m; default {MAX_GROWTH_RATIO:g}; "
+                        "--max-time-ratio is its former name)")
     c.add_argument("--flat-tol", type=float, default=FLAT_TOL_PCT,
                    help=f"invariant: flat in T within this percent (default {FLAT_TOL_PCT:g})")
     c.add_argument("--report", metavar="FILE", help="write the comparison as markdown")

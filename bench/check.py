@@ -6,7 +6,7 @@ or the grid name), and compares each metric with a tolerance in percent: above `
 regression, below ``baseline * (1 - tol)`` an improvement, anything between holds. A cell that failed where the
 baseline's succeeded, and a metric the baseline has but the results lack, are regressions too (the gate cannot
 hold what it cannot see). ``invariants`` checks what must hold on any machine: memory flat in T for rate-BP and
-the online methods, growing in T for BPTT, and rate_m's step time a fraction of bptt_m's at the largest T, each as
+the online methods, growing in T for BPTT, and rate_m's step time growing in T at a fraction of bptt_m's rate, each as
 the rows state it (the Method classes declare what they claim; the gate keeps no list of method names).
 
 pandas only (no torch): the gate runs in a second and can run where the project is not installed with torch.
@@ -32,7 +32,13 @@ from .cell import MEASURED_FIELDS
 CONFIG_COLUMNS = tuple("device_type" if f == "device" else f for f in MEASURED_FIELDS)
 ID_COLUMNS = ("method", "arch", "dataset", "T", "seed")
 # the invariants' defaults (README, "Regression gate"; the CLI and the GPU workflow take them from here)
-MAX_TIME_RATIO = 0.8  # a method's step time at the largest T, at most this share of its stated reference's
+# a method that claims to be faster than a reference: its step time grows with T (least-squares slope, ms per time
+# step) at most this share of the reference's growth. Measured rate_m/bptt_m: 0.51 on the 2-core CPU (ci_cpu),
+# 0.51 on an H200 at batch 64 (ci_gpu), 0.37 at batch 128 (paper_cost); 1.0 is no advantage at all. The paper's
+# claim is about how cost scales with T, and the slope carries it on any device: the step time at one T also
+# holds the fixed cost of a step, which on a GPU at small batch (launch-bound) can hide the advantage (0.855 at
+# T=8 on the H200, against a slope ratio of 0.51).
+MAX_GROWTH_RATIO = 0.75
 FLAT_TOL_PCT = 2.0  # "flat in T": the bytes saved for backward vary over T by at most this percent
 
 # metric -> tolerance in percent, as the metric table declares it
@@ -231,7 +237,7 @@ def _stated(m: pd.DataFrame, col: str) -> str | None:
     return str(v.iloc[0]) if len(v) else None
 
 
-def invariants(results: pd.DataFrame, max_time_ratio: float = MAX_TIME_RATIO, flat_tol_pct: float = FLAT_TOL_PCT,
+def invariants(results: pd.DataFrame, max_growth_ratio: float = MAX_GROWTH_RATIO, flat_tol_pct: float = FLAT_TOL_PCT,
                min_growth: float = 0.5) -> pd.DataFrame:
     """Checks that hold on any machine, each with its measured value and limit. What to check comes from the rows,
     which carry what each method claims (``memory_in_T``, ``time_reference_method``, declared on the Method class):
@@ -239,7 +245,8 @@ def invariants(results: pd.DataFrame, max_time_ratio: float = MAX_TIME_RATIO, fl
     - ``flat``: max/min of ``saved_for_backward_mib`` over T is at most ``1 + flat_tol_pct/100``;
     - ``linear``: ``saved_for_backward_mib`` never falls as T grows and saved(T_max)/saved(T_min) is at least
       ``min_growth * T_max/T_min`` (linear growth gives 1 x that);
-    - a time reference R: the method's median step time at the largest T both ran is at most ``max_time_ratio`` x R's.
+    - a time reference R: over the T both ran (two or more), the slope of the method's median step time in T is at
+      most ``max_growth_ratio`` x R's slope (a reference whose time does not grow in T fails: nothing to judge by).
     """
     df = results[results["status"] == "ok"]
     if "method_options" in df.columns:  # the invariants are stated for the methods as published
@@ -269,13 +276,27 @@ def invariants(results: pd.DataFrame, max_time_ratio: float = MAX_TIME_RATIO, fl
             if ref:
                 mine, theirs = _over_T(m, "step_time_ms_median"), _over_T(g[g["method"] == ref], "step_time_ms_median")
                 common = sorted(set(mine.index) & set(theirs.index))
-                if common:
-                    t = common[-1]
-                    measured = mine[t] / theirs[t]
-                    rows.append({"invariant": f"{method} step time vs {ref}", "subject": f"T={t}", "where": where,
-                                 "measured": measured, "limit": f"<= {max_time_ratio:.3f}",
-                                 "verdict": "ok" if measured <= max_time_ratio else "FAIL"})
+                if len(common) >= 2:
+                    rows.append(_growth_row(method, ref, mine[common], theirs[common], where, max_growth_ratio))
     return pd.DataFrame(rows, columns=["invariant", "subject", "where", "measured", "limit", "verdict"])
+
+
+def growth(series: pd.Series) -> float:
+    """The least-squares slope of a per-T series in T (ms per time step for step times)."""
+    t = series.index.to_numpy(dtype=float)
+    y = series.to_numpy(dtype=float)
+    dt = t - t.mean()
+    return float((dt * (y - y.mean())).sum() / (dt * dt).sum())
+
+
+def _growth_row(method: str, ref: str, mine: pd.Series, theirs: pd.Series, where: str, limit: float) -> dict:
+    a, b = growth(mine), growth(theirs)
+    measured = a / b if b > 0 else math.nan
+    ok = b > 0 and measured <= limit
+    subject = (f"T={','.join(str(t) for t in mine.index)}: {a:.3g} vs {b:.3g} ms per time step"
+               + ("" if b > 0 else f" ({ref}'s step time does not grow in T: nothing to judge by)"))
+    return {"invariant": f"{method} step-time growth in T vs {ref}", "subject": subject, "where": where,
+            "measured": measured, "limit": f"<= {limit:.3f}", "verdict": "ok" if ok else "FAIL"}
 
 
 def _over_T(m: pd.DataFrame, col: str) -> pd.Series:
@@ -341,7 +362,7 @@ def write_baseline(results: str | Path, out: str | Path) -> int:
 
 
 def run_gate(baseline: str | None, results: str | None, tolerances: list[str], invariants_dir: str | None,
-             max_time_ratio: float = MAX_TIME_RATIO, flat_tol: float = FLAT_TOL_PCT, report: str | None = None) -> tuple[bool, str]:
+             max_growth_ratio: float = MAX_GROWTH_RATIO, flat_tol: float = FLAT_TOL_PCT, report: str | None = None) -> tuple[bool, str]:
     """The whole gate, as ``run_bench.py check`` runs it: (failed, the text to print); writes the markdown report
     when asked. Unusable input raises UsageError."""
     if not invariants_dir and not (baseline and results):
@@ -359,7 +380,7 @@ def run_gate(baseline: str | None, results: str | None, tolerances: list[str], i
                      + format_comparison(table, summary, "github"))
         failed |= summary["regressions"] > 0
     if invariants_dir:
-        inv = invariants(read_cells(invariants_dir, "results"), max_time_ratio, flat_tol)
+        inv = invariants(read_cells(invariants_dir, "results"), max_growth_ratio, flat_tol)
         if inv.empty:
             raise UsageError(f"no invariant applies to {invariants_dir!r}: it needs ok cells of methods that state how "
                              "their memory scales in T (memory_in_T) at two or more T, or a method and its time reference")

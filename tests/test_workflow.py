@@ -41,11 +41,11 @@ def test_workflow_commands_parse():
 
 
 def _defaults() -> dict:
-    from bench.check import FLAT_TOL_PCT, MAX_TIME_RATIO
+    from bench.check import FLAT_TOL_PCT, MAX_GROWTH_RATIO
     from bench.compare import DEFAULT_THRESHOLD_PCT
     from bench.slurm import POLL_S
 
-    return {"max_time_ratio": MAX_TIME_RATIO, "flat_tol": FLAT_TOL_PCT, "threshold": DEFAULT_THRESHOLD_PCT,
+    return {"max_growth_ratio": MAX_GROWTH_RATIO, "flat_tol": FLAT_TOL_PCT, "threshold": DEFAULT_THRESHOLD_PCT,
             "poll_s": POLL_S}
 
 
