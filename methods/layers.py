@@ -252,7 +252,10 @@ def _compiled(kind: str) -> Callable:
         for name in ("recompile_limit", "cache_size_limit"):
             if hasattr(dynamo, name):
                 setattr(dynamo, name, max(getattr(dynamo, name), 64))
-        _COMPILED[kind] = torch.compile(_COMPILE[kind], dynamic=False)
+        # inductor's Triton kernels would contract multiply-adds into one rounding: emulate_precision_casts turns
+        # that off (and rounds where eager torch rounds), so the membrane is eager's (methods/triton_lif.py)
+        options = {"emulate_precision_casts": True} if hasattr(torch._inductor.config, "emulate_precision_casts") else {}
+        _COMPILED[kind] = torch.compile(_COMPILE[kind], dynamic=False, options=options)
     return _COMPILED[kind]
 
 

@@ -9,6 +9,22 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _triton_devices() -> list:
+    """Where a Triton kernel test runs: on a CPU through Triton's interpreter (where there is no CUDA: Triton picks
+    the interpreter once, when first imported, and tests/conftest.py turns it on only then), and compiled on a
+    CUDA device (marker gpu, skipped without one)."""
+    import pytest
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return [pytest.param("cpu", id="cpu", marks=pytest.mark.skipif(cuda, reason="Triton runs compiled here: no "
+                                                                               "interpreter for CPU tensors")),
+            pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)]
+
+
+TRITON_DEVICES = _triton_devices()
+
+
 def cli(*args, env=None, timeout=300, cwd=REPO):
     """run_bench.py in a fresh interpreter, as a user runs it (from the repository, unless ``cwd`` says where)."""
     return subprocess.run([sys.executable, str(REPO / "run_bench.py"), *args], capture_output=True, text=True,

@@ -116,7 +116,9 @@ def test_workflow_steps_run_by_hand_on_cpu(tmp_path):
 
     pr = _run_workflow("pull_request", repo, tmp_path, sha)
     names = [n for n, _, _ in pr["ran"]]
-    assert names[:2] == ["Device name", "Speed, head against base on this runner"] and "History (pushes to main)" not in names
+    assert names[:3] == ["GPU tests first", "Device name", "Speed, head against base on this runner"]
+    assert "History (pushes to main)" not in names
+    assert "gpu-tests: ok" in pr["ran"][0][2] and (repo / "results" / "gpu-check" / "summary.md").is_file()
     assert pr["outputs"]["device"]["slug"] == "cpu"
     assert sum(n for _, n, _ in pr["ran"]) == 2  # the compare step's grid and the run step's were both replaced
     compare_md = (repo / "results" / "compare" / "compare.md").read_text()
