@@ -171,10 +171,13 @@ def main(argv=None) -> int:
     p.add_argument("--dataset", default="digits")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--T", type=int, default=4)
-    p.add_argument("--methods", default="bptt_m,bptt_s,rate_m,rate_s,ottt_a,ottt_o,sltt,sltt_k")
+    p.add_argument("--methods", help="comma-separated (default: every method whose neurons are LIF modes, "
+                                      "the ones the fused backends run)")
     a = p.parse_args(argv)
-    a.methods = [m for m in a.methods.split(",") if m]
     from methods import METHODS
+
+    a.methods = [m for m in a.methods.split(",") if m] if a.methods else \
+        sorted(n for n, cls in METHODS.items() if cls.torch_only is None)
 
     unknown = [m for m in a.methods if m not in METHODS]
     if unknown:
