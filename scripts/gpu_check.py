@@ -145,59 +145,58 @@ class Check:
 
     def resume(self, p: Part) -> None:
         from bench.cell import Cell
+        from reports.results import load_results
 
         size = dict(train_subset=512, batch_size=16) if self.quick else dict(train_subset=0, batch_size=8)
         cell = Cell("bptt_m", "cnn_digits", "digits", 4, epochs=2, warmup_steps=1, device=self.device,
                     grid="gpu_check_resume", **size)
         whole, stopped = self.work / "resume-whole", self.work / "resume-stopped"
-        from reports.results import load_results
-
-        rc0, _ = self.worker(cell, whole)
-        rc1, at = self.worker(cell, stopped, stop_in_epoch=2)
-        first = load_results(stopped).set_index("key").loc[cell.key, "status"]
-        rc2, _ = self.worker(cell, stopped)
-
+        st0, _ = self.worker(cell, whole)
+        st1, at = self.worker(cell, stopped, stop_in_epoch=2)
+        st2, _ = self.worker(cell, stopped)
         rows = {k: load_results(d).set_index("key").loc[cell.key] for k, d in (("whole", whole), ("stopped", stopped))}
         ep = {k: load_results(d, "epochs").sort_values("epoch") for k, d in (("whole", whole), ("stopped", stopped))}
         loss_w, loss_s = ep["whole"]["train_loss"].to_numpy(), ep["stopped"]["train_loss"].to_numpy()
         rel = float(max(abs(a - b) / abs(a) for a, b in zip(loss_w, loss_s))) if len(loss_w) == len(loss_s) else None
         tol = RESUME_TOL["cuda" if self.device.startswith("cuda") else "cpu"]
-        p.lines.append(f"SIGTERM {at or 'never sent (the cell ended first)'}: the worker exited {rc1}, its row "
-                       f"{first}; run again, it resumed")
+        p.lines.append(f"SIGTERM {at or 'never sent (the cell ended first)'}: the cell ended {st1}; run again, "
+                       f"{st2}")
         p.lines.append(f"resumed: status {rows['stopped']['status']}, restarts {int(rows['stopped']['restarts'])}; "
                        f"uninterrupted: status {rows['whole']['status']}")
         p.lines.append(f"per-epoch training loss, uninterrupted {list(map(_f6, loss_w))} vs resumed "
                        f"{list(map(_f6, loss_s))}: largest relative difference {rel if rel is None else f'{rel:.2e}'}"
                        f" (tolerance {tol:g}); accuracy {_f(rows['whole']['acc_top1'])} vs "
                        f"{_f(rows['stopped']['acc_top1'])}")
-        ok = (rc0 == rc1 == rc2 == 0 and at is not None and first == "preempted" and rows["stopped"]["status"] == "ok"
+        ok = (st0 == st2 == "ok" and st1 == "preempted" and at is not None and rows["stopped"]["status"] == "ok"
               and int(rows["stopped"]["restarts"]) == 1 and rel is not None and rel <= tol)
         p.status = "ok" if ok else "FAILED"
 
-    def worker(self, cell, out: Path, stop_in_epoch: int | None = None) -> tuple[int, str | None]:
-        """Run ``cell`` in a worker (bench/worker.py), as the launcher does; with ``stop_in_epoch``, send SIGTERM
-        once its progress is past the first step of that epoch. (exit code, where it was stopped)."""
-        from bench.spawn import PROGRESS_PREFIX
+    def worker(self, cell, out: Path, stop_in_epoch: int | None = None) -> tuple[str, str | None]:
+        """Run ``cell`` in a fresh worker as the launcher does (bench.spawn.run_in_subprocess); with
+        ``stop_in_epoch``, send SIGTERM once its progress is past the first step of that epoch. (its status, where
+        it was stopped). A worker still running at the part's deadline is killed and ``Overran`` raised."""
+        import threading
 
-        cmd = [sys.executable, "-m", "bench.worker", "--out", str(out), "--cell", json.dumps(cell.config())]
-        self.log.write(f"\n$ {shlex.join(cmd)}\n")
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True, cwd=REPO, env=self.env,
-                                start_new_session=True)
-        at = None
+        from bench.spawn import run_in_subprocess
+
+        box: dict = {}
+        at: list[str] = []
+
+        def progress(msg: dict) -> None:
+            if stop_in_epoch and not at and msg.get("epoch") == stop_in_epoch and msg.get("step"):
+                at.append(f"at step {msg['step']} of {msg['steps']} (epoch {msg['epoch']})")
+                box["proc"].send_signal(signal.SIGTERM)
+
+        timer = threading.Timer(max(1.0, self.deadline - time.monotonic()), lambda: box["proc"].kill())
+        timer.start()
         try:
-            for line in proc.stdout:
-                if not line.startswith(PROGRESS_PREFIX):
-                    continue
-                msg = json.loads(line[len(PROGRESS_PREFIX):])
-                if time.monotonic() > self.deadline:
-                    raise Overran()
-                if stop_in_epoch and at is None and msg.get("epoch") == stop_in_epoch and msg.get("step"):
-                    at = f"at step {msg['step']} of {msg['steps']} (epoch {msg['epoch']})"
-                    proc.send_signal(signal.SIGTERM)
-            return proc.wait(timeout=max(1, self.deadline - time.monotonic())), at
-        except (Overran, subprocess.TimeoutExpired):
-            _stop(proc)
-            raise Overran() from None
+            status, _ = run_in_subprocess(cell, out, None, progress, on_start=lambda proc: box.update(proc=proc),
+                                          stopping=lambda: bool(at))
+        finally:
+            timer.cancel()
+        if time.monotonic() >= self.deadline:
+            raise Overran()
+        return status, at[0] if at else None
 
     def aa(self, p: Part) -> None:
         if subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True).returncode != 0:
