@@ -167,10 +167,8 @@ class _NoStep:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--arch", default="cnn_digits")
-    p.add_argument("--dataset", default="digits")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--T", type=int, default=4)
+    for flag, default in (("--arch", "cnn_digits"), ("--dataset", "digits"), ("--batch", 64), ("--T", 4)):
+        p.add_argument(flag, default=default, type=type(default))
     p.add_argument("--methods", help="comma-separated (default: every method whose neurons are LIF modes, "
                                       "the ones the fused backends run)")
     a = p.parse_args(argv)
