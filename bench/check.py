@@ -31,8 +31,7 @@ from .cell import MEASURED_FIELDS
 # result (bench/cell.py decides which do not), with the device's type in place of the device itself
 CONFIG_COLUMNS = tuple("device_type" if f == "device" else f for f in MEASURED_FIELDS)
 ID_COLUMNS = ("method", "arch", "dataset", "T", "seed")
-# the invariants' defaults (README, "Regression gate"; the CLI and the GPU workflow take them from here)
-# a method that claims to be faster than a reference: its step time grows with T (least-squares slope, ms per time
+# the invariants' defaults (README, "Regression gate"; the CLI takes them from here). A method that claims to be faster than a reference: its step time grows with T (least-squares slope, ms per time
 # step) at most this share of the reference's growth. Measured rate_m/bptt_m: 0.51 on the 2-core CPU (ci_cpu),
 # 0.51 on an H200 at batch 64 (ci_gpu), 0.37 at batch 128 (paper_cost); 1.0 is no advantage at all. The paper's
 # claim is about how cost scales with T, and the slope carries it on any device: the step time at one T also
@@ -256,7 +255,7 @@ def invariants(results: pd.DataFrame, max_growth_ratio: float = MAX_GROWTH_RATIO
     for gkey, g in df.groupby(gcols, dropna=False, sort=True):
         where = " ".join(f"{c}={v}" for c, v in zip(gcols, gkey) if c in ("arch", "dataset", "batch_size", "device_type"))
         for method, m in g.groupby("method"):
-            saved = _over_T(m, "saved_for_backward_mib")
+            saved = _per_T(m, "saved_for_backward_mib")
             scaling = _stated(m, "memory_in_T")
             if len(saved) >= 2 and scaling == "flat":
                 measured = saved.max() / saved.min()
@@ -274,7 +273,7 @@ def invariants(results: pd.DataFrame, max_growth_ratio: float = MAX_GROWTH_RATIO
                              "verdict": "ok" if (measured >= limit and monotone) else "FAIL"})
             ref = _stated(m, "time_reference_method")
             if ref:
-                mine, theirs = _over_T(m, "step_time_ms_median"), _over_T(g[g["method"] == ref], "step_time_ms_median")
+                mine, theirs = _per_T(m, "step_time_ms_median"), _per_T(g[g["method"] == ref], "step_time_ms_median")
                 common = sorted(set(mine.index) & set(theirs.index))
                 if len(common) >= 2:
                     rows.append(_growth_row(method, ref, mine[common], theirs[common], where, max_growth_ratio))
@@ -299,7 +298,7 @@ def _growth_row(method: str, ref: str, mine: pd.Series, theirs: pd.Series, where
             "measured": measured, "limit": f"<= {limit:.3f}", "verdict": "ok" if ok else "FAIL"}
 
 
-def _over_T(m: pd.DataFrame, col: str) -> pd.Series:
+def _per_T(m: pd.DataFrame, col: str) -> pd.Series:
     """The median of ``col`` per T (empty where no row measured it: train cells without a timed step, say)."""
     if col not in m.columns:
         return pd.Series(dtype=float)

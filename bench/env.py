@@ -12,7 +12,6 @@ from pathlib import Path
 from . import REPO
 
 
-
 @lru_cache(maxsize=1)
 def git_commit() -> str:
     try:

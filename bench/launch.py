@@ -37,7 +37,6 @@ class GridOutcome:
     skipped: list[Cell] = field(default_factory=list)
     stale_kept: list[Cell] = field(default_factory=list)
     queued: list[Cell] = field(default_factory=list)  # pending or running under Slurm already: not resubmitted
-    queued_jobs: dict[str, str] = field(default_factory=dict)  # their keys -> the Slurm job that has each
     submitted: list[dict] = field(default_factory=list)  # Slurm jobs submitted (bench/slurm.py)
     not_started: list[Cell] = field(default_factory=list)  # left when a stop signal ended the grid
     stopped_by: str | None = None
@@ -156,8 +155,9 @@ def run_grid(cells: list[Cell], out: Path, data_root: str | None = None, launche
     stream = stream or sys.stderr
     with FolderLock(out) as lock:
         _prepare_folder(lock, out, cells, stream)
-        outcome, todo, stale = plan(cells, stored_ok(out), _queued(out, stream), reuse_stale)
-        _say_plan(outcome, stale, stream)
+        queued = _queued(out, stream)
+        outcome, todo, stale = plan(cells, stored_ok(out), queued, reuse_stale)
+        _say_plan(outcome, stale, queued, stream)
         if launcher == "slurm":
             if todo or outcome.queued:
                 _run_on_slurm(todo, out, data_root, slurm, outcome, stream, detach, poll_s)
@@ -198,16 +198,15 @@ def plan(cells: list[Cell], stored: dict[str, str | None], queued: dict[str, str
         else:
             stale.append(c)
             todo.append(c)
-    outcome.queued_jobs = {c.key: queued[c.key] for c in outcome.queued}
     return outcome, todo, stale
 
 
-def _say_plan(outcome: GridOutcome, stale: list[Cell], stream) -> None:
+def _say_plan(outcome: GridOutcome, stale: list[Cell], queued: dict[str, str], stream) -> None:
     """One line for each kind of cell that will not simply run: skipped, queued, stale (rerun or kept)."""
     if outcome.skipped:
         stream.write(f"{len(outcome.skipped)} cell(s) already stored with status ok: skipped\n")
     if outcome.queued:
-        jobs = sorted(set(outcome.queued_jobs.values()))
+        jobs = sorted({queued[c.key] for c in outcome.queued})
         stream.write(f"{len(outcome.queued)} cell(s) pending or running under Slurm (job(s) "
                      + ", ".join(jobs[:5]) + (", ..." if len(jobs) > 5 else "") + "): not submitted again\n")
     if stale:

@@ -18,7 +18,7 @@ from methods import METHODS
 
 from reports.results import MEASURE_COLUMNS
 
-from .cell import Cell
+from .cell import DICT_FIELDS, Cell
 from .env import environment
 from .fingerprint import fingerprint
 
@@ -40,7 +40,7 @@ class Result:
 
 def config_columns(cell: Cell) -> dict:
     cfg = cell.config()
-    for k in ("method_options", "arch_options"):
+    for k in DICT_FIELDS:
         cfg[k] = json.dumps(cfg[k], sort_keys=True)
     for k in Cell.EPOCH_LISTS:
         cfg[k] = json.dumps(list(cfg[k]))

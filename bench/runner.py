@@ -21,18 +21,18 @@ from methods.layers import LIF, count_parameters, set_backend, set_precision
 
 from reports.results import PHASES, summarise
 
+from .cell import LAST_EPOCH, Cell
 from .checkpoint import CellCheckpoint, rng_state, set_rng_state
 from .data import dataset_info, get_loaders
 from .distributed import Ranks, agree, all_sum
 from .distributed import init as init_ranks
 from .energy import EnergyMeter, Span, energy_meter, pick
+from .env import environment
 from .fidelity import WeightsMissing, run_fidelity
 from .ops import OpCounter
 from .ops import totals as op_totals
-from .cell import LAST_EPOCH, Cell
 from .profile import (MIB, CpuContention, NvmlProcessSampler, RssFootprint, Sampler, SavedTensorsMeter, TimingProbe,
                       nvml_device, rss_reader, sync)
-from .env import environment
 from .rows import Progress, Result, base_row, failure_row
 from .stop import STOP
 

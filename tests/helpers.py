@@ -25,6 +25,24 @@ def _triton_devices() -> list:
 TRITON_DEVICES = _triton_devices()
 
 
+def cpu_baseline_rows() -> list[dict]:
+    """The 20 real cell rows of the committed CPU baseline (ci_cpu on the CI machine)."""
+    import pandas as pd
+
+    return pd.read_parquet(REPO / "baselines" / "cpu.parquet").to_dict("records")
+
+
+def write_rows(out: Path, rows) -> Path:
+    """Cell rows into a results folder, one file a cell (as `run` stores them; written without torch)."""
+    from reports.results import write_cell
+
+    for row in rows:
+        row = dict(row)
+        row.pop("schema_version", None)
+        write_cell(out, row["key"], row)
+    return out
+
+
 def cli(*args, env=None, timeout=300, cwd=REPO):
     """run_bench.py in a fresh interpreter, as a user runs it (from the repository, unless ``cwd`` says where)."""
     return subprocess.run([sys.executable, str(REPO / "run_bench.py"), *args], capture_output=True, text=True,

@@ -11,7 +11,7 @@ import pytest
 
 from reports.results import write_cell
 
-from .helpers import REPO, cli, tiny_grid
+from .helpers import REPO, cli, cpu_baseline_rows, tiny_grid, write_rows
 
 TINY = tiny_grid()
 
@@ -198,24 +198,12 @@ _BAD_VALUES = {"text": [None, 7], "int": [None, 2.5], "float": [None, "abc"], "o
                "list": [None, '{"a": 1}']}
 
 
-def _baseline_rows() -> pd.DataFrame:
-    return pd.read_parquet(REPO / "baselines" / "cpu.parquet")
-
-
-def _write_row(out: Path, row: dict) -> None:
-    row = dict(row)
-    row.pop("schema_version", None)
-    write_cell(out, row["key"], row)
-
-
 def test_a_null_weight_decay_is_one_warning_not_a_traceback(tmp_path):
     """The probe: one stored cell's weight_decay is NaN; check names the file and the column, skips that cell
     (which the baseline then misses: a regression), and leaves the results as they were."""
-    rows = _baseline_rows()
-    out = tmp_path / "res"
-    for i, row in enumerate(rows.to_dict("records")):
-        _write_row(out, {**row, "weight_decay": float("nan")} if i == 0 else row)
-    bad = out / "cells" / f"{rows['key'].iloc[0]}.parquet"
+    rows = cpu_baseline_rows()
+    out = write_rows(tmp_path / "res", [{**rows[0], "weight_decay": float("nan")}] + rows[1:])
+    bad = out / "cells" / f"{rows[0]['key']}.parquet"
     before = _snapshot(out)
     r = cli("check", "--baseline", str(REPO / "baselines" / "cpu.parquet"), "--results", str(out))
     assert "Traceback" not in r.stderr + r.stdout, r.stderr
@@ -232,17 +220,10 @@ def test_every_configuration_column_null_or_mistyped_through_every_reading_comma
     stored file."""
     from reports.results import CONFIG_TYPES
 
-    rows = _baseline_rows()
-    out = tmp_path / "res"
-    for row in rows.to_dict("records"):
-        _write_row(out, row)
-    template = rows.iloc[0].to_dict()
-    bad: dict[str, str] = {}  # key -> column
-    for col, kind in CONFIG_TYPES.items():
-        for j, value in enumerate(_BAD_VALUES[kind]):
-            key = f"bad-{col}-{j}"
-            _write_row(out, {**template, "key": key, col: value})
-            bad[key] = col
+    rows = cpu_baseline_rows()
+    bad = {f"bad-{col}-{j}": (col, value) for col, kind in CONFIG_TYPES.items()
+           for j, value in enumerate(_BAD_VALUES[kind])}  # key -> (column, its bad value)
+    out = write_rows(tmp_path / "res", rows + [{**rows[0], "key": k, col: v} for k, (col, v) in bad.items()])
     before = _snapshot(out)
     base = REPO / "baselines" / "cpu.parquet"
     runs = {
@@ -255,7 +236,7 @@ def test_every_configuration_column_null_or_mistyped_through_every_reading_comma
     for name, r in runs.items():
         assert "Traceback" not in r.stderr + r.stdout, f"{name}:\n{r.stderr[-3000:]}"
         assert r.returncode == 0, f"{name}: rc {r.returncode}\n{r.stdout[-1500:]}\n{r.stderr[-1500:]}"
-        for key, col in bad.items():
+        for key, (col, _) in bad.items():
             assert f"{key}.parquet: column '{col}'" in r.stderr, f"{name}: no warning for {key}\n{r.stderr[-1500:]}"
     assert "20 matched cells" in runs["check"].stdout and "gate passed" in runs["check"].stdout
     assert runs["status"].stdout.startswith("20 cell(s): ")

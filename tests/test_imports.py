@@ -7,19 +7,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pandas as pd
+from bench.fingerprint import DISCOVERED, PACKAGES, imports_of, package_modules
 
-from bench.fingerprint import PACKAGES, imports_of, package_modules
-
-from .helpers import REPO
+from .helpers import REPO, cpu_baseline_rows, write_rows
 
 
 def _graph(root: Path = REPO) -> dict[str, set[str]]:
     """Module -> the modules of PACKAGES it imports, anywhere in its source; a package whose __init__ imports all
-    its modules at run time (methods: METHODS) imports each of them."""
+    its modules at run time (DISCOVERED: methods, through METHODS) imports each of them, as the fingerprint counts."""
     mods = [m for pkg in PACKAGES for m in package_modules(root, pkg)]
     graph = {m: imports_of(root, m) for m in mods}
-    graph["methods"] |= {m for m in package_modules(root, "methods") if m.count(".") == 1}
+    for pkg in DISCOVERED:
+        graph[pkg] |= set(package_modules(root, pkg)) - {pkg}
     return graph
 
 
@@ -98,18 +97,6 @@ def no_torch_env(tmp_path: Path) -> tuple[dict, Path]:
     return env, tried
 
 
-def results_from_baseline(out: Path, rows: pd.DataFrame | None = None) -> Path:
-    """A results folder holding the committed CPU baseline's 20 cells (real rows of ci_cpu), one file a cell,
-    written without torch."""
-    from reports.results import write_cell
-
-    df = pd.read_parquet(REPO / "baselines" / "cpu.parquet") if rows is None else rows
-    for row in df.to_dict("records"):
-        row.pop("schema_version", None)
-        write_cell(out, row["key"], row)
-    return out
-
-
 def _run(env, *args):
     return subprocess.run([sys.executable, str(REPO / "run_bench.py"), *map(str, args)], capture_output=True,
                           text=True, env=env, cwd=REPO, timeout=300)
@@ -125,7 +112,7 @@ def test_reading_commands_import_no_torch(tmp_path):
     probe = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True, text=True)
     assert probe.returncode != 0 and "blocked by the test" in probe.stderr  # the blocker works
     tried.unlink()
-    res = results_from_baseline(tmp_path / "res")
+    res = write_rows(tmp_path / "res", cpu_baseline_rows())  # the CPU baseline's 20 real cells
     before = _digest(res)
     runs = {
         "report": _run(env, "report", res),
