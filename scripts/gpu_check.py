@@ -65,10 +65,13 @@ class Check:
             self.env["TRITON_INTERPRET"] = "1"  # Triton on CPU tensors: its interpreter
         self.deadline = 0.0
         self.log = None
+        # the device's peak memory column: the allocator's on a GPU, the process's RSS on a CPU
+        self.peak_column = "peak_alloc_mib" if device.startswith("cuda") else "peak_rss_mib"
+        self.ci_grid = "ci_gpu" if device.startswith("cuda") else "ci_cpu"  # the gate's grid on this device
 
     # ------------------------------------------------------------------ running commands within a part's limit
 
-    def sh(self, *cmd, stdin=None) -> tuple[int, str]:
+    def sh(self, *cmd) -> tuple[int, str]:
         """Run a command (its output into the part's log) until the part's deadline; (exit code, stdout+stderr).
         Past the deadline it is stopped (SIGTERM, then SIGKILL) and ``Overran`` raised."""
         left = self.deadline - time.monotonic()
@@ -104,7 +107,7 @@ class Check:
         p.status = "ok" if rc in (0, 5) else "FAILED"
 
     def gate(self, p: Part) -> None:
-        grid = "ci_gpu" if self.device.startswith("cuda") else "ci_cpu"
+        grid = self.ci_grid
         res = self.work / grid
         args = ["run", grid, "--device", self.device, "--out", res]
         if self.quick:  # the gate's plumbing only: two methods at two T
@@ -132,7 +135,7 @@ class Check:
         from reports.results import load_results
 
         df = load_results(res)
-        mem = "peak_alloc_mib" if self.device.startswith("cuda") else "peak_rss_mib"
+        mem = self.peak_column
         p.lines.append(f"`run gpu_check_train`: exit {rc}; " + _cells_line(res))
         p.lines.append("")
         p.lines.append(f"| method | backend | precision | status | acc % | epoch s | {mem} | saved MiB |")
@@ -206,7 +209,7 @@ class Check:
                        "gpu-check: this tree"]):
                 subprocess.run(c, cwd=REPO, capture_output=True)
             p.lines.append("(no git history here: the tree was committed to a new repository for the comparison)")
-        grid = "ci_gpu" if self.device.startswith("cuda") else "ci_cpu"
+        grid = self.ci_grid
         out = self.work / "compare-aa"
         args = ["compare", "HEAD", "--grid", grid, "--device", self.device, "--filter", "method=bptt_m,rate_m",
                 "--filter", f"T={1 if self.quick else 8}", "--rounds", "3", "--out", out, "--report", out / "compare.md"]
@@ -219,14 +222,14 @@ class Check:
     def paper_cost(self, p: Part) -> None:
         res = self.work / "paper_cost"
         args = ["run", "paper_cost", "--device", self.device, "--out", res, "--filter", "T=1,2,4,8"]
-        if self.quick:
-            args = ["run", "paper_cost", "--device", self.device, "--out", res, "--filter", "T=1,2",
-                    "--set", "batch_size=4", "--set", "steps=3", "--set", "warmup_steps=1"]
+        if self.quick:  # two T at toy size
+            args[-1] = "T=1,2"
+            args += ["--set", "batch_size=4", "--set", "steps=3", "--set", "warmup_steps=1"]
         rc, _ = self.run_bench(*args)
         from reports.results import load_results
 
         df = load_results(res)
-        mem = "peak_alloc_mib" if self.device.startswith("cuda") else "peak_rss_mib"
+        mem = self.peak_column
         p.lines.append(f"`run paper_cost`: exit {rc}; " + _cells_line(res))
         p.lines += ["", f"| method | T | step ms | {mem} | peak_nvml_mib | saved MiB | J per step |",
                     "|---|---|---|---|---|---|---|"]
