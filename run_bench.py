@@ -36,6 +36,18 @@ PREEMPTED_EXIT = 75  # EX_TEMPFAIL: cells were preempted or left; the same comma
 
 
 def cmd_run(a) -> int:
+    from bench import forkserver
+
+    # the workers' fork server imports torch and the harness while this process reads the grid (on another core)
+    server = forkserver.ForkServer().start() if not (a.in_process or a.slurm) and forkserver.available() else None
+    try:
+        return _run(a, server)
+    finally:
+        if server is not None:
+            server.close()
+
+
+def _run(a, server) -> int:
     from bench.launch import prepare_run, run_grid
 
     name, cells, out, spec = prepare_run(a.grid, a.filter, a.set, a.device, a.data_root, a.out)
@@ -72,7 +84,7 @@ def cmd_run(a) -> int:
     check_slots(cells, slots or [], a.share_cpu, launcher)
     print(f"grid {name}: {len(cells)} cell(s) -> {out}", file=sys.stderr)
     outcome = run_grid(cells, out, a.data_root, launcher, slurm, reuse_stale=a.reuse_stale, detach=a.detach,
-                       poll_s=a.poll_s, slots=slots)
+                       poll_s=a.poll_s, slots=slots, server=server)
     if a.slurm and a.detach:
         return 0
     if not getattr(a, "quiet_summary", False):

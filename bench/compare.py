@@ -52,7 +52,7 @@ import pandas as pd
 
 from reports.results import METRIC, atomic_write_parquet, write_atomic
 
-from . import REPO
+from . import REPO, forkserver
 from .cell import CELL_FIELDS, Cell
 from .errors import UsageError
 
@@ -129,11 +129,15 @@ class SideWorker:
     counts as a worker that died in that cell."""
 
     def __init__(self, name: str, root: Path, script: Path, env: dict | None = None,
-                 timeout_s: float | None = None) -> None:
+                 timeout_s: float | None = None, server: forkserver.ForkServer | None = None) -> None:
         self.name, self.root, self.timeout_s = name, root, timeout_s
-        penv = {**os.environ, **(env or {}), "PYTHONPATH": str(root), "PYTHONDONTWRITEBYTECODE": "1"}
-        self.proc = subprocess.Popen([sys.executable, str(script)], cwd=root, env=penv, stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
+        if server is not None:  # a child of the side's fork server, which imported the side's tree
+            self.proc = server.spawn(script=str(script), cwd=root, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE)
+        else:
+            self.proc = subprocess.Popen([sys.executable, str(script)], cwd=root, env=side_env(root, env),
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                         text=True, bufsize=1)
         self.lines: queue.Queue = queue.Queue()  # the worker's stdout, line by line ("" at its end)
         # its stderr's last lines, read as they come so that the pipe never fills and blocks the worker
         self.err: collections.deque = collections.deque(maxlen=50)
@@ -189,6 +193,11 @@ class SideWorker:
         except subprocess.TimeoutExpired:  # pragma: no cover - a worker that ignores a closed stdin
             self.proc.kill()
             self.proc.wait()
+
+
+def side_env(root: Path, env: dict | None) -> dict:
+    """A side's workers' environment: this one's, the side's own variables, and the side's tree on the path."""
+    return {**os.environ, **(env or {}), "PYTHONPATH": str(root), "PYTHONDONTWRITEBYTECODE": "1"}
 
 
 def cell_message(cell: Cell) -> dict:
@@ -264,12 +273,20 @@ def measure(roots: dict[str, Path], labels: dict[str, str], cells: list[Cell], r
     names = list(roots)
     steps, rows, failures, crashes = [], [], [], []
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="snnbench-cmp-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="snnbench-cmp-") as tmp, ExitStack() as servers:
         script = Path(tmp) / "compare_worker.py"
         shutil.copy2(Path(__file__).with_name("compare_worker.py"), script)
+        # a fork server per side, run from a copy of bench/forkserver.py with the side's tree on the path: each
+        # round's workers are its children, and import nothing of their own
+        served = {}
+        if forkserver.available():
+            shutil.copy2(forkserver.__file__, Path(tmp) / "forkserver.py")
+            for n in names:
+                served[n] = servers.enter_context(forkserver.ForkServer(
+                    roots[n], env=side_env(roots[n], (env or {}).get(n)), script=Path(tmp) / "forkserver.py"))
 
         def start(n: str, stack: ExitStack) -> SideWorker:
-            w = SideWorker(n, roots[n], script, (env or {}).get(n), timeout_s)
+            w = SideWorker(n, roots[n], script, (env or {}).get(n), timeout_s, served.get(n))
             stack.callback(w.close)
             return w
 

@@ -32,6 +32,7 @@ from reports.results import load_results
 from .checkpoint import WEIGHTS, weights_path
 from .data import dataset_info, get_loaders
 from .cell import LAST_EPOCH, Cell
+from .rows import PartClock
 
 
 class WeightsMissing(RuntimeError):
@@ -75,41 +76,51 @@ def trained_weights(out: Path | None, cell: Cell) -> dict[int, Path]:
 
 
 def run_fidelity(cell: Cell, device: torch.device, data_root: str | None, row: dict, out: Path | None,
-                 progress=lambda d: None) -> dict[str, list[dict]]:
-    """Fill the row's gradient columns; return the cell's details ({"fidelity": rows})."""
-    info = dataset_info(cell.dataset)  # the caller seeded as a train cell does: the same initial weights
-    method = METHODS[cell.method](MethodConfig(T=cell.T, neuron=cell.neuron, options=dict(cell.method_options)))
-    ref_name = cell.reference or method.fidelity_reference
-    reference = METHODS[ref_name](MethodConfig(T=cell.T, neuron=cell.neuron))
-    build = dict(num_classes=info.num_classes, in_channels=info.shape[0], input_shape=info.shape, **cell.arch_options)
-    model = method.build(cell.arch, **build).to(device)
-    states = {0: {k: v.detach().clone() for k, v in model.state_dict().items()}}
-    train, _ = get_loaders(cell.dataset, cell.batch_size, cell.eval_batch_size, cell.seed, str(device), data_root,
-                           cell.train_subset, cell.T, method.event_encoding)
-    ref_model = reference.build(cell.arch, **build).to(device)
-    for e, path in trained_weights(out, cell).items():
-        states[e] = torch.load(path, map_location=device, weights_only=True)
+                 progress=lambda d: None, clock: PartClock | None = None) -> dict[str, list[dict]]:
+    """Fill the row's gradient columns; return the cell's details ({"fidelity": rows}). ``clock``: where the time
+    goes (the gradients are the cell's measured steps)."""
+    clock = clock or PartClock()
+    with clock.part("data"):
+        info = dataset_info(cell.dataset)  # the caller seeded as a train cell does: the same initial weights
+    with clock.part("model"):
+        method = METHODS[cell.method](MethodConfig(T=cell.T, neuron=cell.neuron, options=dict(cell.method_options)))
+        ref_name = cell.reference or method.fidelity_reference
+        reference = METHODS[ref_name](MethodConfig(T=cell.T, neuron=cell.neuron))
+        build = dict(num_classes=info.num_classes, in_channels=info.shape[0], input_shape=info.shape,
+                     **cell.arch_options)
+        model = method.build(cell.arch, **build).to(device)
+        states = {0: {k: v.detach().clone() for k, v in model.state_dict().items()}}
+    with clock.part("data"):
+        train, _ = get_loaders(cell.dataset, cell.batch_size, cell.eval_batch_size, cell.seed, str(device), data_root,
+                               cell.train_subset, cell.T, method.event_encoding)
+    with clock.part("model"):
+        ref_model = reference.build(cell.arch, **build).to(device)
+    with clock.part("checkpoint"):
+        for e, path in trained_weights(out, cell).items():
+            states[e] = torch.load(path, map_location=device, weights_only=True)
     names = weight_names(model)
     if weight_names(ref_model) != names:
         raise ValueError(f"{cell.method}'s and {ref_name}'s models of {cell.arch} differ in their weights: "
                          "their gradients cannot be compared layer by layer")
-    batches = list(itertools.islice(train.batches(0, 0), cell.steps))
+    with clock.part("data"):
+        batches = list(itertools.islice(train.batches(0, 0), cell.steps))
     row.update(fidelity_reference=ref_name, measured_steps=len(batches))
     scale = method.gradient_scale() / reference.gradient_scale()  # both on BPTT's scale
     details, epochs = [], sorted(states) if 0 in cell.weights_at else sorted(e for e in states if e)
     total, done = len(epochs) * len(batches), 0
     for e in epochs:
         for b, (x, y) in enumerate(batches):
-            x, y = x.to(device), y.to(device)
-            grads = []
-            for m, mod in ((method, model), (reference, ref_model)):
-                try:
-                    mod.load_state_dict(states[e])
-                except RuntimeError as err:
-                    raise ValueError(f"the weights at epoch {e} do not fit {m.name}'s model of {cell.arch}: "
-                                     f"{str(err).splitlines()[0]}") from None
-                grads.append(method_gradient(m, mod, x, y))
-            details += [{"epoch": e, "batch": b, **r} for r in compare_gradients(grads[0], grads[1], names, scale)]
+            with clock.part("steps"):
+                x, y = x.to(device), y.to(device)
+                grads = []
+                for m, mod in ((method, model), (reference, ref_model)):
+                    try:
+                        mod.load_state_dict(states[e])
+                    except RuntimeError as err:
+                        raise ValueError(f"the weights at epoch {e} do not fit {m.name}'s model of {cell.arch}: "
+                                         f"{str(err).splitlines()[0]}") from None
+                    grads.append(method_gradient(m, mod, x, y))
+                details += [{"epoch": e, "batch": b, **r} for r in compare_gradients(grads[0], grads[1], names, scale)]
             done += 1
             progress({"epoch": e, "epochs": max(epochs), "step": done, "steps": total})
     for suffix, e in (("init", 0 if 0 in epochs else None), ("trained", max((e for e in epochs if e > 0), default=None))):

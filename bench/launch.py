@@ -22,6 +22,8 @@ from . import REPO
 from .cell import Cell, run_phases
 from .errors import StoreFailed, UsageError
 from .fingerprint import fingerprint
+from .forkserver import ForkServer, ServedProcess
+from .forkserver import available as forkserver_available
 from .slurm import POLL_S
 from .spawn import done_here, run_in_process, run_in_subprocess, stored_ok
 from .stop import STOP
@@ -141,7 +143,7 @@ def cell_cost(cell: Cell) -> float:
 
 def run_grid(cells: list[Cell], out: Path, data_root: str | None = None, launcher: str = "subprocess",
              slurm=None, stream=None, reuse_stale: bool = False, detach: bool = False,
-             poll_s: float = POLL_S, slots: list["Slot"] | None = None) -> GridOutcome:
+             poll_s: float = POLL_S, slots: list["Slot"] | None = None, server: ForkServer | None = None) -> GridOutcome:
     """Run the cells not yet stored ok with the current code. Cells stored ok by other code (stale) are rerun,
     or kept with ``reuse_stale``; cells pending or running under Slurm (submitted from this folder) are left
     to their jobs. Holds the folder's lock while it runs; raises StoreFailed when a result cannot be stored (the
@@ -149,8 +151,9 @@ def run_grid(cells: list[Cell], out: Path, data_root: str | None = None, launche
 
     SIGTERM, SIGUSR1 or SIGUSR2 to the grid process reach the running worker, which checkpoints and ends its
     cell as ``preempted``; no further cell starts. ``slots`` (``gpu_slots``, ``cpu_slots``) run that many cells
-    side by side, each in its own worker. ``launcher="slurm"`` submits the cells as a job array
-    (``slurm``: bench.slurm.SlurmSettings) and watches them unless ``detach``."""
+    side by side, each in its own worker: a child of ``server`` (bench/forkserver.py; one is started for the run
+    where none is given). ``launcher="slurm"`` submits the cells as a job array (``slurm``:
+    bench.slurm.SlurmSettings) and watches them unless ``detach``."""
     out = Path(out)
     stream = stream or sys.stderr
     with FolderLock(out) as lock:
@@ -162,7 +165,7 @@ def run_grid(cells: list[Cell], out: Path, data_root: str | None = None, launche
             if todo or outcome.queued:
                 _run_on_slurm(todo, out, data_root, slurm, outcome, stream, detach, poll_s)
             return outcome
-        _run_here(todo, len(cells), out, data_root, launcher, slots or [Slot()], lock, outcome, stream)
+        _run_here(todo, len(cells), out, data_root, launcher, slots or [Slot()], lock, outcome, stream, server)
     return outcome
 
 
@@ -218,14 +221,18 @@ def _say_plan(outcome: GridOutcome, stale: list[Cell], queued: dict[str, str], s
 
 
 def _run_here(todo: list[Cell], total: int, out: Path, data_root, launcher: str, slots: list["Slot"], lock: FolderLock,
-              outcome: GridOutcome, stream) -> None:
+              outcome: GridOutcome, stream, server: ForkServer | None = None) -> None:
     """Run ``todo`` on this machine, one worker per cell and slot (or in this process), fidelity cells after the
     others; a stop signal to this process reaches the running workers, and no further cell starts."""
     display = ProgressDisplay(total, stream, work_left=sum(cell_cost(c) for c in todo), slots=len(slots))
     display.done = total - len(todo)
     STOP.clear()
     STOP.install()
-    workers: dict[str | None, subprocess.Popen] = {}
+    workers: dict[str | None, subprocess.Popen | ServedProcess] = {}
+    # the workers' fork server: the caller's, or one started here (in the thread it dies with)
+    own = server is None and launcher == "subprocess" and bool(todo) and forkserver_available()
+    if own:
+        server = ForkServer().start()
 
     def forward(signum: int) -> None:  # a signal to the grid process reaches its workers
         for p in list(workers.values()):
@@ -244,7 +251,7 @@ def _run_here(todo: list[Cell], total: int, out: Path, data_root, launcher: str,
             else:
                 st, err = run_in_subprocess(cell, out, data_root, progress, stopping=lambda: STOP.requested,
                                             on_start=lambda p: workers.__setitem__(slot.name, p),
-                                            env=slot.env, concurrent=len(slots))
+                                            env=slot.env, concurrent=len(slots), server=server)
         finally:
             workers.pop(slot.name, None)
         outcome.ran.append((cell, st, err))
@@ -264,6 +271,8 @@ def _run_here(todo: list[Cell], total: int, out: Path, data_root, launcher: str,
                           + f"); the {len(outcome.ran) + len(outcome.skipped)} cell(s) stored before stay "
                           "readable. Free the space and run the same command again.") from None
     finally:
+        if own:
+            server.close()
         undo()
         STOP.uninstall()
         lock.note_cell(None)

@@ -8,18 +8,22 @@ internals.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
 
 from methods import METHODS
 
-from reports.results import MEASURE_COLUMNS
+from reports.results import MEASURE_COLUMNS, TIME_PARTS, write_cell_parts, write_cell_row
 
 from .cell import DICT_FIELDS, Cell
 from .env import environment
+from .errors import StoreFailed
 from .fingerprint import fingerprint
 
 Progress = Callable[[dict], None]
@@ -36,6 +40,55 @@ class Result:
     @property
     def status(self) -> str:
         return self.row["status"]
+
+
+class PartClock:
+    """Where a cell's wall time goes: seconds per part of ``TIME_PARTS`` (``with clock.part("data"): ...``). A part
+    opened inside another pauses it, so no second is counted twice; what no part covers (progress reports, the
+    row's bookkeeping) is in none."""
+
+    def __init__(self) -> None:
+        self.seconds = dict.fromkeys(TIME_PARTS, 0.0)
+        self._open: list[list] = []  # [part, since] of the parts open, innermost last
+
+    @contextlib.contextmanager
+    def part(self, name: str):
+        if name not in self.seconds:
+            raise ValueError(f"unknown part {name!r}: one of {', '.join(TIME_PARTS)}")
+        now = time.perf_counter()
+        if self._open:
+            outer = self._open[-1]
+            self.seconds[outer[0]] += now - outer[1]
+        self._open.append([name, now])
+        try:
+            yield
+        finally:
+            now = time.perf_counter()
+            self.seconds[name] += now - self._open.pop()[1]
+            if self._open:
+                self._open[-1][1] = now
+
+    def add(self, name: str, seconds: float) -> None:
+        """Seconds measured elsewhere (a batch's wait, timed by the loop)."""
+        self.seconds[name] += seconds
+
+    def columns(self) -> dict[str, float]:
+        return {f"time_{part}_s": s for part, s in self.seconds.items()}
+
+
+def store_result(out: Path, cell: Cell, res: Result) -> None:
+    """Store a Result: its epochs, samples and details, then its row, which counts the storing in
+    ``time_store_s`` and ``cell_wall_s`` (from the cell's start to its row). Raises StoreFailed where it cannot."""
+    t0 = time.perf_counter()
+    try:
+        write_cell_parts(out, cell.key, res.epochs, res.samples, res.details)
+        spent = time.perf_counter() - t0
+        if res.row.get("cell_wall_s") is not None:
+            res.row["cell_wall_s"] += spent
+            res.row["time_store_s"] = (res.row.get("time_store_s") or 0.0) + spent
+        write_cell_row(out, cell.key, res.row)
+    except OSError as e:
+        raise StoreFailed(f"cannot store the result of {cell.label} in {out}: {e}") from None
 
 
 def config_columns(cell: Cell) -> dict:

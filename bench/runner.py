@@ -33,7 +33,7 @@ from .ops import OpCounter
 from .ops import totals as op_totals
 from .profile import (MIB, CpuContention, NvmlProcessSampler, RssFootprint, Sampler, SavedTensorsMeter, TimingProbe,
                       nvml_device, rss_reader, sync)
-from .rows import Progress, Result, base_row, failure_row
+from .rows import PartClock, Progress, Result, base_row, failure_row
 from .stop import STOP
 
 log = logging.getLogger(__name__)
@@ -181,48 +181,65 @@ class Preempted(Exception):
 
 
 def run_cell(cell: Cell, data_root: str | None = None, progress: Progress | None = None,
-             out: str | os.PathLike | None = None, concurrent: int = 1, ranks: Ranks | None = None) -> Result:
+             out: str | os.PathLike | None = None, concurrent: int = 1, ranks: Ranks | None = None,
+             requested_at: float | None = None) -> Result:
     """Run one cell; a failure becomes a row with status ``oom`` or ``error``, never an exception.
 
     With a results folder ``out``, a train cell checkpoints there (bench/checkpoint.py) at every epoch end (but
     the last), every ``checkpoint_minutes``, and when a stop signal arrives (then it ends with status
     ``preempted``); it resumes from that checkpoint when run again, and removes it when it ends ok.
     ``concurrent``: how many cells the launcher runs side by side (recorded; the contention columns say what
-    that did to the timings). ``ranks``: this process is one rank of a multi-device cell (bench/distributed.py)."""
-    t_cell = time.perf_counter()
+    that did to the timings). ``ranks``: this process is one rank of a multi-device cell (bench/distributed.py).
+    ``requested_at``: when the launcher asked for this cell's worker (``time.time()``; the row's ``time_start_s``).
+
+    The row says where the cell's time went (``reports.results.TIME_PARTS``, ``PartClock``)."""
+    t_cell, started_at = time.perf_counter(), time.time()
+    clock = PartClock()
     progress = progress or (lambda d: None)
     if cell.devices > 1 and ranks is None:  # in-process callers (compare's workers, tests) cannot start ranks
         return Result(failure_row(cell, "error", f"a cell on {cell.devices} devices runs through bench/worker.py, "
                                                  "which starts its ranks; this caller runs one process"))
-    device, failed = _set_up_device(cell, ranks)
+    with clock.part("device"):
+        device, failed = _set_up_device(cell, ranks)
     if failed:
         return Result(failure_row(cell, "error", failed))
-    meters = Meters(device, energy=cell.kind != "fidelity")
-    row = _first_row(cell, device, meters, concurrent)
+    with clock.part("meters"):
+        meters = Meters(device, energy=cell.kind != "fidelity")
+    with clock.part("device"):
+        row = _first_row(cell, device, meters, concurrent)
     epochs: list[dict] = []
     series: dict[str, list[float]] = {}
     details: dict[str, list[dict]] = {}
     attempt = Attempt(t_cell, meters.rss, meters.window, CellCheckpoint(out, cell.key, writer=ranks is None or ranks.main)
-                      if out is not None and cell.kind == "train" else None)
-    meters.rss.start()
+                      if out is not None and cell.kind == "train" else None, clock)
     try:
-        meters.start(row)
+        with clock.part("meters"):
+            meters.rss.start()
+            meters.start(row)
         if cell.kind == "fidelity":
             _seed(cell.seed)  # as a train cell: the same initial weights
-            details.update(run_fidelity(cell, device, data_root, row, out, progress))
+            details.update(run_fidelity(cell, device, data_root, row, out, progress, clock))
         else:
             series = _train_or_profile(cell, device, data_root, row, epochs, progress, meters.window, attempt, ranks,
-                                       details)
+                                       details, clock)
     except Exception as e:
         row.update(failure_status(e))
     finally:
-        meters.stop()
-    meters.columns(row, epochs)
-    row["cell_wall_s"] = time.perf_counter() - t_cell
-    samples = attempt.merge_earlier(row, meters.samples())
-    _checkpoint_columns(attempt.checkpoint, row)
+        with clock.part("meters"):
+            meters.stop()
+    with clock.part("meters"):
+        meters.columns(row, epochs)
+    t_end = time.perf_counter()
+    row["cell_wall_s"] = t_end - t_cell
+    with clock.part("meters"):
+        samples = attempt.merge_earlier(row, meters.samples())
+    with clock.part("checkpoint"):
+        _checkpoint_columns(attempt.checkpoint, row)
     if row["status"] == "preempted":  # its checkpoint holds the epochs and samples so far; the row says where
         epochs, samples = [], []
+    row["cell_wall_s"] += time.perf_counter() - t_end  # the row's last measurements are the cell's time too
+    row.update(attempt.time_columns())
+    row["time_start_s"] = started_at - requested_at if requested_at is not None else None
     return Result(row, epochs, samples, series, details)
 
 
@@ -347,8 +364,10 @@ class Attempt:
     the final row adds up. Timings (step and epoch times) are the steps'; the gaps between attempts are in no
     column but ``cell_wall_s`` (which counts only time spent in attempts)."""
 
-    def __init__(self, t0: float, rss: Sampler, window: "MeasureWindow", checkpoint: CellCheckpoint | None) -> None:
+    def __init__(self, t0: float, rss: Sampler, window: "MeasureWindow", checkpoint: CellCheckpoint | None,
+                 clock: PartClock | None = None) -> None:
         self.t0, self.rss, self.window, self.checkpoint = t0, rss, window, checkpoint
+        self.clock = clock or PartClock()
         self.earlier: dict | None = None  # the resources of the attempts before this one
         self.restarts = 0
         self.resumed_at: list[dict] = []
@@ -361,7 +380,7 @@ class Attempt:
     def _this(self, wall_s: float, peak_rss: float, footprint: float | None, contention: dict) -> dict:
         """This attempt's resources in the checkpoint's form (bytes; RSS samples as a [n, 2] tensor)."""
         return {"wall_s": wall_s, "peak_rss": float(peak_rss), "footprint": None if footprint is None else float(footprint),
-                "contention": contention,
+                "contention": contention, "parts": dict(self.clock.seconds),
                 "rss_samples": torch.tensor(list(self.rss.samples), dtype=torch.float64).reshape(-1, 2)}
 
     def so_far(self) -> dict:
@@ -369,6 +388,11 @@ class Attempt:
         footprint, peak = self.window.footprint.peek()
         return _add_attempts(self.earlier, self._this(time.perf_counter() - self.t0, peak, footprint,
                                                       self.window.cpu.peek()))
+
+    def time_columns(self) -> dict[str, float]:
+        """Where the cell's time went (``time_<part>_s``), this attempt's and the earlier ones' added up."""
+        earlier = (self.earlier or {}).get("parts") or {}
+        return {f"time_{part}_s": s + earlier.get(part, 0.0) for part, s in self.clock.seconds.items()}
 
     def merge_earlier(self, row: dict, samples: list[dict]) -> list[dict]:
         """Fold the earlier attempts into this attempt's row and samples (by ``_add_attempts``, as a checkpoint
@@ -414,9 +438,10 @@ def _add_attempts(earlier: dict | None, now: dict) -> dict:
     shifted = now["rss_samples"].clone()
     shifted[:, 0] += earlier["wall_s"]
     fp = [f for f in (earlier["footprint"], now["footprint"]) if f is not None]
+    parts = {k: earlier.get("parts", {}).get(k, 0.0) + now["parts"].get(k, 0.0) for k in now["parts"]}
     return {"wall_s": earlier["wall_s"] + now["wall_s"], "peak_rss": max(earlier["peak_rss"], now["peak_rss"]),
             "footprint": max(fp) if fp else None, "contention": _add_contention(earlier["contention"], now["contention"]),
-            "rss_samples": torch.cat([earlier["rss_samples"], shifted])}
+            "parts": parts, "rss_samples": torch.cat([earlier["rss_samples"], shifted])}
 
 
 def is_host_oom(e: BaseException) -> bool:
@@ -455,8 +480,10 @@ class StepMeasure:
     measured, the next one measures the bytes saved for backward and the per-phase allocator peaks (its time is
     not counted), every later one is timed, whole and per phase. ``columns()`` gives the row's figures."""
 
-    def __init__(self, method, model, optimizer, device: torch.device, warmup: int, batch_size: int) -> None:
+    def __init__(self, method, model, optimizer, device: torch.device, warmup: int, batch_size: int,
+                 clock: PartClock | None = None) -> None:
         self.method, self.model, self.optimizer, self.device = method, model, optimizer, device
+        self.clock = clock or PartClock()  # each step's wall time goes to "warmup", "meters" (the memory step) or "steps"
         self.warmup, self.batch_size = warmup, batch_size
         self.probe = TimingProbe(device)
         self.params = list(model.parameters())
@@ -488,9 +515,12 @@ class StepMeasure:
     def step(self, x: torch.Tensor, y: torch.Tensor, wait_ms: float | None = None) -> torch.Tensor:
         """One training step on (x, y); ``wait_ms``: how long the loop waited for this batch (recorded with the
         step's time when the step is timed)."""
+        t_step = time.perf_counter()
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        part = "warmup"
         if self.steps == self.warmup:
             out = self._memory_step(x, y)
+            part = "meters"
         else:
             t0 = time.perf_counter()
             out = self.method.train_step(self.model, x, y, self.optimizer, self.probe)
@@ -499,12 +529,14 @@ class StepMeasure:
             if self.rewarm > 0:
                 self.rewarm -= 1
             elif self.steps > self.warmup:
+                part = "steps"
                 self.step_ms.append(dt)
                 if wait_ms is not None:
                     self.wait_ms.append(wait_ms)
                 for k, v in phases.items():
                     self.phase_ms.setdefault(k, []).append(v)
         self.steps += 1
+        self.clock.add(part, time.perf_counter() - t_step)
         return out.loss
 
     def _memory_step(self, x, y):
@@ -579,27 +611,31 @@ def _stopped_by() -> str:
 
 
 def _train_or_profile(cell: Cell, device: torch.device, data_root, row: dict, epochs: list[dict], progress: Progress,
-                      window: MeasureWindow, attempt: Attempt | None = None,
-                      ranks: Ranks | None = None, details: dict | None = None) -> dict[str, list[float]]:
+                      window: MeasureWindow, attempt: Attempt | None = None, ranks: Ranks | None = None,
+                      details: dict | None = None, clock: PartClock | None = None) -> dict[str, list[float]]:
+    clock = clock or PartClock()
     _seed(cell.seed)  # every rank alike: the same draws where a method draws (sltt_k's steps)
-    info = dataset_info(cell.dataset)
-    method = METHODS[cell.method](MethodConfig(T=cell.T, neuron=cell.neuron, options=dict(cell.method_options)))
-    model = method.build(cell.arch, num_classes=info.num_classes, in_channels=info.shape[0], input_shape=info.shape,
-                         **cell.arch_options).to(device)
-    row["num_params"] = count_parameters(model)
-    set_backend(model, cell.backend)
-    set_precision(model, cell.precision, device.type)
-    opt = make_optimizer(cell, model)
-    if ranks is not None:
-        if method.data_parallel is not None:
-            raise ValueError(f"{cell.method} cannot run on several devices: {method.data_parallel}")
-        data_parallel(model, opt)
-    n_epochs = cell.epochs if cell.kind == "train" else 0
-    sched = make_schedule(cell, opt, n_epochs)
-    train, test = get_loaders(cell.dataset, cell.batch_size, cell.eval_batch_size, cell.seed, str(device), data_root,
-                              cell.train_subset, cell.T, method.event_encoding,
-                              shard=(ranks.rank, ranks.world) if ranks is not None else None)
-    measure = StepMeasure(method, model, opt, device, cell.warmup_steps, cell.batch_size)
+    with clock.part("data"):
+        info = dataset_info(cell.dataset)
+    with clock.part("model"):
+        method = METHODS[cell.method](MethodConfig(T=cell.T, neuron=cell.neuron, options=dict(cell.method_options)))
+        model = method.build(cell.arch, num_classes=info.num_classes, in_channels=info.shape[0],
+                             input_shape=info.shape, **cell.arch_options).to(device)
+        row["num_params"] = count_parameters(model)
+        set_backend(model, cell.backend)
+        set_precision(model, cell.precision, device.type)
+        opt = make_optimizer(cell, model)
+        if ranks is not None:
+            if method.data_parallel is not None:
+                raise ValueError(f"{cell.method} cannot run on several devices: {method.data_parallel}")
+            data_parallel(model, opt)
+        n_epochs = cell.epochs if cell.kind == "train" else 0
+        sched = make_schedule(cell, opt, n_epochs)
+    with clock.part("data"):
+        train, test = get_loaders(cell.dataset, cell.batch_size, cell.eval_batch_size, cell.seed, str(device),
+                                  data_root, cell.train_subset, cell.T, method.event_encoding,
+                                  shard=(ranks.rank, ranks.world) if ranks is not None else None)
+    measure = StepMeasure(method, model, opt, device, cell.warmup_steps, cell.batch_size, clock)
     total = (len(train) * n_epochs) if cell.kind == "train" else (cell.warmup_steps + 1 + cell.steps)
 
     def tell(epoch: int) -> None:
@@ -607,8 +643,10 @@ def _train_or_profile(cell: Cell, device: torch.device, data_root, row: dict, ep
 
     model.train()
     if cell.kind == "profile":
-        batches = list(train)
-        window.start()  # model, optimizer and data are set up: what grows from here is the training's
+        with clock.part("data"):
+            batches = list(train)
+        with clock.part("meters"):
+            window.start()  # model, optimizer and data are set up: what grows from here is the training's
         span = None
         for i in range(total):
             if i == cell.warmup_steps + 1 and window.energy is not None:  # the timed steps start here
@@ -625,8 +663,9 @@ def _train_or_profile(cell: Cell, device: torch.device, data_root, row: dict, ep
     else:
         _train(cell, device, model, method, opt, sched, train, test, measure, epochs, row, window, attempt, tell, ranks,
                details)
-    window.stop(row)
-    row.update(measure.columns())
+    with clock.part("meters"):
+        window.stop(row)
+        row.update(measure.columns())
     if details is not None and measure.saved_parts:
         details["saved"] = measure.saved_parts
     return measure.series()
@@ -636,9 +675,12 @@ def _train(cell: Cell, device, model, method, opt, sched, train, test, measure: 
            row: dict, window: MeasureWindow, attempt: Attempt | None, tell, ranks: Ranks | None = None,
            details: dict | None = None) -> None:
     """The epochs of a train cell, resumed from its checkpoint when there is one, checkpointing as it goes."""
+    clock = measure.clock
     saver = _Saver(cell, device, attempt, model, opt, sched, epochs, measure, len(train))
-    start = saver.resume()
-    window.start()  # model, optimizer and data are set up: what grows from here is the training's
+    with clock.part("checkpoint"):
+        start = saver.resume()
+    with clock.part("meters"):
+        window.start()  # model, optimizer and data are set up: what grows from here is the training's
     saver.last_save = time.perf_counter()
     for epoch in range(start.epoch, cell.epochs + 1):
         first, losses, before_s = (start.batch, start.losses, start.epoch_s) if epoch == start.epoch else (0, [], 0.0)
@@ -648,7 +690,8 @@ def _train(cell: Cell, device, model, method, opt, sched, train, test, measure: 
         if sched:
             sched.step()
         train_loss = float(torch.stack(losses).mean()) if losses else None
-        acc, rate = _evaluate_epoch(method, model, test, device, ranks, epoch == cell.epochs, window, row, details)
+        with clock.part("eval"):
+            acc, rate = _evaluate_epoch(method, model, test, device, ranks, epoch == cell.epochs, window, row, details)
         if acc is not None:
             saver.best = max(saver.best, acc)
         epochs.append({"epoch": epoch, "train_loss": train_loss, "test_acc": acc, "epoch_time_s": epoch_s,
@@ -656,7 +699,8 @@ def _train(cell: Cell, device, model, method, opt, sched, train, test, measure: 
                        **{f"energy_{k}_j": v for k, v in joules.items()}})
         if not math.isfinite(train_loss or 0.0):
             raise FloatingPointError(f"training loss is {train_loss} at epoch {epoch}")
-        saver.epoch_end(epoch, ranks)
+        with clock.part("checkpoint"):
+            saver.epoch_end(epoch, ranks)
     if epochs:
         last = epochs[-1]
         row.update(acc_top1=last["test_acc"], acc_top1_best=saver.best if saver.best > -math.inf else None,
@@ -674,6 +718,7 @@ def _train_epoch(epoch: int, first: int, losses: list, before_s: float, train, m
     span = Span(window.energy) if window.energy is not None else None
     paused = 0.0  # checkpoint writes inside the epoch: not training time
     for b, (wait_ms, (x, y)) in enumerate(_timed(train.batches(epoch - 1, first)), first + 1):
+        measure.clock.add("data", wait_ms / 1e3)
         losses.append(measure.step(x, y, wait_ms))
         tell(epoch)
         if saver.ckpt is None:
@@ -681,7 +726,8 @@ def _train_epoch(epoch: int, first: int, losses: list, before_s: float, train, m
         stopping, due = stop_requested(ranks, device, saver.due())
         if stopping or due:
             t0 = time.perf_counter()
-            saver.save(epoch, b, before_s + t0 - t_epoch - paused, losses)
+            with measure.clock.part("checkpoint"):
+                saver.save(epoch, b, before_s + t0 - t_epoch - paused, losses)
             paused += saver.last_save - t0
             if stopping:
                 raise saver.stopped(epoch, b)

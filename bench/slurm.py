@@ -170,6 +170,7 @@ class SlurmTask:
         self._proc = proc
 
     def __call__(self, cell_configs: list[dict]) -> dict:
+        from . import forkserver
         from .spawn import done_here, run_in_subprocess, stored_ok
 
         from .slurm_boot import redeliver
@@ -178,20 +179,27 @@ class SlurmTask:
         out = Path(self.out)
         restarts_at_start = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
         done: dict[str, str] = {}
-        for cfg in cell_configs:
-            cell = Cell(**cfg)
-            if done_here(stored_ok(out), cell):
-                done[cell.key] = "ok"
-                continue
-            st, err = run_in_subprocess(cell, out, self.data_root, lambda d: None, on_start=self._started,
-                                        stopping=lambda: self._stopping)
-            self._proc = None
-            done[cell.key] = st
-            if st == "preempted" or self._stopping:
-                if not self._stopping and not _requeued(restarts_at_start):
-                    _mark_cancelled(out, cell)
-                    done[cell.key] = "cancelled"
-                break  # the job is being requeued or cancelled: no further cell starts
+        server = None  # the task's fork server (bench/forkserver.py), started for its first cell to run
+        try:
+            for cfg in cell_configs:
+                cell = Cell(**cfg)
+                if done_here(stored_ok(out), cell):
+                    done[cell.key] = "ok"
+                    continue
+                if server is None and forkserver.available():
+                    server = forkserver.ForkServer().start()
+                st, err = run_in_subprocess(cell, out, self.data_root, lambda d: None, on_start=self._started,
+                                            stopping=lambda: self._stopping, server=server)
+                self._proc = None
+                done[cell.key] = st
+                if st == "preempted" or self._stopping:
+                    if not self._stopping and not _requeued(restarts_at_start):
+                        _mark_cancelled(out, cell)
+                        done[cell.key] = "cancelled"
+                    break  # the job is being requeued or cancelled: no further cell starts
+        finally:
+            if server is not None:
+                server.close()
         return done
 
     def checkpoint(self, cell_configs: list[dict]):

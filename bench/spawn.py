@@ -23,19 +23,10 @@ from . import REPO
 from .cell import Cell
 from .errors import StoreFailed
 from .fingerprint import is_current
+from .forkserver import ForkServer, ServedProcess, set_pdeathsig
 
 PROGRESS_PREFIX = "@snnbench-progress "  # a worker's stdout line that carries progress, and at last its status
 STORE_FAILED_EXIT = 3  # the worker's exit code when it could not store its row
-
-
-def _set_pdeathsig() -> None:  # pragma: no cover - runs in the child
-    """Linux: the worker dies with the grid process, so killing a grid leaves no orphan cell."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
 
 
 def store(out: Path, cell: Cell, row: dict, epochs=None, samples=None, details=None) -> None:
@@ -46,19 +37,20 @@ def store(out: Path, cell: Cell, row: dict, epochs=None, samples=None, details=N
 
 
 def run_in_subprocess(cell: Cell, out: Path, data_root: str | None, on_progress: Callable[[dict], None],
-                      on_start: Callable[[subprocess.Popen], None] | None = None,
+                      on_start: Callable[[subprocess.Popen | ServedProcess], None] | None = None,
                       stopping: Callable[[], bool] = lambda: False, env: dict | None = None,
-                      concurrent: int = 1) -> tuple[str, str | None]:
-    """Run a cell in a fresh worker (bench/worker.py) and return its (status, error). A worker that dies without
+                      concurrent: int = 1, server: ForkServer | None = None) -> tuple[str, str | None]:
+    """Run a cell in a fresh worker (bench/worker.py) and return its (status, error): a child of ``server`` where
+    one is given and can serve the worker's environment, else a process started afresh. A worker that dies without
     storing its row gets one here (``oom`` for SIGKILL, else ``error``), unless it died while being stopped
     (``stopping()``): then its last checkpoint stands and the status is ``preempted``."""
     logs = out / "logs"
     log_path = logs / f"{cell.key}.log"
-    cmd = [sys.executable, "-m", "bench.worker", "--out", str(out), "--cell", json.dumps(cell.config())]
+    args = ["--out", str(out), "--cell", json.dumps(cell.config())]
     if data_root:
-        cmd += ["--data-root", str(data_root)]
+        args += ["--data-root", str(data_root)]
     if concurrent > 1:
-        cmd += ["--concurrent", str(concurrent)]
+        args += ["--concurrent", str(concurrent)]
     env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     status: dict = {}
@@ -68,8 +60,7 @@ def run_in_subprocess(cell: Cell, out: Path, data_root: str | None, on_progress:
             if log.tell():
                 log.write(f"\n--- run again at {time.strftime('%Y-%m-%dT%H:%M:%S%z')} ---\n")
                 log.flush()
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, cwd=REPO, env=env,
-                                    preexec_fn=_set_pdeathsig if sys.platform.startswith("linux") else None)
+            proc = _start_worker(args + ["--requested-at", repr(time.time())], env, log, server)
             if on_start:
                 on_start(proc)
             assert proc.stdout is not None
@@ -103,11 +94,26 @@ def run_in_subprocess(cell: Cell, out: Path, data_root: str | None, on_progress:
     return st, msg
 
 
+def _start_worker(args: list[str], env: dict, log, server: ForkServer | None) -> subprocess.Popen | ServedProcess:
+    """``python -m bench.worker ARGS``: forked by ``server`` where it can, else started afresh (a server that cannot
+    fork it says why in the cell's log)."""
+    if server is not None and server.can_serve(env):
+        try:
+            return server.spawn(module="bench.worker", argv=args, env=env, cwd=REPO, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=log, stop=True)
+        except RuntimeError as e:
+            log.write(f"{e}\nstarting a fresh worker instead\n")
+            log.flush()
+    return subprocess.Popen([sys.executable, "-m", "bench.worker", *args], stdout=subprocess.PIPE, stderr=log,
+                            text=True, cwd=REPO, env=env, preexec_fn=set_pdeathsig if sys.platform.startswith("linux") else None)
+
+
 def run_in_process(cell: Cell, out: Path, data_root: str | None, on_progress: Callable[[dict], None]) -> tuple[str, str | None]:
+    from .rows import store_result
     from .runner import run_cell
 
-    res = run_cell(cell, data_root, on_progress, out=out)
-    store(out, cell, res.row, res.epochs, res.samples, res.details)
+    res = run_cell(cell, data_root, on_progress, out=out, requested_at=time.time())
+    store_result(out, cell, res)
     return res.status, res.row.get("error")
 
 

@@ -31,9 +31,9 @@ def _threads_from_slurm() -> None:
 
 
 def main(argv=None) -> int:
-    from reports.results import write_cell
-
     from .cell import Cell
+    from .errors import StoreFailed
+    from .rows import store_result
     from .spawn import PROGRESS_PREFIX, STORE_FAILED_EXIT
     from .runner import run_cell
 
@@ -42,6 +42,7 @@ def main(argv=None) -> int:
     p.add_argument("--cell", required=True)
     p.add_argument("--data-root")
     p.add_argument("--concurrent", type=int, default=1, help="cells the launcher runs side by side (recorded)")
+    p.add_argument("--requested-at", type=float, help="when the launcher asked for this worker (time.time())")
     a = p.parse_args(argv)
     cell = Cell(**json.loads(a.cell))
     _threads_from_slurm()
@@ -61,12 +62,11 @@ def main(argv=None) -> int:
     if cell.devices > 1:
         res = run_ranks(cell, argv if argv is not None else sys.argv[1:])
     else:
-        res = run_cell(cell, a.data_root, progress, out=a.out, concurrent=a.concurrent)
+        res = run_cell(cell, a.data_root, progress, out=a.out, concurrent=a.concurrent, requested_at=a.requested_at)
     try:
-        write_cell(a.out, cell.key, res.row, res.epochs, res.samples, res.details)
-    except OSError as e:  # a full disk, say: the launcher stops the grid with this message
-        msg = f"cannot store the result of {cell.label} in {a.out}: {e}"
-        print(PROGRESS_PREFIX + json.dumps({"status": res.status, "store_error": msg}), flush=True)
+        store_result(a.out, cell, res)
+    except StoreFailed as e:  # a full disk, say: the launcher stops the grid with this message
+        print(PROGRESS_PREFIX + json.dumps({"status": res.status, "store_error": str(e)}), flush=True)
         return STORE_FAILED_EXIT
     if res.row.get("error") and res.status != "preempted":
         print(res.row["error"], file=sys.stderr)
@@ -84,7 +84,7 @@ def run_rank(cell, a, ranks, progress) -> int:
 
     Path(os.environ[distributed.RANK_DIR_ENV], f"pid{ranks.rank}").write_text(str(os.getpid()))
     res = run_cell(cell, a.data_root, progress if ranks.main else None, out=a.out, concurrent=a.concurrent,
-                   ranks=ranks)
+                   ranks=ranks, requested_at=a.requested_at)
     torch.save(res, distributed.rank_file(ranks.rank))
     if res.status not in ("ok", "preempted"):
         print(f"rank {ranks.rank}: {res.row.get('error')}", file=sys.stderr, flush=True)

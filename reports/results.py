@@ -57,6 +57,20 @@ STATUSES = ("oom", "error", "cancelled", "preempted", "ok")
 TO_CONTINUE = ("preempted", "cancelled")
 # the phases of a training step that the runner times (a method marks them with probe.phase(name))
 PHASES = ("forward", "backward", "optimizer")
+# where a cell's wall time goes (bench.rows.PartClock): one column time_<part>_s each, which add up to cell_wall_s
+# (what is in none of them: progress reports, the row's own bookkeeping). The start (time_start_s: from the
+# launcher's request to the cell's start in its worker) is outside cell_wall_s.
+TIME_PARTS: dict[str, str] = {
+    "device": "device set-up and environment",
+    "data": "data: datasets, loaders, waiting for batches",
+    "model": "model, optimizer and schedule built",
+    "warmup": "warm-up steps",
+    "steps": "measured steps (fidelity cells: the gradients compared)",
+    "meters": "meters: samplers, energy idle, the saved-tensors step, the row's measurements",
+    "eval": "evaluation and its analyses",
+    "checkpoint": "checkpoints: resume, writes, kept weights",
+    "store": "storing the epochs, samples and details",
+}
 
 # columns a row of each kind must have to be used at all
 REQUIRED: dict[str, tuple[str, ...]] = {
@@ -147,6 +161,8 @@ METRICS: tuple[Metric, ...] = (
     Metric("measured_steps", "", "none", None, "measured steps"),
     Metric("num_params", "", "lower", 0.0, "parameters"),
     Metric("cell_wall_s", "s", "none", None, "wall time of the cell"),
+    Metric("time_start_s", "s", "none", None, "from the launcher's request to the cell's start"),
+    *(Metric(f"time_{part}_s", "s", "none", None, f"time in the cell: {label}") for part, label in TIME_PARTS.items()),
     Metric("restarts", "", "none", None, "restarts from a checkpoint"),
     Metric("concurrent_cells", "", "none", None, "cells run side by side"),
     Metric("checkpoint_s", "s", "lower", None, "time to write a checkpoint (mean, this attempt)"),
@@ -269,6 +285,18 @@ def write_cell(out: Path, key: str, row: dict, epochs: list[dict] | None = None,
                details: dict[str, list[dict]] | None = None) -> None:
     """Store a cell. Epochs, samples and details (``DETAILS`` kind -> rows) first, the cell row last: a cell row
     marks a complete cell. A detail kind this result lacks is removed (an earlier run's would not be this one's)."""
+    write_cell_parts(out, key, epochs, samples, details)
+    write_cell_row(out, key, row)
+
+
+def write_cell_row(out: Path, key: str, row: dict) -> None:
+    """The cell row alone: write it after the cell's other tables (``write_cell_parts``)."""
+    atomic_write_parquet(pd.DataFrame([{**row, "schema_version": SCHEMA_VERSION}]), Path(out) / "cells" / f"{key}.parquet")
+
+
+def write_cell_parts(out: Path, key: str, epochs: list[dict] | None = None, samples: list[dict] | None = None,
+                     details: dict[str, list[dict]] | None = None) -> None:
+    """What ``write_cell`` stores before the row: epochs, samples and details."""
     out = Path(out)
     details = details or {}
     unknown = set(details) - set(DETAILS)
@@ -283,7 +311,6 @@ def write_cell(out: Path, key: str, row: dict, epochs: list[dict] | None = None,
             atomic_write_parquet(pd.DataFrame(details[kind]).assign(key=key), out / kind / f"{key}.parquet")
         else:
             (out / kind / f"{key}.parquet").unlink(missing_ok=True)
-    atomic_write_parquet(pd.DataFrame([{**row, "schema_version": SCHEMA_VERSION}]), out / "cells" / f"{key}.parquet")
 
 
 def remove_stray_temp_files(out: Path) -> list[Path]:
@@ -604,6 +631,7 @@ def method_options_label(row: pd.Series) -> str:
     return ",".join([label] * bool(label) + ran)
 
 
-__all__ = ["CONTENTION_LIMIT", "FolderBusy", "FolderLock", "KINDS", "MEASURE_COLUMNS", "METRIC", "METRICS", "Metric", "ResultsFileProblem", "SERIES", "summarise",
+__all__ = ["CONTENTION_LIMIT", "FolderBusy", "FolderLock", "KINDS", "MEASURE_COLUMNS", "METRIC", "METRICS", "Metric", "ResultsFileProblem", "SERIES", "TIME_PARTS", "summarise",
            "SCHEMA_VERSION", "atomic_write_parquet", "load_results", "mark_stale", "read_lock", "read_manifest",
-           "read_table", "remove_stray_temp_files", "update_manifest", "upgrade", "write_cell"]
+           "read_table", "remove_stray_temp_files", "update_manifest", "upgrade", "write_cell", "write_cell_parts",
+           "write_cell_row"]

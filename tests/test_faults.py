@@ -116,7 +116,8 @@ def test_host_out_of_memory_is_stored_as_oom(tmp_path):
 
 def test_a_second_run_into_the_same_folder_is_refused(tmp_path):
     out = tmp_path / "res"
-    g = _grid(tmp_path, (1, 2, 3, 4, 5, 6))  # enough cells that the first run outlives the checks below
+    # enough work that the first run outlives the checks below (workers start in ~0.03 s: the work is the cells')
+    g = _grid(tmp_path, (1, 2, 3, 4, 5, 6), extra='[[override]]\nmatch = { method = "bptt_m" }\nset = { epochs = 300 }\n')
     first = subprocess.Popen([sys.executable, str(REPO / "run_bench.py"), "run", str(g), "--out", str(out), "--device", "cpu"],
                              cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
