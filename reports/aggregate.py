@@ -98,3 +98,36 @@ def over_seeds(df: pd.DataFrame, keys: list[str], col: str) -> pd.DataFrame:
     g = d.groupby(keys, dropna=False)[col]
     out = g.agg(["mean", "std", "count"]).reset_index().rename(columns={"count": "n"})
     return out
+
+
+def time_parts(cells: pd.DataFrame) -> pd.DataFrame | None:
+    """Seconds per cell (index: a label per cell) in its start (``time_start_s``), each part of TIME_PARTS, and
+    ``other``: what of ``cell_wall_s`` no part covers (never below 0). None where no cell stored its parts (results
+    from before they were measured)."""
+    from .results import TIME_PARTS
+
+    cols = [f"time_{p}_s" for p in TIME_PARTS]
+    if cells.empty or not all(c in cells for c in cols):
+        return None
+    d = cells[cells[cols].notna().all(axis=1)]
+    if d.empty:
+        return None
+    out = pd.DataFrame({p: d[f"time_{p}_s"].to_numpy(dtype=float) for p in TIME_PARTS})
+    out.insert(0, "start", d["time_start_s"].fillna(0.0).to_numpy(dtype=float) if "time_start_s" in d else 0.0)
+    out["other"] = (d["cell_wall_s"].to_numpy(dtype=float) - out[list(TIME_PARTS)].sum(axis=1)).clip(lower=0.0)
+    labels = [f"{r.method} {r.kind} T={r.T} s{r.seed}" for r in d.itertuples()]
+    out.index = pd.Index(labels, name="cell")
+    return out
+
+
+def harness_share(cells: pd.DataFrame) -> dict | None:
+    """The share of the cells' total time (each cell's start and wall time, added up) spent in measured steps, and
+    in starting cells: {"steps": fraction, "start": fraction, "total_s": seconds, "cells": n}; None without parts."""
+    parts = time_parts(cells)
+    if parts is None:
+        return None
+    total = float(parts.to_numpy().sum())
+    if total <= 0:
+        return None
+    return {"steps": float(parts["steps"].sum()) / total, "start": float(parts["start"].sum()) / total,
+            "total_s": total, "cells": len(parts)}

@@ -21,8 +21,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from .aggregate import (contended, has, memory_column, method_order, ok, over_seeds, style, time_column,  # noqa: E402
-                        with_labels)
-from .results import METRIC  # noqa: E402
+                        time_parts, with_labels)
+from .results import METRIC, TIME_PARTS  # noqa: E402
 
 RC = {
     "font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "xtick.labelsize": 7, "ytick.labelsize": 7,
@@ -33,7 +33,8 @@ FULL_WIDTH, COLUMN_WIDTH = 7.0, 3.4  # inches: a two-column paper's text width a
 
 # the report's sections, in order: key -> title
 SECTIONS = {"cost": "Accuracy and training cost", "fidelity": "Gradient fidelity",
-            "memory": "Where the memory goes", "behaviour": "Behaviour over time steps"}
+            "memory": "Where the memory goes", "behaviour": "Behaviour over time steps",
+            "harness": "Where a cell's time goes"}
 
 # name -> (function, the frames it takes after the cells, its section); filled by @figure
 FIGURES: dict[str, tuple[Callable, tuple[str, ...], str]] = {}
@@ -456,3 +457,34 @@ def fig_anytime(cells: pd.DataFrame, anytime: pd.DataFrame, out: Path, name: str
     if f.empty or f["t"].max() < 2:
         return None, []
     return _over_per_method(f, "t", "acc", "steps used at inference t", "test accuracy [%]", out, name)
+
+
+@figure(section="harness")
+def fig_cell_time(cells: pd.DataFrame, out: Path, name: str = "fig_cell_time"):
+    """One stacked bar per cell: its start (the launcher's request to the cell's start in its worker), then each part
+    of its wall time (TIME_PARTS), then what no part covers; the measured steps are the cell's point, the rest the
+    harness's cost."""
+    parts = time_parts(cells)
+    if parts is None:
+        return None, []
+    cols = ["start", *TIME_PARTS, "other"]
+    palette = iter(["tab:blue", "tab:orange", "tab:olive", "tab:green", "tab:purple", "tab:cyan", "tab:brown",
+                    "tab:pink", "lightsteelblue"])
+    colors = {c: "0.45" if c == "start" else "0.85" if c == "other" else "tab:red" if c == "steps" else next(palette)
+              for c in cols}
+    with plt.rc_context(RC):
+        fig, ax = plt.subplots(figsize=(FULL_WIDTH, 0.9 + 0.16 * len(parts)), constrained_layout=True)
+        y = np.arange(len(parts))
+        left = np.zeros(len(parts))
+        for c in cols:
+            vals = parts[c].to_numpy(dtype=float)
+            ax.barh(y, vals, left=left, color=colors[c], label=c, height=0.8, gid=c)
+            left += vals
+        ax.set_yticks(y, parts.index.tolist())
+        ax.invert_yaxis()
+        ax.set_xlabel("seconds")
+        ax.set_title("where each cell's time went: start, then its parts (steps: the measured steps)")
+        fig.legend(*ax.get_legend_handles_labels(), loc="outside right upper", frameon=False)
+        ax.grid(axis="y", visible=False)
+        paths = _save(fig, out, name)
+    return fig, paths

@@ -13,7 +13,7 @@ import pandas as pd
 from tabulate import tabulate
 
 from . import figures, tables
-from .aggregate import contended, has, memory_column, ok
+from .aggregate import contended, harness_share, has, memory_column, ok
 from .results import CONTENTION_LIMIT
 from .results import KINDS, load_results
 
@@ -95,11 +95,15 @@ SECTION_TEXT = {
     "behaviour": "After the last epoch, on the evaluation set: each spiking layer's firing rate; the accuracy when the "
                  "network answers after its first t steps; for event data, the accuracy with the frames permuted in "
                  "time (the paper's Table 2).",
+    "harness": "Each cell's start (from the launcher's request to the cell's start in its worker) and its wall time by "
+               "part: device set-up, data, model, warm-up steps, measured steps, meters, evaluation, checkpoints, "
+               "storing; what no part covers is 'other'. Everything but the measured steps is the harness's cost.",
 }
 SECTION_EMPTY = {
     "fidelity": "no fidelity cells in these results (a grid adds them with kind = \"fidelity\"; see grids/default.toml)",
     "memory": "no saved-bytes breakdown stored (profile and train cells store one)",
     "behaviour": "no train cell with an evaluation set stored its behaviour over time steps",
+    "harness": "no cell stored where its time went (results from before time_<part>_s were measured)",
 }
 
 
@@ -158,7 +162,9 @@ def render_report(results: str | Path, out: str | Path | None = None, reference:
     grid = ", ".join(sorted(set(cells["grid"].dropna()))) if "grid" in cells else results.name
     n_ok = int((cells["status"] == "ok").sum()) if "status" in cells else 0
     md = [f"# snnbench report: {grid or results.name}", "",
-          f"{len(cells)} cell(s), {n_ok} ok, {len(cells) - n_ok} failed or missing.", "", "## Notes", ""]
+          f"{len(cells)} cell(s), {n_ok} ok, {len(cells) - n_ok} failed or missing.", ""]
+    share = _share_line(cells)
+    md += ([share, ""] if share else []) + ["## Notes", ""]
     md += [f"- {n}" for n in notes] + [""]
     for key, title in figures.SECTIONS.items():
         md += [f"## {title}", ""] + ([SECTION_TEXT[key], ""] if SECTION_TEXT[key] else [])
@@ -184,9 +190,19 @@ def render_report(results: str | Path, out: str | Path | None = None, reference:
     if history is not None:
         link = os.path.relpath(Path(history).resolve() / "history.html", out.resolve())
     index.write_text(_html(grid or results.name, notes, figs, acc, cost, mem_label, env, link,
-                           {"fidelity": fidelity, "shuffle": shuffle, "single": single}))
+                           {"fidelity": fidelity, "shuffle": shuffle, "single": single, "share": share}))
     files.append(index)
     return {"index": index, "summary": summary, "files": files}
+
+
+def _share_line(cells: pd.DataFrame) -> str | None:
+    """summary.md's line on the harness's own share of the grid's time, or None where no cell stored its parts."""
+    share = harness_share(cells)
+    if share is None:
+        return None
+    return (f"Measured steps: {100 * share['steps']:.1f}% of the grid's wall time ({share['total_s']:.1f} s over "
+            f"{share['cells']} cell(s), each from the launcher's request to its row); starting the cells: "
+            f"{100 * share['start']:.1f}%; the rest is the harness's work inside the cells (fig_cell_time).")
 
 
 def _img(path: Path) -> str:
@@ -222,6 +238,8 @@ def _html(title, notes, figs, acc, cost, mem_label, env, history_link: str | Non
                          + tables.as_html(*extra.get("fidelity", ([], [])), "no fidelity cells: no fidelity table"))
         elif key == "behaviour" and extra.get("shuffle", ([], []))[1]:
             parts.append("<h3>Temporal shuffle</h3>" + tables.as_html(*extra["shuffle"], ""))
+        elif key == "harness" and extra.get("share"):
+            parts.append(f"<p>{esc(extra['share'])}</p>")
         if not figs[key] and key in SECTION_EMPTY:
             parts.append(f"<p><em>{esc(SECTION_EMPTY[key])}</em></p>")
         for caption, png in figs[key]:

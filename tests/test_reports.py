@@ -412,3 +412,41 @@ def test_a_combination_with_one_cell_is_a_table_row_not_a_figure(tmp_path):
     section = md.split("### Configurations with a single cell", 1)[1]
     row = next(ln for ln in section.splitlines() if ln.startswith("| hm2bp"))
     assert "hm2_mlp" in row and "100" in row and "91.25" in row and "3.50" in row
+
+
+def test_cell_time_bars_and_the_share_line_are_the_stored_parts(tmp_path):
+    """fig_cell_time stacks each cell's start and parts as stored, with what no part covers as 'other'; summary.md's
+    line is the measured steps' share of the cells' start plus wall time, computed here by hand."""
+    from reports import figures, render_report
+    from reports.results import TIME_PARTS, load_results
+
+    parts = {p: 0.01 * (i + 1) for i, p in enumerate(TIME_PARTS)}  # 0.01 .. 0.09 s: 0.45 s in all
+    rows = [{"key": f"k{i}", "status": "ok", "method": "bptt_m", "arch": "cnn_digits", "dataset": "digits", "T": 1 + i,
+             "seed": 0, "kind": "profile", "grid": "g", "method_options": "{}", "time_start_s": 0.5 * i,
+             "cell_wall_s": 0.5 * (i + 1), **{f"time_{p}_s": v * (i + 1) for p, v in parts.items()}}
+            for i in range(2)]  # walls 0.5 and 1.0 s over parts of 0.45 and 0.9 s: 0.05 and 0.1 s in none
+    for r in rows:
+        write_cell(tmp_path / "res", r["key"], r)
+    fig, _ = figures.fig_cell_time(load_results(tmp_path / "res"), out=tmp_path / "fig")
+    widths: dict[str, list[float]] = {}
+    for bar in fig.axes[0].patches:
+        widths.setdefault(bar.get_gid(), []).append(round(bar.get_width(), 9))
+    assert widths["start"] == [0.0, 0.5]
+    assert widths["steps"] == [round(parts["steps"], 9), round(2 * parts["steps"], 9)]
+    assert widths["other"] == [0.05, 0.1]
+    render_report(tmp_path / "res")
+    summary = (tmp_path / "res" / "report" / "summary.md").read_text()
+    total = 0.0 + 0.5 + 0.5 + 1.0  # starts and walls
+    steps = 3 * parts["steps"]  # 1x and 2x
+    assert f"Measured steps: {100 * steps / total:.1f}% of the grid's wall time ({total:.1f} s over 2 cell(s)" in summary
+    assert "fig_cell_time.png" in summary
+
+
+def test_cell_time_figure_is_left_out_without_parts(results):
+    from reports import figures, render_report
+    from reports.results import load_results
+
+    root, _ = results
+    assert figures.fig_cell_time(load_results(root), out=root / "x") == (None, [])
+    render_report(root)
+    assert "no cell stored where its time went" in (root / "report" / "summary.md").read_text()
