@@ -20,6 +20,10 @@ a child starts with, and what differs from a fresh interpreter:
 - stop signals (SIGTERM, SIGUSR1, SIGUSR2) and SIGINT have their default handling, or with ``stop=True`` the
   harness's stop flag (bench/stop.py) from the child's first instruction: a signal between the fork and that point is
   held, not lost (the server keeps them blocked; the child unblocks them once its handlers are in place);
+- its resident memory starts as a fresh worker's does after the same imports: a fork maps the server's anonymous
+  pages into the child but not the pages of the shared libraries (libtorch's code, some 330 MiB), which a fresh
+  process maps as it loads them; the child maps the library pages the server has resident (MADV_POPULATE_READ,
+  about 30 ms), so its peak RSS (``peak_rss_mib``) is what a fresh worker's would be, not 35% less;
 - it dies with the server (PR_SET_PDEATHSIG), which dies with the process that started it;
 - what differs: Python's hash seed is the server's (``PYTHONHASHSEED`` is read once, at an interpreter's start),
   modules are already imported (a module's import-time code ran once, in the server), and ``/proc/PID/cmdline``
@@ -311,6 +315,44 @@ def _preload(names: list[str]) -> None:
             print(f"fork server: not preloaded: {name}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
 
 
+PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+MADV_POPULATE_READ = 22  # Linux 5.14
+
+
+def resident_file_pages() -> list[tuple[int, int]]:
+    """(address, length) of the runs of pages of readable file mappings (shared libraries, mapped files) that are in
+    this process's page tables: what loading them made resident."""
+    import numpy as np
+
+    runs: list[tuple[int, int]] = []
+    with open("/proc/self/maps") as maps, open("/proc/self/pagemap", "rb") as pagemap:
+        for line in maps:
+            fields = line.split()
+            if len(fields) < 6 or not fields[5].startswith("/") or "r" not in fields[1]:
+                continue
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            pagemap.seek(lo // PAGE * 8)
+            present = (np.frombuffer(pagemap.read((hi - lo) // PAGE * 8), dtype=np.uint64) >> np.uint64(63)) > 0
+            edges = np.diff(np.concatenate(([0], present.view(np.int8), [0])))
+            runs += [(lo + int(a) * PAGE, int(b - a) * PAGE)
+                     for a, b in zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1))]
+    return runs
+
+
+def map_pages(runs: list[tuple[int, int]]) -> None:  # pragma: no cover - a child
+    """Put ``runs`` (``resident_file_pages`` of the server) into this process's page tables, as loading the libraries
+    put them into a fresh process's: ``madvise(MADV_POPULATE_READ)``, or reading a byte of each page before 5.14."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    for addr, length in runs:
+        if libc.madvise(addr, length, MADV_POPULATE_READ) != 0:
+            import numpy as np
+
+            np.frombuffer((ctypes.c_char * length).from_address(addr), dtype=np.uint8)[::PAGE].sum()
+
+
 def _recv_request(conn: socket.socket) -> tuple[dict, list[int]]:
     conn.settimeout(30)
     data, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
@@ -330,7 +372,8 @@ def _std_stream(fd: int, unbuffered: bool):
                             line_buffering=True, write_through=unbuffered)
 
 
-def _child(req: dict, fds: list[int], server_pid: int, inherited: list[int]) -> None:  # pragma: no cover - a child
+def _child(req: dict, fds: list[int], server_pid: int, inherited: list[int],
+           resident: list[tuple[int, int]]) -> None:  # pragma: no cover - a child
     """In the forked child: become the worker the request describes, run it, and exit with its code."""
     code = 1
     try:
@@ -362,6 +405,7 @@ def _child(req: dict, fds: list[int], server_pid: int, inherited: list[int]) -> 
             STOP.clear()
             STOP.install()
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD)
+        map_pages(resident)
         _reseed()
         code = _run(req)
     except SystemExit as e:
@@ -432,6 +476,11 @@ def serve(path: str, preload: list[str]) -> int:
     listener.bind(path)
     listener.listen(64)
     _preload(preload)
+    try:
+        resident = resident_file_pages()
+    except (OSError, ImportError) as e:  # no pagemap (not Linux) or no numpy: children map pages as they touch them
+        print(f"fork server: resident pages not read: {e}", file=sys.stderr, flush=True)
+        resident = []
     sys.stdout.flush()
     sys.stderr.flush()
     sel = selectors.DefaultSelector()
@@ -456,7 +505,7 @@ def serve(path: str, preload: list[str]) -> int:
                              *children, *(c.fileno() for _, c in children.values())]
                 pid = os.fork()
                 if pid == 0:
-                    _child(req, fds, me, inherited)
+                    _child(req, fds, me, inherited, resident)
                 for fd in fds:
                     os.close(fd)
                 pidfd = os.pidfd_open(pid)

@@ -73,6 +73,34 @@ def test_a_child_starts_as_a_fresh_worker(server, tmp_path):
     assert a["ppid"] == b["ppid"] == server.proc.pid
 
 
+RESIDENT = """
+import importlib, json, sys
+from bench.forkserver import PRELOAD
+for name in PRELOAD:  # what the server imported, so that a fresh process has what a child inherits
+    module, _, fn = name.partition(":")
+    m = importlib.import_module(module)
+    if fn:
+        getattr(m, fn)()
+status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+print(json.dumps({k: int(status[k].split()[0]) for k in ("VmRSS", "RssFile", "RssAnon")}))
+"""
+
+
+def test_a_childs_resident_memory_is_a_fresh_workers(server, tmp_path):
+    """A fork leaves the shared libraries' pages out of the child's page tables (RssFile near 0, a third less RSS);
+    the child maps those the server has, so its RSS is a fresh process's after the same imports (within 5%)."""
+    script = tmp_path / "resident.py"
+    script.write_text(RESIDENT)
+    p = server.spawn(script=str(script), stdout=subprocess.PIPE)
+    child = json.loads(p.stdout.read())
+    assert p.wait() == 0
+    fresh = json.loads(subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=server.env,
+                                      check=True, cwd=REPO).stdout)
+    assert fresh["RssFile"] > 100_000  # kB: libtorch's pages, which a fork alone would not map
+    for k in ("VmRSS", "RssFile"):
+        assert abs(child[k] - fresh[k]) < 0.05 * fresh[k], (k, child, fresh)
+
+
 def test_exit_codes_signals_and_a_held_stop(server, tmp_path):
     (tmp_path / "exit3.py").write_text("import sys\nsys.exit(3)\n")
     (tmp_path / "raise.py").write_text("raise ValueError('boom')\n")
