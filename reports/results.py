@@ -359,6 +359,8 @@ def upgrade(df: pd.DataFrame, source: str = "frame", kind: str = "cells") -> pd.
         if col not in df.columns:
             continue
         raw = df[col]
+        if raw.dtype.kind in "iuf":  # numbers already (the common case, and the cheap one)
+            continue
         num = pd.to_numeric(raw, errors="coerce")
         bad = num.isna() & raw.notna()
         if bad.any():
@@ -410,6 +412,10 @@ def _valid_config(df: pd.DataFrame, source: str) -> pd.DataFrame:
     for col, kind in CONFIG_TYPES.items():
         if col not in df.columns:
             continue  # written before the field existed: the upgrade rules decide what such a row means
+        vals = df[col]
+        if kind in ("int", "float") and vals.dtype.kind in "iuf" and not vals.isna().any() \
+                and (kind == "float" or (vals % 1 == 0).all()):
+            continue  # numbers of the right kind throughout: nothing to say (the cheap check first)
         problems = df[col].map(lambda v: _config_problem(kind, v))
         hit = problems.notna() & ~bad
         if hit.any():

@@ -8,7 +8,8 @@ part's verdict and figures) and ``results.tgz`` (each part's results folder and 
 runs the same plumbing on a CPU at toy sizes in a few minutes (a test does); without ``--device`` it is cuda where
 there is one.
 
-- gpu-tests: ``pytest -m gpu`` (the fused kernels compiled, a whole step on every backend, cells on the GPU);
+- gpu-tests: ``pytest -m gpu`` (the fused kernels compiled, a whole step on every backend, cells on the GPU, CUDA
+  started in the fork server's children);
 - gate: ``grids/ci_gpu.toml`` (``ci_cpu`` on a CPU), checked against ``baselines/gpu-<slug>.parquet`` where one is
   committed (step time left to ``compare``), and the invariants;
 - train: a short train grid on the digits, every method once, on the triton backend and in bf16 where the
@@ -97,7 +98,7 @@ class Check:
     # ------------------------------------------------------------------ the parts
 
     def gpu_tests(self, p: Part) -> None:
-        files = ["tests/test_backends.py", "tests/test_gpu.py"]
+        files = ["tests/test_backends.py", "tests/test_gpu.py", "tests/test_forkserver.py"]
         rc, text = self.sh(sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", *files)
         last = [ln for ln in text.strip().splitlines() if "passed" in ln or "skipped" in ln or "failed" in ln
                 or "deselected" in ln][-1:]

@@ -245,3 +245,25 @@ def test_the_time_parts_add_up_to_the_cells_wall_time(tmp_path):
         assert 0 < row["time_start_s"] < row["cell_wall_s"] + 60
         if row["kind"] == "train":
             assert parts["eval"] > 0 and parts["warmup"] > 0
+
+
+CUDA_CHILD = """
+import json, os, torch
+before = torch.cuda.is_initialized()
+x = torch.ones(1024, device="cuda")
+print(json.dumps({"before": before, "count": torch.cuda.device_count(), "sum": float(x.sum()),
+                  "visible": os.environ.get("CUDA_VISIBLE_DEVICES")}))
+"""
+
+
+@pytest.mark.gpu
+def test_cuda_starts_in_each_child_with_the_gpu_it_is_given(server, tmp_path):
+    """On a GPU: the server never initialised CUDA, so each child starts it itself, seeing only the GPU its request's
+    CUDA_VISIBLE_DEVICES names (the pool's slots rely on it), one child after another."""
+    script = tmp_path / "cuda.py"
+    script.write_text(CUDA_CHILD)
+    for _ in range(2):
+        p = server.spawn(script=str(script), env={**server.env, "CUDA_VISIBLE_DEVICES": "0"}, stdout=subprocess.PIPE)
+        got = json.loads(p.stdout.read())
+        assert p.wait() == 0
+        assert got == {"before": False, "count": 1, "sum": 1024.0, "visible": "0"}
