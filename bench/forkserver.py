@@ -53,6 +53,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -115,19 +116,30 @@ class ServedProcess:
         self.stdin, self.stdout, self.stderr = streams
         self.returncode: int | None = None
         self._buf = buffered  # what the server sent after the pid line
+        self._reading = threading.Lock()  # one reader of the connection at a time (a slot's thread, a handler)
 
     def _read_exit(self, timeout: float | None) -> None:
-        """Read the server's ``exit RC`` line (or the connection's end) for at most ``timeout`` seconds. Safe to
-        re-enter from a signal handler (Slurm's checkpoint handler waits for the child): what was read is kept on
-        the object, and a call that finds the code already read returns."""
+        """Read the server's ``exit RC`` line (or the connection's end) for at most ``timeout`` seconds. Another
+        thread reading, or the frame a signal handler interrupted (Slurm's checkpoint handler waits for the child;
+        the launcher's forwards a stop), is waited for instead, never read beside."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        if not self._reading.acquire(blocking=False):
+            while self.returncode is None and (deadline is None or time.monotonic() < deadline):
+                time.sleep(0.01)
+            return
+        try:
+            self._read_locked(deadline)
+        finally:
+            self._reading.release()
+
+    def _read_locked(self, deadline: float | None) -> None:
         while self.returncode is None:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
                 if not select.select([self._conn], [], [], left)[0]:
                     return
                 chunk = self._conn.recv(4096)
-            except (OSError, ValueError):  # closed by a nested call that read the code, or reset
+            except (OSError, ValueError):  # the connection was reset: the server is gone
                 chunk = b""
             if self.returncode is not None:
                 break

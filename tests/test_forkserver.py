@@ -131,6 +131,25 @@ def test_exit_codes_signals_and_a_held_stop(server, tmp_path):
     assert p.stdout.read().split() == ["SIGTERM"] and p.wait(timeout=30) == 0
 
 
+def test_two_threads_waiting_for_one_child_both_get_its_code(server, tmp_path):
+    """A pool's slot thread waits for its worker while the main thread polls it (to forward a stop signal): one
+    reads the server's answer, the other waits for it; neither takes the connection's end for a lost child."""
+    import threading
+
+    (tmp_path / "exit7.py").write_text("import time\ntime.sleep(0.5)\nraise SystemExit(7)\n")
+    for _ in range(3):
+        p = server.spawn(script=str(tmp_path / "exit7.py"))
+        got = []
+        threads = [threading.Thread(target=lambda: got.append(p.wait(timeout=30))) for _ in range(2)]
+        for t in threads:
+            t.start()
+        while p.poll() is None:
+            time.sleep(0.001)
+        for t in threads:
+            t.join()
+        assert got == [7, 7] and p.poll() == 7
+
+
 def test_the_server_ignores_stop_signals_and_its_children_die_with_it(tmp_path):
     (tmp_path / "sleep.py").write_text("print('up', flush=True)\nimport time\ntime.sleep(120)\n")
     with ForkServer() as s:
