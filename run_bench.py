@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         return _main(argv, server)
     finally:
         if server is not None:
-            server.close()
+            server.close(wait=argv is not None)  # run_bench.py itself ends next: no need to wait
 
 
 def _main(argv: list[str] | None, server) -> int:
