@@ -210,6 +210,26 @@ time.sleep(600)  # a side that hangs in its cell
 """
 
 
+def test_a_sides_workers_are_children_of_its_own_fork_server(tmp_path):
+    """As measure() starts them: a fork server run from a copy of bench/forkserver.py with the side's tree on the
+    path; its child runs the comparison's worker script, which imports that tree's bench (checked by SideWorker)."""
+    import shutil
+
+    from bench import forkserver
+    from bench.compare import SideWorker, side_env
+    from bench.forkserver import ForkServer, ServedProcess
+
+    if not forkserver.available():
+        pytest.skip("fork server: Linux only")
+    for name in ("forkserver.py", "compare_worker.py"):
+        shutil.copy2(REPO / "bench" / name, tmp_path / name)
+    with ForkServer(REPO, env=side_env(REPO, None), script=tmp_path / "forkserver.py") as server:
+        w = SideWorker("head", REPO, tmp_path / "compare_worker.py", timeout_s=120, server=server)
+        assert isinstance(w.proc, ServedProcess) and w.proc.pid != server.proc.pid
+        w.close()
+        assert w.proc.returncode == 0
+
+
 def test_a_worker_that_hangs_is_killed_and_fails_its_side(tmp_path):
     """A side's worker that sends nothing for the timeout is killed and reported as that side's failure (measure()
     then loses the cell and round, and judge() fails a head that did this); its stderr is read while it runs, so a

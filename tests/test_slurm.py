@@ -84,7 +84,13 @@ def test_job_array_gives_the_rows_of_a_local_run(slurm, tmp_path):
     print(f"4-cell array: {time.perf_counter() - t0:.1f} s")
     assert r.returncode == 0, r.stderr
     assert "submitted 4 cell(s) as 2 Slurm task(s)" in r.stderr
-    assert len(list((tmp_path / "slurm" / "logs").glob("*.log"))) == 4  # one worker (and its log) per cell
+    logs = list((tmp_path / "slurm" / "logs").glob("*.log"))
+    assert len(logs) == 4  # one worker (and its log) per cell
+    # each task's fork server forked its workers: the second cell of a task starts in well under the ~2 s a fresh
+    # interpreter takes to import torch, and no worker fell back to one
+    starts = sorted(load_results(tmp_path / "slurm")["time_start_s"])
+    assert starts[1] < 1.0, starts
+    assert not any("starting a fresh worker instead" in p.read_text() for p in logs)
     local = cli("run", str(g), "--out", str(tmp_path / "local"), env=slurm, timeout=600)
     assert local.returncode == 0, local.stderr
     (cs, es), (cl, el) = rows(tmp_path / "slurm"), rows(tmp_path / "local")
