@@ -51,12 +51,12 @@ def trained_weights(out: Path | None, cell: Cell) -> dict[int, Path]:
             f"at epoch(s) {named} (save_weights_at)")
     if out is None:
         raise WeightsMissing(f"{want} are read from the results folder: run the cell through run_bench.py")
-    rows = load_results(out, "cells")
-    if rows.empty:
-        raise WeightsMissing(f"{want}: no cell is stored in {out}: run that train cell first")
     same = {"kind": "train", "status": "ok", "method": trainer, "arch": cell.arch, "dataset": cell.dataset,
             "T": cell.T, "seed": cell.seed, "neuron": cell.neuron, "train_subset": cell.train_subset,
             "arch_options": json.dumps(cell.arch_options, sort_keys=True)}
+    rows = load_results(out, "cells", columns=[*same, "key", "epochs"])
+    if rows.empty:
+        raise WeightsMissing(f"{want}: no cell is stored in {out}: run that train cell first")
     sel = rows
     for k, v in same.items():
         sel = sel[sel[k] == v] if k in sel else sel.iloc[0:0]

@@ -32,6 +32,7 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
 
 SCHEMA_VERSION = 2
@@ -429,9 +430,13 @@ def _isnull(v) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v)) or v is pd.NA
 
 
-def _read_file(p: Path, kind: str) -> pd.DataFrame | None:
+def _read_file(p: Path, kind: str, columns: tuple[str, ...] | None = None) -> pd.DataFrame | None:
     try:
-        df = pd.read_parquet(p)
+        if columns is not None:  # those of them the file has, read alone (the schema is in the file's footer)
+            have = set(pq.read_schema(p).names)
+            columns = tuple(c for c in dict.fromkeys((*REQUIRED[kind], "schema_version", "code_fingerprint", *columns))
+                            if c in have)
+        df = pd.read_parquet(p, columns=list(columns) if columns is not None else None)
     except Exception as e:  # a truncated or foreign file
         _warn(f"skipping unreadable results file {p}: {type(e).__name__}: {e}")
         return None
@@ -442,8 +447,8 @@ def _read_file(p: Path, kind: str) -> pd.DataFrame | None:
         return None
 
 
-def _read_folder(grid_dir: Path, kind: str) -> pd.DataFrame:
-    frames = [f for f in (_read_file(p, kind) for p in sorted((grid_dir / kind).glob("*.parquet")))
+def _read_folder(grid_dir: Path, kind: str, columns: tuple[str, ...] | None = None) -> pd.DataFrame:
+    frames = [f for f in (_read_file(p, kind, columns) for p in sorted((grid_dir / kind).glob("*.parquet")))
               if f is not None and not f.empty]
     frames = [f.dropna(axis=1, how="all") for f in frames]
     if not frames:
@@ -454,9 +459,11 @@ def _read_folder(grid_dir: Path, kind: str) -> pd.DataFrame:
     return df
 
 
-def load_results(path: str | Path, kind: str = "cells") -> pd.DataFrame:
+def load_results(path: str | Path, kind: str = "cells", columns: list[str] | None = None) -> pd.DataFrame:
     """One DataFrame of every stored ``kind`` row under ``path`` (a grid folder, or a folder of grid folders),
-    upgraded to the current schema. A file that cannot be used is skipped with a warning naming it.
+    upgraded to the current schema. A file that cannot be used is skipped with a warning naming it. ``columns``:
+    read only these (where a file has them) and those every row of the kind needs: for a caller that looks up a
+    few fields in many files (a fidelity cell looking for its train cell: 55 files in 0.1 s instead of 0.6 s).
 
     Cell rows get a ``stale`` column: True where the row was measured by other code than the folder's last
     run (its ``code_fingerprint`` differs from the one that run recorded, or it has none)."""
@@ -469,7 +476,8 @@ def load_results(path: str | Path, kind: str = "cells") -> pd.DataFrame:
         folders = sorted(p for p in path.iterdir() if (p / kind).is_dir())
     else:
         folders = []
-    frames = [f for f in (_read_folder(d, kind) for d in folders) if not f.empty]
+    cols = tuple(columns) if columns is not None else None
+    frames = [f for f in (_read_folder(d, kind, cols) for d in folders) if not f.empty]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 

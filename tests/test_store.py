@@ -134,3 +134,20 @@ def test_store_module_is_torch_free():
             "bad = [m for m in ('torch', 'bench', 'methods') if m in sys.modules]; print(bad); assert not bad")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_reading_some_columns_gives_what_reading_all_gives_for_them(tmp_path):
+    """load_results(columns=...) reads those columns of every file (a file without one of them: null there, as in
+    a full read), the ones a row needs, and the stale mark; the values are the full read's."""
+    from reports.results import load_results, write_cell
+
+    base = {"status": "ok", "method": "bptt_m", "arch": "mlp", "dataset": "digits", "kind": "train", "seed": 0,
+            "method_options": "{}", "code_fingerprint": "f"}
+    write_cell(tmp_path, "a", {**base, "key": "a", "T": 1, "epochs": 3, "acc_top1": 90.0})
+    write_cell(tmp_path, "b", {**base, "key": "b", "T": 2, "acc_top1": 80.0})  # written without "epochs"
+    full = load_results(tmp_path).set_index("key")
+    some = load_results(tmp_path, columns=["epochs", "kind"]).set_index("key")
+    assert "acc_top1" not in some and {"epochs", "kind", "status", "T", "stale"} <= set(some.columns)
+    for col in ("epochs", "kind", "status", "T", "stale"):
+        assert some[col].equals(full.loc[some.index, col]), col
+    assert some.loc["a", "epochs"] == 3 and pd.isna(some.loc["b", "epochs"])
