@@ -21,11 +21,27 @@ from .helpers import REPO, cli, landed, wait_for
 CELL = Cell(method="bptt_m", arch="cnn_digits", dataset="digits", T=4, epochs=3, batch_size=32, eval_batch_size=360)
 
 
-def run_worker(cell: Cell, out, signal_at: int | None = None, sig=signal.SIGTERM) -> dict:
-    """The real worker, as the launcher starts it; ``signal_at``: send ``sig`` once it reports that many steps."""
+def run_worker(cell: Cell, out, signal_at: int | None = None, sig=signal.SIGTERM, signal_when=None) -> dict:
+    """The real worker, as the launcher starts it; ``signal_at``: send ``sig`` once it reports that many steps (its
+    reports come every 0.2 s); ``signal_when``: send it the moment that function holds (asked every 5 ms beside the
+    worker), for a moment finer than the reports."""
+    import threading
+    import time
+
     cmd = [sys.executable, "-m", "bench.worker", "--out", str(out), "--cell", json.dumps(cell.config())]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO)
     status, sent = {}, None
+    if signal_when is not None:
+        def watch() -> None:
+            nonlocal sent
+            while proc.poll() is None:
+                if signal_when():
+                    proc.send_signal(sig)
+                    sent = {"when": "signal_when"}
+                    return
+                time.sleep(0.005)
+
+        threading.Thread(target=watch, daemon=True).start()
     for line in proc.stdout:
         if line.startswith("@snnbench-progress "):
             msg = json.loads(line.split(" ", 1)[1])
@@ -97,8 +113,14 @@ def test_timed_checkpoints_inside_an_epoch_and_kept_weights(tmp_path, reference)
     save_weights_at keeps the weights after the chosen epochs (the checkpoint itself goes when the cell ends)."""
     cell = Cell(**{**CELL.config(), "checkpoint_minutes": 0.001, "save_weights_at": (1, 3)})
     assert cell.key == CELL.key  # neither changes the result, so neither is in the key
-    st = run_worker(cell, tmp_path, signal_at=45 + 20, sig=signal.SIGKILL)
-    assert st["sent_at"]["epoch"] == 2
+    ckpt = CellCheckpoint(tmp_path, cell.key)
+
+    def inside_epoch_2() -> bool:  # a timed checkpoint inside epoch 2 is on disk (not the one at epoch 1's end)
+        state = ckpt.load()
+        return state is not None and state["epoch"] == 2 and state["batch"] > 0
+
+    st = run_worker(cell, tmp_path, sig=signal.SIGKILL, signal_when=inside_epoch_2)
+    assert st["rc"] == -signal.SIGKILL and st["sent_at"] is not None
     state = CellCheckpoint(tmp_path, cell.key).load()
     assert state["epoch"] == 2 and state["batch"] > 0  # written inside epoch 2
     assert run_worker(cell, tmp_path)["status"] == "ok"
