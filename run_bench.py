@@ -36,24 +36,11 @@ PREEMPTED_EXIT = 75  # EX_TEMPFAIL: cells were preempted or left; the same comma
 
 
 def cmd_run(a) -> int:
-    from bench import forkserver
-
-    # the workers' fork server imports torch and the harness while this process reads the grid (on another core);
-    # main() starts it before it parses the command line where it can tell a run from the words
-    server = getattr(a, "fork_server", None)
-    own = server is None and not (a.in_process or a.slurm) and forkserver.available()
-    if own:
-        server = forkserver.ForkServer().start()
-    try:
-        return _run(a, server if not (a.in_process or a.slurm) else None)
-    finally:
-        if own:
-            server.close()
-
-
-def _run(a, server) -> int:
     from bench.launch import prepare_run, run_grid
 
+    # main() started the workers' fork server before it built the parser, where the words say this is a run in
+    # fresh workers; run_grid starts one itself where none was given
+    server = getattr(a, "fork_server", None)
     name, cells, out, spec = prepare_run(a.grid, a.filter, a.set, a.device, a.data_root, a.out)
     launcher = "inprocess" if a.in_process else ("slurm" if a.slurm else "subprocess")
     slurm = None

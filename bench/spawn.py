@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from reports.results import load_results, write_cell
+from reports.results import load_results
 
 from . import REPO
 from .cell import Cell
@@ -27,13 +27,6 @@ from .forkserver import ForkServer, ServedProcess, set_pdeathsig
 
 PROGRESS_PREFIX = "@snnbench-progress "  # a worker's stdout line that carries progress, and at last its status
 STORE_FAILED_EXIT = 3  # the worker's exit code when it could not store its row
-
-
-def store(out: Path, cell: Cell, row: dict, epochs=None, samples=None, details=None) -> None:
-    try:
-        write_cell(out, cell.key, row, epochs, samples, details)
-    except OSError as e:
-        raise StoreFailed(f"cannot store the result of {cell.label} in {out}: {e}") from None
 
 
 def run_in_subprocess(cell: Cell, out: Path, data_root: str | None, on_progress: Callable[[dict], None],
@@ -83,14 +76,14 @@ def run_in_subprocess(cell: Cell, out: Path, data_root: str | None, on_progress:
     if stopping():
         return "preempted", f"the worker was stopped (exit {rc}) before it could store a row; its last checkpoint stands"
     # the worker died before it could store its row: store one for it
-    from .rows import failure_row
+    from .rows import Result, failure_row, store_result
 
     tail = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
     if rc == -signal.SIGKILL:
         st, msg = "oom", f"worker killed by SIGKILL (most likely the out-of-memory killer); log tail:\n{tail}"
     else:
         st, msg = "error", f"worker exited with code {rc} without storing a result; log tail:\n{tail}"
-    store(out, cell, failure_row(cell, st, msg))
+    store_result(out, cell, Result(failure_row(cell, st, msg)))
     return st, msg
 
 
