@@ -5,6 +5,8 @@
     python run_bench.py run GRID [--filter method=rate_m,bptt_m --filter T=1,2,4] [--set epochs=3]
                                  [--data-root DIR] [--out DIR] [--gpus all|0,1 | --jobs N]
                                  [--in-process | --slurm [--detach]]
+    python run_bench.py plan GRID [--filter ...] [--set ...] [--device DEV] [--out DIR] [--memory-mib M]
+                                              # predicted time, memory and energy of every cell, before it runs
     python run_bench.py list                  # methods, architectures, datasets, grids
     python run_bench.py check --baseline B --results R [--tolerance METRIC=PCT] [--invariants R] [--report FILE]
     python run_bench.py baseline R OUT.parquet  # record R's cells as a baseline, on purpose
@@ -45,7 +47,7 @@ def cmd_run(a) -> int:
     launcher = "inprocess" if a.in_process else ("slurm" if a.slurm else "subprocess")
     slurm = None
     if a.slurm:
-        from bench.slurm import SlurmSettings, parse_slurm_sets
+        from bench.slurm import AUTO, SlurmSettings, parse_slurm_sets
 
         sets = parse_slurm_sets(a.slurm_set)
         for flag, key in (("slurm_partition", "partition"), ("slurm_timeout_min", "timeout_min"),
@@ -53,6 +55,10 @@ def cmd_run(a) -> int:
             if getattr(a, flag, None) is not None:
                 sets[key] = getattr(a, flag)
         slurm = SlurmSettings.make(spec.get("slurm"), sets, cells)
+        if AUTO in (slurm.timeout_min, slurm.cells_per_task):  # sized from the folder's plan: checked before all
+            from bench.plan import predicted_seconds
+
+            slurm.predicted = predicted_seconds(out, cells)
     elif a.detach or a.slurm_set:
         from bench.errors import UsageError
 
@@ -111,6 +117,21 @@ def summarize(out: Path) -> None:
     cols = ident + [m.name for m in METRICS if m.summary and m.name in df and df[m.name].notna().any()]
     view = df[cols].sort_values(["method", "arch", "dataset", "T", "seed"] + (["kind"] if several else []))
     print(tabulate(view, headers="keys", tablefmt="github", showindex=False, floatfmt=".2f", missingval="-"))
+
+
+def cmd_plan(a) -> int:
+    from bench.launch import prepare_run
+    from bench.plan import make_plan, render_plan
+
+    name, cells, out, spec = prepare_run(a.grid, a.filter, a.set, a.device, a.data_root, a.out, need_data=False)
+    if a.memory_mib is not None and a.memory_mib <= 0:
+        from bench.errors import UsageError
+
+        raise UsageError(f"--memory-mib must be > 0, got {a.memory_mib}")
+    print(f"grid {name}: planning {len(cells)} cell(s) -> {out / 'plan.parquet'}", file=sys.stderr)
+    df = make_plan(cells, out, spec, a.memory_mib, server=getattr(a, "fork_server", None))
+    print(render_plan(df, a.top))
+    return 0
 
 
 def cmd_status(a) -> int:
@@ -264,6 +285,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --slurm: return once the jobs are submitted (`status DIR` follows them)")
     r.add_argument("--poll-s", type=float, default=POLL_S,
                    help=f"with --slurm: how often to look at the queue, in seconds (default {POLL_S:g})")
+    pl = sub.add_parser("plan", help="predict a grid's time, memory and energy from short probes, before it runs")
+    pl.add_argument("grid")
+    pl.add_argument("--filter", action="append", default=[], metavar="FIELD=V1,V2", help="keep cells whose FIELD is one of the values")
+    pl.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a field of every cell")
+    pl.add_argument("--device", help="cpu, cuda, cuda:N, or auto: the device the grid will run on (probed here)")
+    pl.add_argument("--data-root", help="accepted as run's; a plan reads no dataset file (sizes come from the registry)")
+    pl.add_argument("--out", help="results folder: its cells stored ok count as measured; plan.parquet goes there "
+                                  "(default results/<grid>)")
+    pl.add_argument("--memory-mib", type=float, metavar="MIB", help="the memory a cell may use (default: the GPU's; "
+                    "on a CPU this machine's, the cgroup's or the grid's [slurm] mem_gb, whichever is least)")
+    pl.add_argument("--top", type=int, default=30, metavar="N", help="rows of the printed table (0: all)")
     rp = sub.add_parser("report", help="figures, tables, summary.md and index.html of a results folder")
     rp.add_argument("dir")
     rp.add_argument("--out", help="report folder (default DIR/report)")
@@ -326,7 +358,7 @@ def _early_fork_server(argv: list[str]):
     from bench import forkserver
 
     words = [w for w in argv if not w.startswith("-")]
-    if (words[:1] not in (["run"], [])) or {"--in-process", "--slurm", "-h", "--help"} & set(argv) \
+    if (words[:1] not in (["run"], ["plan"], [])) or {"--in-process", "--slurm", "-h", "--help"} & set(argv) \
             or not forkserver.available():
         return None
     return forkserver.ForkServer().start()
@@ -354,6 +386,8 @@ def _main(argv: list[str] | None, server) -> int:
     try:
         if args.cmd == "run":
             return cmd_run(args)
+        if args.cmd == "plan":
+            return cmd_plan(args)
         if args.cmd == "report":
             return cmd_report(args)
         if args.cmd == "list":

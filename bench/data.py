@@ -24,7 +24,7 @@ def dataset_info(name: str) -> DatasetInfo:
         base = name.split(":", 1)[1]
         if base in DATASETS:
             s = DATASETS[base]
-            return DatasetInfo(name, s.shape, s.num_classes, s.events, f"random input of {base}'s shape")
+            return DatasetInfo(name, s.shape, s.num_classes, s.events, f"random input of {base}'s shape", sizes=s.sizes)
     elif name in DATASETS:
         return DATASETS[name]
     raise UsageError(f"unknown dataset {name!r}; valid: {', '.join(dataset_names())}")

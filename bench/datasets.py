@@ -64,6 +64,7 @@ class DatasetInfo:
     open: Callable | None = None  # (folder, T, encoding) -> (train Dataset, test Dataset, collate or None)
     listing: Callable | None = None  # event data: folder -> recordings by split (raises when a class has none)
     arrays: Callable | None = None  # in-memory data: () -> (x_train, y_train, x_test, y_test)
+    sizes: tuple[int, int] = (0, 0)  # (train, test) samples of the whole set: what a plan counts steps from
 
 
 DATASETS: dict[str, DatasetInfo] = {}  # the registry: filled by the register() calls below, one per dataset
@@ -120,7 +121,7 @@ def _digits_cache_path():
     return root / f"digits_split_sklearn{v}.npz"
 
 
-register(DatasetInfo("digits", (1, 8, 8), 10, description="scikit-learn's 8x8 digits, shipped with the package",
+register(DatasetInfo("digits", (1, 8, 8), 10, sizes=(1437, 360), description="scikit-learn's 8x8 digits, shipped with the package",
                      arrays=load_digits_split))
 TORONTO = "https://www.cs.toronto.edu/~kriz/cifar.html"
 
@@ -406,7 +407,7 @@ def open_cifar10(folder: Path, T: int = 1, encoding: str = "frames"):
     return ArrayImages(*train, cifar_transforms("cifar10", True)), ArrayImages(*test, cifar_transforms("cifar10", False)), None
 
 
-register(DatasetInfo("cifar10", (3, 32, 32), 10, folder="cifar-10-batches-py",
+register(DatasetInfo("cifar10", (3, 32, 32), 10, sizes=(50000, 10000), folder="cifar-10-batches-py",
                      expected=tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",),
                      how_to_get=f"the CIFAR-10 python version (cifar-10-python.tar.gz from {TORONTO}, "
                                 "or torchvision.datasets.CIFAR10(root, download=True))", open=open_cifar10))
@@ -419,7 +420,7 @@ def open_cifar100(folder: Path, T: int = 1, encoding: str = "frames"):
             None)
 
 
-register(DatasetInfo("cifar100", (3, 32, 32), 100, folder="cifar-100-python", expected=("train", "test"),
+register(DatasetInfo("cifar100", (3, 32, 32), 100, sizes=(50000, 10000), folder="cifar-100-python", expected=("train", "test"),
                      how_to_get=f"the CIFAR-100 python version (cifar-100-python.tar.gz from {TORONTO}, "
                                 "or torchvision.datasets.CIFAR100(root, download=True))", open=open_cifar100))
 
@@ -433,7 +434,7 @@ def open_mnist(folder: Path, T: int = 1, encoding: str = "frames"):
     return (*(datasets.MNIST(root, train=tr, download=False, transform=tv.ToTensor()) for tr in (True, False)), None)
 
 
-register(DatasetInfo("mnist", (1, 28, 28), 10, folder="MNIST/raw",
+register(DatasetInfo("mnist", (1, 28, 28), 10, sizes=(60000, 10000), folder="MNIST/raw",
                      expected=("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
                                "t10k-labels-idx1-ubyte"),
                      how_to_get="the MNIST IDX files, uncompressed (torchvision.datasets.MNIST(root, download=True) "
@@ -448,7 +449,7 @@ def open_imagenet(folder: Path, T: int = 1, encoding: str = "frames"):
               for sub, tr in (("train", True), ("val", False))), None)
 
 
-register(DatasetInfo("imagenet", (3, 224, 224), 1000, folder="imagenet", expected=("train", "val"),
+register(DatasetInfo("imagenet", (3, 224, 224), 1000, sizes=(1281167, 50000), folder="imagenet", expected=("train", "val"),
                      how_to_get="ILSVRC-2012 as an ImageFolder tree: train/<wnid>/*.JPEG and val/<wnid>/*.JPEG (val "
                                 "sorted into class folders, e.g. with the valprep.sh script)", open=open_imagenet))
 
@@ -461,7 +462,7 @@ def open_cifar10_dvs(folder: Path, T: int = 10, encoding: str = "frames"):
             EventFolder(splits[False], read_cifar10_dvs, to_frames, 48, name="cifar10_dvs-test"), time_major)
 
 
-register(DatasetInfo("cifar10_dvs", (2, 48, 48), 10, events=True, folder="CIFAR10-DVS", expected=CIFAR10_CLASSES,
+register(DatasetInfo("cifar10_dvs", (2, 48, 48), 10, sizes=(9000, 1000), events=True, folder="CIFAR10-DVS", expected=CIFAR10_CLASSES,
                      how_to_get="the ten class zips of CIFAR10-DVS (https://figshare.com/articles/dataset/CIFAR10-DVS_New/"
                                 "4724671, airplane.zip ... truck.zip), each extracted to <class>/cifar10_<class>_<i>.aedat",
                      open=open_cifar10_dvs, listing=cifar10_dvs_files))
@@ -475,7 +476,7 @@ def open_nmnist(folder: Path, T: int = 10, encoding: str = "frames"):
             EventFolder(splits[False], read_nmnist, to_frames, name="nmnist-test"), time_major)
 
 
-register(DatasetInfo("nmnist", (2, 34, 34), 10, events=True, folder="NMNIST", expected=("Train", "Test"),
+register(DatasetInfo("nmnist", (2, 34, 34), 10, sizes=(60000, 10000), events=True, folder="NMNIST", expected=("Train", "Test"),
                      how_to_get="N-MNIST's Train.zip and Test.zip (https://www.garrickorchard.com/datasets/n-mnist), "
                                 "extracted to Train/<digit>/*.bin and Test/<digit>/*.bin",
                      open=open_nmnist, listing=nmnist_files))

@@ -399,6 +399,7 @@ def _run_on_slurm(todo: list[Cell], out: Path, data_root, settings, outcome: Gri
         ids = [r["job_id"] for r in records]
         stream.write(f"submitted {len(todo)} cell(s) as {len(records)} Slurm task(s): {ids[0]}"
                      + (f" .. {ids[-1]}" if len(ids) > 1 else "") + f"; job ids in {out / 'slurm' / 'jobs.json'}\n")
+        stream.write(_say_limits(records, settings))
     if detach:
         stream.write(f"detached: `run_bench.py status {out}` shows their progress\n")
         return
@@ -406,6 +407,23 @@ def _run_on_slurm(todo: list[Cell], out: Path, data_root, settings, outcome: Gri
     earlier = {id(latest[c.key]): latest[c.key] for c in outcome.queued}
     watched = {c.key: c for c in todo + outcome.queued}
     outcome.ran.extend(wait(records + list(earlier.values()), watched, out, stream, poll_s))
+
+
+def _say_limits(records: list[dict], settings) -> str:
+    """The tasks' time limits, and where they come from when the plan sized them."""
+    from collections import Counter
+
+    from .slurm import AUTO, AUTO_MARGIN, AUTO_SLACK_MIN
+
+    limits = Counter(r.get("timeout_min") for r in records)
+    text = "task time limit(s): " + ", ".join(f"{m} min x{n}" for m, n in sorted(limits.items()))
+    if settings.timeout_min == AUTO:
+        text += (f" (timeout_min=auto: each task's predicted time + {AUTO_MARGIN:.0%}, + the {settings.signal_delay_s} s "
+                 f"signal lead, + {AUTO_SLACK_MIN} min, at most the partition's limit)")
+    if settings.cells_per_task == AUTO:
+        sizes = [len(r["cells"]) for r in records]
+        text += f"; cells_per_task=auto: {min(sizes)}-{max(sizes)} cell(s) per task of about {settings.target_task_min:g} min"
+    return text + "\n"
 
 
 # ---------------------------------------------------------------- before a grid runs: every bad input, exit 2
@@ -455,10 +473,10 @@ class PreparedRun(NamedTuple):
 
 
 def prepare_run(grid: str, filters: list[str], sets: list[str], device: str | None, data_root: str | None,
-                out: str | None) -> PreparedRun:
+                out: str | None, need_data: bool = True) -> PreparedRun:
     """(grid name, cells, results folder, grid spec) of a run, after every check a user's input can fail: the
-    grid, the values, the devices, the data folders and the results folder. Raises UsageError, before any cell
-    runs."""
+    grid, the values, the devices, the data folders (unless ``need_data`` is False: a plan reads none) and the
+    results folder. Raises UsageError, before any cell runs."""
     from .data import check_dataset, dataset_info
     from .grid import expand, load_grid, parse_filters, parse_sets
 
@@ -470,7 +488,7 @@ def prepare_run(grid: str, filters: list[str], sets: list[str], device: str | No
     if not cells:
         raise UsageError(f"grid {name!r} has no cells left after the filters")
     check_devices(cells)
-    for ds in sorted({c.dataset for c in cells}):  # missing data: one message before any cell runs
+    for ds in sorted({c.dataset for c in cells}) if need_data else ():  # missing data: one message before any cell runs
         if dataset_info(ds).folder is not None:
             check_dataset(ds, data_root)
     # absolute: a Slurm task (and a worker) may run in another folder than the one the command was typed in

@@ -9,8 +9,11 @@ A grid's ``[slurm]`` table (and ``--slurm-set KEY=VALUE``) sets the resources of
     cpus_per_task = 8          # default: 8 per GPU (loader workers), 2 per rank for CPU cells
     mem_gb = 64                # default: the partition's
     timeout_min = 240          # each task's time limit; a cell that needs longer is requeued and resumes
+                               # "auto": the task's predicted time (plan.parquet) plus a margin, capped by the partition's
     array_parallelism = 16     # tasks running at once
     cells_per_task = 1         # small cells: several per task, each still in a fresh process
+                               # "auto": cells packed into tasks of about target_task_min predicted minutes
+    target_task_min = 60       # cells_per_task = "auto": the length a task is packed to
     signal_delay_s = 120       # USR2 this long before the time limit: the cell checkpoints and the task requeues
     max_requeues = 100         # time-limit requeues per task (preemptions do not count)
     additional = { qos = "normal" }   # any other sbatch option
@@ -35,6 +38,7 @@ cell that is pending or running) and ``status`` read.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
 import shutil
@@ -57,15 +61,24 @@ ACTIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEU
           "SUSPENDED", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD"}
 
 
+AUTO = "auto"  # timeout_min and cells_per_task: sized from the results folder's plan (bench/plan.py)
+AUTO_SETTINGS = ("timeout_min", "cells_per_task")
+# timeout_min=auto: a task's limit is its predicted time plus this share, plus the warning signal's lead and
+# AUTO_SLACK_MIN minutes (the task's own start, a slower node), capped by the partition's limit
+AUTO_MARGIN = 0.25
+AUTO_SLACK_MIN = 2
+
+
 @dataclass
 class SlurmSettings:
     partition: str | None = None
     gpus_per_node: int | None = None
     cpus_per_task: int | None = None
     mem_gb: float | None = None
-    timeout_min: int = 240
+    timeout_min: int | str = 240  # or AUTO
     array_parallelism: int = 256
-    cells_per_task: int = 1
+    cells_per_task: int | str = 1  # or AUTO
+    target_task_min: float = 60.0
     signal_delay_s: int = 120
     max_requeues: int = 100
     additional: dict = field(default_factory=dict)
@@ -118,9 +131,11 @@ class SlurmSettings:
 
 
 def _coerce(k: str, v, source: str):
+    if k in AUTO_SETTINGS and v == AUTO:
+        return AUTO
     want = {"partition": str, "gpus_per_node": int, "cpus_per_task": int, "mem_gb": float, "timeout_min": int,
             "array_parallelism": int, "cells_per_task": int, "signal_delay_s": int, "max_requeues": int,
-            "additional": dict}[k]
+            "additional": dict, "target_task_min": float}[k]
     try:
         if want is dict:
             v = json.loads(v) if isinstance(v, str) else v
@@ -131,9 +146,10 @@ def _coerce(k: str, v, source: str):
             return str(v)
         v = want(v)
     except (TypeError, ValueError):
-        raise UsageError(f"{source}: Slurm setting {k} must be {'a table' if want is dict else want.__name__}, "
-                         f"got {v!r}") from None
-    minimum = {"gpus_per_node": 0, "mem_gb": 0.01, "signal_delay_s": 0, "max_requeues": 0}.get(k, 1)
+        what = "a table" if want is dict else want.__name__ + (f" or {AUTO!r}" if k in AUTO_SETTINGS else "")
+        raise UsageError(f"{source}: Slurm setting {k} must be {what}, got {v!r}") from None
+    minimum = {"gpus_per_node": 0, "mem_gb": 0.01, "signal_delay_s": 0, "max_requeues": 0,
+               "target_task_min": 0.01}.get(k, 1)
     if v < minimum:
         raise UsageError(f"{source}: Slurm setting {k} must be >= {minimum}, got {v!r}")
     return v
@@ -266,32 +282,117 @@ def submit(cells: list[Cell], out: Path, data_root: str | None, settings: SlurmS
     records = []
     now = time.time()
     gpu = any(c.device.startswith("cuda") for c in cells)
+    predicted = getattr(settings, "predicted", None)  # key -> seconds, from the plan (an AUTO setting)
+    if predicted is None and AUTO in (settings.timeout_min, settings.cells_per_task):
+        raise UsageError("timeout_min=auto and cells_per_task=auto need the cells' predicted times (plan.parquet)")
+    cap = partition_limit_min(settings.partition) if settings.timeout_min == AUTO else None
     before: list[str] = []  # the arrays of the phases before: a later phase's arrays start after they end
     for phase in run_phases(cells):
         arrays = []
         for devices in sorted({c.devices for c in phase}):  # one array per devices count: a task asks what it needs
             mine = [c for c in phase if c.devices == devices]
-            ex = submitit.AutoExecutor(folder=str(out / "slurm" / "%j"), cluster="slurm",
-                                       slurm_max_num_timeout=settings.max_requeues,
-                                       slurm_python=f"{shlex.quote(sys.executable)} -u -m bench.slurm_boot")
-            params = settings.for_devices(devices, gpu).executor_parameters()
-            if before:
-                params["slurm_additional_parameters"] = {**params.get("slurm_additional_parameters", {}),
-                                                         "dependency": "afterany:" + ":".join(before)}
-            ex.update_parameters(name=f"snnbench-{cells[0].grid or 'grid'}", **params)
-            k = settings.cells_per_task
-            groups = [mine[i:i + k] for i in range(0, len(mine), k)]
-            try:
-                jobs = ex.map_array(SlurmTask(str(Path(out).absolute()), data_root and str(Path(data_root).absolute())), [[c.config() for c in g] for g in groups])
-            except (subprocess.CalledProcessError, submitit.core.utils.FailedJobError) as e:
-                msg = getattr(e, "stderr", None) or getattr(e, "output", None) or str(e)
-                msg = msg.decode(errors="replace") if isinstance(msg, bytes) else str(msg)
-                raise UsageError(f"sbatch refused the job array: {msg.strip().splitlines()[-1] if msg.strip() else e}") from None
-            records += [{"job_id": str(j.job_id), "cells": [c.key for c in g], "submitted": now} for j, g in zip(jobs, groups)]
-            arrays += sorted({str(j.job_id).split("_")[0] for j in jobs})
+            groups = task_groups(mine, settings, predicted)
+            by_limit: dict[int, list[list[Cell]]] = {}  # one array per time limit: an array's tasks share theirs
+            for g in groups:
+                by_limit.setdefault(task_limit(g, settings, predicted, cap), []).append(g)
+            for limit, gs in sorted(by_limit.items()):
+                ex = submitit.AutoExecutor(folder=str(out / "slurm" / "%j"), cluster="slurm",
+                                           slurm_max_num_timeout=settings.max_requeues,
+                                           slurm_python=f"{shlex.quote(sys.executable)} -u -m bench.slurm_boot")
+                params = settings.for_devices(devices, gpu).executor_parameters()
+                params["timeout_min"] = limit
+                if before:
+                    params["slurm_additional_parameters"] = {**params.get("slurm_additional_parameters", {}),
+                                                             "dependency": "afterany:" + ":".join(before)}
+                ex.update_parameters(name=f"snnbench-{cells[0].grid or 'grid'}", **params)
+                try:
+                    jobs = ex.map_array(SlurmTask(str(Path(out).absolute()), data_root and str(Path(data_root).absolute())),
+                                        [[c.config() for c in g] for g in gs])
+                except (subprocess.CalledProcessError, submitit.core.utils.FailedJobError) as e:
+                    msg = getattr(e, "stderr", None) or getattr(e, "output", None) or str(e)
+                    msg = msg.decode(errors="replace") if isinstance(msg, bytes) else str(msg)
+                    raise UsageError(f"sbatch refused the job array: {msg.strip().splitlines()[-1] if msg.strip() else e}") from None
+                for j, g in zip(jobs, gs):
+                    rec = {"job_id": str(j.job_id), "cells": [c.key for c in g], "submitted": now, "timeout_min": limit}
+                    if predicted is not None:
+                        rec["predicted_s"] = sum(predicted[c.key] for c in g)
+                    records.append(rec)
+                arrays += sorted({str(j.job_id).split("_")[0] for j in jobs})
         before += arrays
     write_atomic(out / JOBS, lambda f: f.write(json.dumps(read_jobs(out) + records, indent=1).encode()))
     return records
+
+
+def task_groups(cells: list[Cell], settings: SlurmSettings, predicted: dict[str, float] | None) -> list[list[Cell]]:
+    """The cells of each task: ``cells_per_task`` at a time, or with AUTO, in the grid's order, as many as fit in
+    ``target_task_min`` predicted minutes (a cell longer than that alone)."""
+    if settings.cells_per_task != AUTO:
+        k = int(settings.cells_per_task)
+        return [cells[i:i + k] for i in range(0, len(cells), k)]
+    target = settings.target_task_min * 60.0
+    groups: list[list[Cell]] = []
+    total = 0.0
+    for c in cells:
+        s = predicted[c.key]
+        if groups and total + s <= target:
+            groups[-1].append(c)
+            total += s
+        else:
+            groups.append([c])
+            total = s
+    return groups
+
+
+def auto_timeout_min(predicted_s: float, signal_delay_s: float, cap_min: int | None = None) -> int:
+    """A task's time limit from its predicted seconds: plus ``AUTO_MARGIN`` of them, the warning signal's lead and
+    ``AUTO_SLACK_MIN``, in whole minutes, at most ``cap_min`` (the partition's limit)."""
+    limit = math.ceil((predicted_s * (1.0 + AUTO_MARGIN) + signal_delay_s) / 60.0) + AUTO_SLACK_MIN
+    return min(limit, cap_min) if cap_min else limit
+
+
+def task_limit(group: list[Cell], settings: SlurmSettings, predicted: dict[str, float] | None,
+               cap_min: int | None) -> int:
+    if settings.timeout_min != AUTO:
+        return int(settings.timeout_min)
+    return auto_timeout_min(sum(predicted[c.key] for c in group), settings.signal_delay_s, cap_min)
+
+
+def parse_slurm_time(text: str) -> int | None:
+    """Minutes of a Slurm time limit ("UNLIMITED", "infinite", "D-HH:MM:SS", "HH:MM:SS", "MM:SS", "MM"), None for
+    none."""
+    text = text.strip()
+    if not text or text.upper() in ("UNLIMITED", "INFINITE", "N/A", "NONE"):
+        return None
+    days = 0
+    if "-" in text:
+        d, text = text.split("-", 1)
+        days = int(d)
+    parts = [int(x) for x in text.split(":")]
+    if len(parts) == 3:
+        h, m, sec = parts
+    elif len(parts) == 2:
+        h, m, sec = (parts[0], parts[1], 0) if days else (0, parts[0], parts[1])
+    else:
+        h, m, sec = (parts[0], 0, 0) if days else (0, parts[0], 0)
+    return days * 1440 + h * 60 + m + (1 if sec else 0)
+
+
+def partition_limit_min(partition: str | None) -> int | None:
+    """The time limit of ``partition`` (or of the default one) in minutes, as ``sinfo`` states it; None for none
+    or where sinfo cannot say."""
+    try:
+        text = subprocess.run(["sinfo", "-h", "-o", "%P %l"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in text.splitlines():
+        name, _, limit = line.strip().partition(" ")
+        default = name.endswith("*")
+        if (partition and name.rstrip("*") == partition) or (not partition and default):
+            try:
+                return parse_slurm_time(limit)
+            except ValueError:
+                return None
+    return None
 
 
 def read_jobs(out: Path) -> list[dict]:

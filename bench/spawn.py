@@ -44,8 +44,7 @@ def run_in_subprocess(cell: Cell, out: Path, data_root: str | None, on_progress:
         args += ["--data-root", str(data_root)]
     if concurrent > 1:
         args += ["--concurrent", str(concurrent)]
-    env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
-    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env = worker_env(env)
     status: dict = {}
     try:
         logs.mkdir(parents=True, exist_ok=True)
@@ -53,7 +52,7 @@ def run_in_subprocess(cell: Cell, out: Path, data_root: str | None, on_progress:
             if log.tell():
                 log.write(f"\n--- run again at {time.strftime('%Y-%m-%dT%H:%M:%S%z')} ---\n")
                 log.flush()
-            proc = _start_worker(args + ["--requested-at", repr(time.time())], env, log, server)
+            proc = start_worker(args + ["--requested-at", repr(time.time())], env, log, server)
             if on_start:
                 on_start(proc)
             assert proc.stdout is not None
@@ -87,17 +86,25 @@ def run_in_subprocess(cell: Cell, out: Path, data_root: str | None, on_progress:
     return st, msg
 
 
-def _start_worker(args: list[str], env: dict, log, server: ForkServer | None) -> subprocess.Popen | ServedProcess:
-    """``python -m bench.worker ARGS``: forked by ``server`` where it can, else started afresh (a server that cannot
-    fork it says why in the cell's log)."""
+def worker_env(extra: dict | None = None) -> dict:
+    """A worker's environment: this process's, with ``extra``, unbuffered output and this tree first on the path."""
+    env = {**os.environ, **(extra or {}), "PYTHONUNBUFFERED": "1"}
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def start_worker(args: list[str], env: dict, log, server: ForkServer | None,
+                  module: str = "bench.worker") -> subprocess.Popen | ServedProcess:
+    """``python -m MODULE ARGS`` (a cell's worker, or a plan's probe): forked by ``server`` where it can, else
+    started afresh (a server that cannot fork it says why in the log)."""
     if server is not None and server.can_serve(env):
         try:
-            return server.spawn(module="bench.worker", argv=args, env=env, cwd=REPO, stdin=subprocess.DEVNULL,
+            return server.spawn(module=module, argv=args, env=env, cwd=REPO, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=log, stop=True)
         except RuntimeError as e:
             log.write(f"{e}\nstarting a fresh worker instead\n")
             log.flush()
-    return subprocess.Popen([sys.executable, "-m", "bench.worker", *args], stdout=subprocess.PIPE, stderr=log,
+    return subprocess.Popen([sys.executable, "-m", module, *args], stdout=subprocess.PIPE, stderr=log,
                             text=True, cwd=REPO, env=env, preexec_fn=set_pdeathsig if sys.platform.startswith("linux") else None)
 
 

@@ -131,3 +131,60 @@ def harness_share(cells: pd.DataFrame) -> dict | None:
         return None
     return {"steps": float(parts["steps"].sum()) / total, "start": float(parts["start"].sum()) / total,
             "total_s": total, "cells": len(parts)}
+
+
+PLAN_FILE = "plan.parquet"  # a results folder's plan (bench/plan.py writes it; read here without bench)
+
+
+def read_plan(folder) -> pd.DataFrame | None:
+    """A results folder's plan.parquet, or None where there is none or it cannot be read."""
+    from pathlib import Path
+
+    path = Path(folder) / PLAN_FILE
+    if not path.is_file():
+        return None
+    try:
+        return pd.read_parquet(path)
+    except Exception:
+        return None
+
+
+def plan_vs_measured(plan: pd.DataFrame | None, cells: pd.DataFrame) -> pd.DataFrame | None:
+    """Each cell the plan predicted and a run measured ok (not counted as measured by the plan itself): predicted
+    and measured wall time, step time, bytes saved for backward and peak memory, and the errors in percent of the
+    measured ((predicted - measured) / measured). None where no cell is in both."""
+    if plan is None or plan.empty or cells.empty or "predicted_cell_wall_s" not in plan:
+        return None
+    p = plan[plan["source"] == "probed"]
+    m = cells[cells["status"] == "ok"].drop_duplicates("key", keep="last")
+    d = p.merge(m, on="key", suffixes=("_plan", ""))
+    if d.empty:
+        return None
+    out = pd.DataFrame({"key": d["key"], "cell": [f"{r.kind} {r.label}" for r in d.itertuples()],
+                        "memory_column": d["memory_column"]})
+    pairs = {"wall_s": ("predicted_cell_wall_s", "cell_wall_s"),
+             "step_ms": ("predicted_step_time_ms_median", "step_time_ms_median"),
+             "saved_mib": ("predicted_saved_for_backward_mib", "saved_for_backward_mib")}
+    for name, (pc, mc) in pairs.items():
+        pred = pd.to_numeric(d[pc], errors="coerce") if pc in d else pd.Series(float("nan"), index=d.index)
+        meas = pd.to_numeric(d[mc], errors="coerce") if mc in d else pd.Series(float("nan"), index=d.index)
+        out[f"predicted_{name}"], out[f"measured_{name}"] = pred.to_numpy(), meas.to_numpy()
+        out[f"error_{name}_pct"] = (100.0 * (pred - meas) / meas).to_numpy()
+    mem_pred, mem_meas = [], []
+    for _, r in d.iterrows():  # each cell's own device's column
+        col = r["memory_column"]
+        mem_pred.append(r.get(f"predicted_{col}"))
+        mem_meas.append(r.get(col))
+    out["predicted_memory_mib"] = pd.to_numeric(pd.Series(mem_pred), errors="coerce").to_numpy()
+    out["measured_memory_mib"] = pd.to_numeric(pd.Series(mem_meas), errors="coerce").to_numpy()
+    out["error_memory_pct"] = 100.0 * (out["predicted_memory_mib"] - out["measured_memory_mib"]) / out["measured_memory_mib"]
+    return out.sort_values("measured_wall_s", ascending=False).reset_index(drop=True)
+
+
+def plan_error_summary(cmp: pd.DataFrame) -> dict:
+    """The median and the largest absolute error (percent) of each predicted quantity over the cells."""
+    out = {"cells": len(cmp)}
+    for name in ("wall_s", "step_ms", "saved_mib", "memory"):
+        e = cmp[f"error_{name}_pct"].abs().dropna()
+        out[name] = (float(e.median()), float(e.max())) if len(e) else (None, None)
+    return out

@@ -34,7 +34,7 @@ FULL_WIDTH, COLUMN_WIDTH = 7.0, 3.4  # inches: a two-column paper's text width a
 # the report's sections, in order: key -> title
 SECTIONS = {"cost": "Accuracy and training cost", "fidelity": "Gradient fidelity",
             "memory": "Where the memory goes", "behaviour": "Behaviour over time steps",
-            "harness": "Where a cell's time goes"}
+            "harness": "Where a cell's time goes", "plan": "Plan against measurement"}
 
 # name -> (function, the frames it takes after the cells, its section); filled by @figure
 FIGURES: dict[str, tuple[Callable, tuple[str, ...], str]] = {}
@@ -486,5 +486,38 @@ def fig_cell_time(cells: pd.DataFrame, out: Path, name: str = "fig_cell_time"):
         ax.set_title("where each cell's time went: start, then its parts (steps: the measured steps)")
         fig.legend(*ax.get_legend_handles_labels(), loc="outside right upper", frameon=False)
         ax.grid(axis="y", visible=False)
+        paths = _save(fig, out, name)
+    return fig, paths
+
+
+def fig_plan(cmp: pd.DataFrame, out: Path, name: str = "fig_plan"):
+    """The plan's prediction (``run_bench.py plan``) against what each cell then measured: wall time and peak
+    memory, one point per cell on log axes, the diagonal and a band of +-20% around it."""
+    if cmp is None or cmp.empty:
+        return None, []
+    panels = [("wall_s", "cell wall time (s)"), ("memory_mib", f"peak memory (MiB, {cmp['memory_column'].iloc[0]})")]
+    with plt.rc_context(RC):
+        fig, axes = plt.subplots(1, 2, figsize=(FULL_WIDTH, 3.0), constrained_layout=True)
+        for ax, (q, label) in zip(axes, panels):
+            d = cmp[[f"measured_{q}", f"predicted_{q}"]].dropna()
+            d = d[(d > 0).all(axis=1)]
+            if d.empty:
+                ax.set_visible(False)
+                continue
+            x, y = d[f"measured_{q}"].to_numpy(float), d[f"predicted_{q}"].to_numpy(float)
+            lo, hi = min(x.min(), y.min()) / 1.3, max(x.max(), y.max()) * 1.3
+            line = np.geomspace(lo, hi, 50)
+            ax.fill_between(line, line * 0.8, line * 1.2, color="0.9", label="within 20%", gid="band")
+            ax.plot(line, line, color="0.5", lw=0.8, gid="diagonal")
+            ax.scatter(x, y, s=12, color="tab:blue", zorder=3, gid="cells", label="a cell")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlim(lo, hi)
+            ax.set_ylim(lo, hi)
+            ax.set_xlabel(f"measured {label}")
+            ax.set_ylabel(f"predicted {label}")
+            err = np.abs(100 * (y - x) / x)
+            ax.set_title(f"|error| median {np.median(err):.1f}%, largest {err.max():.1f}%")
+        axes[0].legend(loc="upper left", frameon=False)
         paths = _save(fig, out, name)
     return fig, paths

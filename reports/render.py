@@ -13,7 +13,7 @@ import pandas as pd
 from tabulate import tabulate
 
 from . import figures, tables
-from .aggregate import contended, harness_share, has, memory_column, ok
+from .aggregate import contended, harness_share, has, memory_column, ok, plan_vs_measured, read_plan
 from .results import CONTENTION_LIMIT
 from .results import KINDS, load_results
 
@@ -98,12 +98,16 @@ SECTION_TEXT = {
     "harness": "Each cell's start (from the launcher's request to the cell's start in its worker) and its wall time by "
                "part: device set-up, data, model, warm-up steps, measured steps, meters, evaluation, checkpoints, "
                "storing; what no part covers is 'other'. Everything but the measured steps is the harness's cost.",
+    "plan": "What `run_bench.py plan` predicted for each cell before it ran (plan.parquet) against what the cell then "
+            "measured: wall time, step time, bytes saved for backward and peak memory, with the error in percent of "
+            "the measured. How far the last plan was off is how far to trust the next one on this machine.",
 }
 SECTION_EMPTY = {
     "fidelity": "no fidelity cells in these results (a grid adds them with kind = \"fidelity\"; see grids/default.toml)",
     "memory": "no saved-bytes breakdown stored (profile and train cells store one)",
     "behaviour": "no train cell with an evaluation set stored its behaviour over time steps",
     "harness": "no cell stored where its time went (results from before time_<part>_s were measured)",
+    "plan": "no plan of these cells in this folder (run_bench.py plan GRID --out DIR, before the run, writes one)",
 }
 
 
@@ -138,6 +142,13 @@ def render_report(results: str | Path, out: str | Path | None = None, reference:
                 plt.close(fig)
                 files += paths
                 figs[section].append((f"{name.replace('fig_', '').replace('_', ' ')} {title}".strip(), paths[0]))
+    planned = plan_vs_measured(read_plan(results), cells) if not cells.empty else None
+    fig, paths = figures.fig_plan(planned, out=out)
+    if fig is not None:
+        plt.close(fig)
+        files += paths
+        figs["plan"].append(("plan against measurement", paths[0]))
+    plan_table = tables.plan_cells(planned)
     ref = tables.load_reference(reference)
     acc = tables.accuracy_table(trained, ref) if not trained.empty else pd.DataFrame()
     cost, mem_label = tables.cost_table(trained) if not trained.empty else (pd.DataFrame(), None)
@@ -177,6 +188,8 @@ def render_report(results: str | Path, out: str | Path | None = None, reference:
             md += ["### All-weights gradient cosine and norm ratio", "", tables.as_markdown(*fidelity, extra["fidelity"][1])]
         elif key == "behaviour" and shuffle[1]:
             md += ["### Temporal shuffle", "", tables.as_markdown(*shuffle, "")]
+        elif key == "plan" and plan_table[1]:
+            md += [plan_table[2], "", tables.as_markdown(*plan_table[:2], "")]
         if not figs[key] and key in SECTION_EMPTY:
             md += [f"_{SECTION_EMPTY[key]}_", ""]
         md += [f"![{caption}]({png.name})" for caption, png in figs[key]] + [""]
@@ -190,7 +203,8 @@ def render_report(results: str | Path, out: str | Path | None = None, reference:
     if history is not None:
         link = os.path.relpath(Path(history).resolve() / "history.html", out.resolve())
     index.write_text(_html(grid or results.name, notes, figs, acc, cost, mem_label, env, link,
-                           {"fidelity": fidelity, "shuffle": shuffle, "single": single, "share": share}))
+                           {"fidelity": fidelity, "shuffle": shuffle, "single": single, "share": share,
+                            "plan": plan_table}))
     files.append(index)
     return {"index": index, "summary": summary, "files": files}
 
@@ -240,6 +254,8 @@ def _html(title, notes, figs, acc, cost, mem_label, env, history_link: str | Non
             parts.append("<h3>Temporal shuffle</h3>" + tables.as_html(*extra["shuffle"], ""))
         elif key == "harness" and extra.get("share"):
             parts.append(f"<p>{esc(extra['share'])}</p>")
+        elif key == "plan" and extra.get("plan", ([], [], ""))[1]:
+            parts.append(f"<p>{esc(extra['plan'][2])}</p>" + tables.as_html(*extra["plan"][:2], ""))
         if not figs[key] and key in SECTION_EMPTY:
             parts.append(f"<p><em>{esc(SECTION_EMPTY[key])}</em></p>")
         for caption, png in figs[key]:

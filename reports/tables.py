@@ -333,3 +333,28 @@ def single_cells(cells: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
         body.append([r["label"], arch, ds, str(int(r["T"])), num("acc_top1", 2), num(mem, 2),
                      num("step_time_ms_median", 1), num("epoch_time_s", 2)])
     return header, body
+
+
+def plan_cells(cmp: pd.DataFrame | None) -> tuple[list[str], list[list[str]], str]:
+    """(header, body, a line of median and largest errors) of the plan against the measured cells; empty where no
+    cell is in both (``aggregate.plan_vs_measured``)."""
+    from .aggregate import plan_error_summary
+
+    if cmp is None or cmp.empty:
+        return [], [], ""
+
+    def f(v, fmt):
+        return "-" if v is None or pd.isna(v) else fmt.format(v)
+
+    header = ["Cell", "wall predicted [s]", "measured [s]", "error", "step predicted [ms]", "measured [ms]",
+              "saved error", "memory predicted [MiB]", "measured [MiB]", "error"]
+    body = [[r.cell, f(r.predicted_wall_s, "{:.2f}"), f(r.measured_wall_s, "{:.2f}"), f(r.error_wall_s_pct, "{:+.1f}%"),
+             f(r.predicted_step_ms, "{:.2f}"), f(r.measured_step_ms, "{:.2f}"), f(r.error_saved_mib_pct, "{:+.2f}%"),
+             f(r.predicted_memory_mib, "{:.0f}"), f(r.measured_memory_mib, "{:.0f}"), f(r.error_memory_pct, "{:+.1f}%")]
+            for r in cmp.itertuples()]
+    s = plan_error_summary(cmp)
+    said = [f"{label} {s[k][0]:.1f}% / {s[k][1]:.1f}%" for k, label in
+            (("wall_s", "wall time"), ("step_ms", "step time"), ("saved_mib", "saved bytes"), ("memory", "peak memory"))
+            if s[k][0] is not None]
+    line = f"{s['cells']} cell(s) planned and measured; |error| median / largest: " + ", ".join(said) + "."
+    return header, body, line

@@ -1,0 +1,434 @@
+"""What a grid will cost, before it runs: ``run_bench.py plan GRID``.
+
+Each distinct step configuration of the grid's cells (``step_config``: method, architecture, dataset, T, batch,
+precision, backend, ...) is measured once by a probe (bench/plan_probe.py: a worker as a cell's, a few steps on
+the device that will run the grid, the dataset's real data where it ships in memory and random input of its
+shape otherwise). ``predict`` turns a probe into a cell's figures, part by part as the row's ``time_<part>_s``
+columns count them: the set-up the probe went through itself (device, meters, model, data), the warm-up and
+memory steps, every other step at the probe's median step time, the evaluation of each epoch (the test set's
+batches at the probe's time for one, the last with the analyses), a checkpoint at each epoch's end, and the
+storing of the row. The step counts come from the dataset registry's sizes (``DatasetInfo.sizes``), so no
+dataset file is read. Cells stored ok by this code in the results folder count with their measured figures.
+
+The peak memory (``peak_alloc_mib`` on CUDA, ``peak_rss_mib`` on a CPU) is a line in the batch size, fitted from
+the probe's two batch sizes; against the device's memory (``memory_limit``) it says whether a cell fits and the
+largest batch that does. Against a grid's Slurm time limit it says how often a cell will be requeued;
+``slurm_limits`` sizes Slurm tasks from the plan (``timeout_min=auto``, ``cells_per_task=auto``).
+
+``plan.parquet`` in the results folder keeps one row per cell (``PLAN_COLUMNS`` and the predicted parts);
+``report`` sets it beside the measured cells.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from reports.aggregate import PLAN_FILE
+from reports.results import TIME_PARTS, load_results, write_atomic
+
+from .cell import Cell
+from .errors import UsageError
+
+MIB = 2**20
+TIMED_S = 0.3  # each probe times training steps until this many seconds of them (at least MIN_STEPS)
+MIN_STEPS = 3
+PROBE_WARMUP = 2  # a probe's cold first steps (at half the batch), which stand for a cell's first two
+# the fields that change what one training step costs: cells equal in these share a probe
+STEP_FIELDS = ("method", "method_options", "arch", "arch_options", "neuron", "dataset", "T", "batch_size",
+               "eval_batch_size", "optimizer", "precision", "backend", "device", "devices")
+
+
+def step_config(cell: Cell) -> str:
+    return json.dumps({f: getattr(cell, f) for f in STEP_FIELDS}, sort_keys=True, default=str)
+
+
+def memory_column(device: str) -> str:
+    """The row's peak memory column of a device: the allocator's on CUDA, the process's resident set on a CPU."""
+    return "peak_alloc_mib" if device.startswith("cuda") else "peak_rss_mib"
+
+
+# ---------------------------------------------------------------- what a cell needs probed
+
+
+def reference_of(cell: Cell) -> str:
+    from methods import METHODS
+
+    return cell.reference or METHODS[cell.method].fidelity_reference
+
+
+def probes_needed(cells: list[Cell]) -> dict[str, Cell]:
+    """step_config -> a cell of that configuration, for every configuration the cells need: their own, and for a
+    fidelity cell its reference method's (it computes both gradients)."""
+    need: dict[str, Cell] = {}
+    for c in cells:
+        need.setdefault(step_config(c), c)
+        if c.kind == "fidelity":
+            ref = replace(c, method=reference_of(c), method_options={}, kind="train")
+            need.setdefault(step_config(ref), ref)
+    return need
+
+
+def run_probes(configs: dict[str, Cell], server=None, stream=None, timed_s: float = TIMED_S) -> dict[str, dict]:
+    """Probe each configuration in a worker of its own (a child of ``server`` where it can serve one, else a fresh
+    process), one after another so none shares the device; step_config -> the probe's figures."""
+    from .plan_probe import PROBE_PREFIX
+    from .spawn import start_worker, worker_env
+
+    stream = stream or sys.stderr
+    got: dict[str, dict] = {}
+    env = worker_env()
+    for i, (key, cell) in enumerate(configs.items(), 1):
+        stream.write(f"probe {i}/{len(configs)}: {cell.method} {cell.arch} {cell.dataset} T={cell.T} "
+                     f"batch {cell.batch_size} on {cell.device}\n")
+        stream.flush()
+        args = ["--cell", json.dumps(cell.config()), "--timed-s", repr(timed_s), "--min-steps", str(MIN_STEPS),
+                "--requested-at", repr(time.time())]
+        with tempfile.TemporaryFile("w+") as log:
+            proc = start_worker(args, env, log, server, module="bench.plan_probe")
+            result = None
+            for line in proc.stdout:
+                if line.startswith(PROBE_PREFIX):
+                    result = json.loads(line[len(PROBE_PREFIX):])
+            rc = proc.wait()
+            if result is None:
+                log.seek(0)
+                tail = log.read()[-1500:]
+                killed = rc == -9
+                result = {"status": "oom" if killed else "error",
+                          "error": ("probe killed by SIGKILL (most likely the out-of-memory killer)" if killed
+                                    else f"probe exited with code {rc}") + (f"; log tail:\n{tail}" if tail else "")}
+        got[key] = result
+    return got
+
+
+# ---------------------------------------------------------------- from a probe to a cell
+
+
+def _median(xs: list[float]) -> float:
+    s = sorted(xs)
+    n = len(s)
+    return (s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2) if n else 0.0
+
+
+def memory_line(p: dict) -> tuple[float, float] | None:
+    """(intercept, slope) in bytes of the peak memory against the batch size, from the probe's two batches."""
+    pts = p.get("memory_at") or []
+    if len(pts) < 2 or pts[1][0] == pts[0][0]:
+        return None
+    (b0, m0), (b1, m1) = pts[0], pts[1]
+    slope = max((m1 - m0) / (b1 - b0), 0.0)
+    return m1 - slope * b1, slope
+
+
+def train_batches(cell: Cell) -> tuple[int, float]:
+    """(training batches per epoch, evaluation batches per epoch as a fraction: the last one is partial)."""
+    from .data import dataset_info, global_batches
+
+    n_train, n_test = dataset_info(cell.dataset).sizes
+    if cell.train_subset:
+        n_train = min(n_train, cell.train_subset)
+    return global_batches(n_train, cell.batch_size, None), n_test / max(cell.eval_batch_size, 1)
+
+
+def predict(cell: Cell, p: dict, ref: dict | None = None) -> dict:
+    """A cell's predicted figures from its configuration's probe (``ref``: a fidelity cell's reference method's)."""
+    parts = dict.fromkeys(TIME_PARTS, 0.0)
+    pp = p.get("parts") or {}
+    for k in ("device", "meters", "model", "data"):
+        parts[k] = pp.get(k, 0.0)
+    step_s = _median(p["step_ms"]) / 1e3
+    wait_s = _median(p.get("data_wait_ms") or [0.0]) / 1e3
+
+    def warmup(n: int) -> float:  # a cell's first n steps: the probe's cold ones, then steps at the usual time
+        return pp.get("warmup", 0.0) * min(n, PROBE_WARMUP) / PROBE_WARMUP + max(n - PROBE_WARMUP, 0) * step_s
+    row: dict = {}
+    if cell.kind == "train":
+        per_epoch, eval_batches = train_batches(cell)
+        steps = per_epoch * cell.epochs
+        parts["warmup"] = warmup(min(cell.warmup_steps, steps))
+        timed = max(steps - cell.warmup_steps - 1, 0)
+        parts["steps"] = timed * step_s
+        parts["data"] += steps * wait_s
+        # the first batch of the first evaluation is cold; the last evaluation adds the analyses
+        warm = p["eval_batch_s"]
+        parts["eval"] = p["eval_cold_s"] - warm + (cell.epochs * warm + p["analyses_batch_s"] - warm) * eval_batches
+        saves = max(cell.epochs - 1, 0) + len(cell.save_weights_at)
+        parts["checkpoint"] = saves * p["checkpoint_s"]
+        row["predicted_epoch_s"] = per_epoch * (step_s + wait_s)
+        row["predicted_steps"] = steps
+    elif cell.kind == "profile":
+        parts["warmup"] = warmup(cell.warmup_steps)
+        parts["steps"] = cell.steps * step_s
+        steps = cell.warmup_steps + 1 + cell.steps
+        row["predicted_steps"] = steps
+    else:  # fidelity: each batch's gradient by the method and by its reference, for each set of weights
+        ref_s = _median(ref["step_ms"]) / 1e3 if ref and ref.get("step_ms") else step_s
+        parts["steps"] = cell.steps * len(cell.weights_at) * (step_s + ref_s)
+        steps = 0
+        row["predicted_steps"] = cell.steps * len(cell.weights_at)
+    parts["store"] = p.get("store_s", 0.0)
+    row.update({f"predicted_time_{k}_s": v for k, v in parts.items()})
+    row["predicted_cell_wall_s"] = sum(parts.values())
+    row["predicted_time_start_s"] = p.get("start_s") or 0.0
+    row["predicted_step_time_ms_median"] = step_s * 1e3
+    saved = p.get("saved_bytes")
+    row["predicted_saved_for_backward_mib"] = saved / MIB if saved is not None else None
+    e = p.get("energy_per_step_j")
+    row["predicted_energy_j"] = e * steps if e is not None and steps else None
+    line = memory_line(p)
+    col = memory_column(cell.device)
+    if col == "peak_alloc_mib":
+        train_peak = p.get("train_peak")
+        peak = max(train_peak or 0.0, p.get("eval_peak") or 0.0)
+    else:
+        peak = p.get("peak_rss_bytes")
+    row[f"predicted_{col}"] = peak / MIB if peak is not None else None
+    row["memory_intercept_mib"], row["memory_per_sample_mib"] = (line[0] / MIB, line[1] / MIB) if line else (None, None)
+    row["eval_peak_mib"] = (p.get("eval_peak") or 0.0) / MIB or None
+    return row
+
+
+# ---------------------------------------------------------------- the device's memory, Slurm's time limit
+
+
+def memory_limit(device: str, spec: dict, explicit_mib: float | None = None) -> tuple[float | None, str]:
+    """(the memory a cell may use on ``device`` in MiB, where that figure comes from)."""
+    if explicit_mib is not None:
+        return float(explicit_mib), "--memory-mib"
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            return None, "no CUDA device here"
+        idx = torch.device(device).index or 0
+        return torch.cuda.get_device_properties(idx).total_memory / MIB, f"{torch.cuda.get_device_name(idx)}'s memory"
+    import psutil
+
+    limits = [(psutil.virtual_memory().total / MIB, "this machine's memory")]
+    try:
+        text = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if text.isdigit():
+            limits.append((int(text) / MIB, "the cgroup's memory.max"))
+    except OSError:
+        pass
+    mem_gb = (spec.get("slurm") or {}).get("mem_gb")
+    if isinstance(mem_gb, (int, float)) and mem_gb > 0:
+        limits.append((mem_gb * 1024.0, "the grid's [slurm] mem_gb"))
+    return min(limits)
+
+
+def largest_batch(row: dict, col: str, limit_mib: float) -> int | None:
+    """The largest batch size whose predicted peak memory fits in ``limit_mib`` (from the fitted line), None where
+    none does or nothing was fitted."""
+    a, b = row.get("memory_intercept_mib"), row.get("memory_per_sample_mib")
+    if a is None or b is None:
+        return None
+    if b <= 0:
+        return None if a > limit_mib else 1 << 30
+    n = math.floor((limit_mib - a) / b)
+    return n if n >= 1 else None
+
+
+def slurm_requeues(wall_s: float, timeout_min: float, signal_delay_s: float) -> int:
+    """How often a task that runs ``wall_s`` is requeued under a time limit: each run ends ``signal_delay_s``
+    before the limit with a checkpoint."""
+    usable = max(timeout_min * 60.0 - signal_delay_s, 1.0)
+    return max(math.ceil(wall_s / usable) - 1, 0)
+
+
+# ---------------------------------------------------------------- the plan of a grid
+
+
+def measured_rows(out: Path, cells: list[Cell]) -> dict[str, dict]:
+    """key -> the stored row of each cell stored ok by this code in ``out``."""
+    from .fingerprint import is_current
+
+    df = load_results(out)
+    if df.empty:
+        return {}
+    wanted = {c.key: c for c in cells}
+    rows = {}
+    for r in df.to_dict("records"):
+        c = wanted.get(r["key"])
+        if c is not None and r["status"] == "ok" and is_current(r.get("code_fingerprint"), c.device):
+            rows[r["key"]] = r
+    return rows
+
+
+def _measured(cell: Cell, r: dict) -> dict:
+    col = memory_column(cell.device)
+    energy = r.get("energy_epoch_j")
+    row = {"predicted_cell_wall_s": r.get("cell_wall_s"), "predicted_time_start_s": r.get("time_start_s") or 0.0,
+           "predicted_step_time_ms_median": r.get("step_time_ms_median"),
+           "predicted_saved_for_backward_mib": r.get("saved_for_backward_mib"),
+           f"predicted_{col}": r.get(col), "predicted_epoch_s": r.get("epoch_s_median"),
+           "predicted_energy_j": energy * cell.epochs if energy is not None and not math.isnan(energy) else None}
+    row.update({f"predicted_time_{k}_s": r.get(f"time_{k}_s") for k in TIME_PARTS})
+    return row
+
+
+def make_plan(cells: list[Cell], out: Path, spec: dict, memory_mib: float | None = None, server=None, stream=None,
+              timed_s: float = TIMED_S) -> "pd.DataFrame":  # noqa: F821
+    """Predict every cell (probing what is not stored ok by this code) and write ``plan.parquet`` into ``out``."""
+    import pandas as pd
+
+    stream = stream or sys.stderr
+    t0 = time.perf_counter()
+    measured = measured_rows(out, cells) if out.is_dir() else {}
+    todo = [c for c in cells if c.key not in measured]
+    configs = probes_needed(todo)
+    if measured:
+        stream.write(f"{len(measured)} cell(s) stored ok by this code: their measured figures count\n")
+    stream.write(f"{len(configs)} step configuration(s) to probe for {len(todo)} cell(s)\n")
+    probes = run_probes(configs, server, stream, timed_s) if configs else {}
+    slurm = spec.get("slurm") or {}
+    timeout = slurm.get("timeout_min") if isinstance(slurm, dict) else None
+    delay = slurm.get("signal_delay_s", 120) if isinstance(slurm, dict) else 120
+    if timeout == "auto":  # each task gets its prediction: only the partition's limit can cut a cell
+        from .slurm import partition_limit_min
+
+        timeout = partition_limit_min(slurm.get("partition"))
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool):
+        timeout = None
+    limits: dict[str, tuple[float | None, str]] = {}
+    rows = []
+    for c in cells:
+        col = memory_column(c.device)
+        if c.device not in limits:
+            limits[c.device] = memory_limit(c.device, spec, memory_mib)
+        limit, limit_from = limits[c.device]
+        row = {"key": c.key, "method": c.method, "arch": c.arch, "dataset": c.dataset, "T": c.T, "seed": c.seed,
+               "kind": c.kind, "batch_size": c.batch_size, "epochs": c.epochs, "device": c.device, "devices": c.devices,
+               "label": c.label, "memory_column": col, "memory_limit_mib": limit, "memory_limit_from": limit_from}
+        if c.key in measured:
+            row.update(source="measured", **_measured(c, measured[c.key]))
+        else:
+            p = probes[step_config(c)]
+            ref = probes.get(step_config(replace(c, method=reference_of(c), method_options={}, kind="train"))) \
+                if c.kind == "fidelity" else None
+            if p.get("status") != "ok" or not p.get("step_ms"):
+                row.update(source="probe " + str(p.get("status")), probe_error=(p.get("error") or "")[:2000])
+                line = memory_line(p)
+                if line:
+                    row["memory_intercept_mib"], row["memory_per_sample_mib"] = line[0] / MIB, line[1] / MIB
+            else:
+                row.update(source="probed", **predict(c, p, ref))
+        peak = row.get(f"predicted_{col}")
+        fits = None if limit is None or peak is None or (isinstance(peak, float) and math.isnan(peak)) else peak <= limit
+        if row["source"] == "probe oom":
+            fits = False
+        row["fits"] = fits
+        row["max_batch_size"] = largest_batch(row, col, limit) if fits is False and limit is not None else None
+        wall = row.get("predicted_cell_wall_s")
+        row["slurm_requeues"] = slurm_requeues(wall, timeout, delay) if timeout and wall is not None else None
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    df["plan_s"] = time.perf_counter() - t0
+    df["planned_at"] = pd.Timestamp.now(tz="UTC")
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / PLAN_FILE, lambda f: df.to_parquet(f, index=False))
+    return df
+
+
+# ---------------------------------------------------------------- what the plan says
+
+
+def _hms(s) -> str:
+    if s is None or (isinstance(s, float) and math.isnan(s)):
+        return "-"
+    s = float(s)
+    if s < 60:
+        return f"{s:.1f} s"
+    if s < 3600:
+        return f"{s / 60:.1f} min"
+    if s < 86400 * 2:
+        return f"{s / 3600:.1f} h"
+    return f"{s / 86400:.1f} d"
+
+
+def _num(v, fmt: str = "{:.1f}") -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
+
+
+def render_plan(df, top: int = 30) -> str:
+    """The plan as a table sorted by predicted wall time (most expensive first), the flags, and the totals."""
+    from tabulate import tabulate
+
+    d = df.sort_values("predicted_cell_wall_s", ascending=False, na_position="first")
+    lines = []
+    rows = []
+    for r in d.head(top if top else len(d)).to_dict("records"):
+        col = r["memory_column"]
+        flags = []
+        if r.get("fits") is False:
+            mb = r.get("max_batch_size")
+            flags.append(f"OOM: batch <= {int(mb)} fits" if mb is not None and not math.isnan(mb) else "OOM")
+        req = r.get("slurm_requeues")
+        if req is not None and not math.isnan(req) and req > 0:
+            flags.append(f"{int(req)} requeue(s)")
+        if str(r["source"]).startswith("probe "):
+            flags.append(r["source"])
+        rows.append([f"{r['kind']} {r['label']}", r["source"], _num(r.get("predicted_step_time_ms_median"), "{:.2f}"),
+                     _hms(r.get("predicted_epoch_s")), _hms(r.get("predicted_cell_wall_s")),
+                     _num(r.get(f"predicted_{col}"), "{:.0f}"), _num(r.get("predicted_saved_for_backward_mib"), "{:.2f}"),
+                     _num(r.get("predicted_energy_j"), "{:.0f}"), "; ".join(flags)])
+    col = d["memory_column"].iloc[0] if len(d) else "peak_rss_mib"
+    lines.append(tabulate(rows, headers=["cell", "from", "step ms", "epoch", "cell wall", col.replace("_mib", " MiB"),
+                                         "saved MiB", "energy J", "flags"], tablefmt="github"))
+    if top and len(d) > top:
+        lines.append(f"... {len(d) - top} cheaper cell(s) more in {PLAN_FILE}")
+    wall = d["predicted_cell_wall_s"].fillna(0) + d.get("predicted_time_start_s", 0).fillna(0)
+    hours = float((wall * d["devices"]).sum()) / 3600
+    energy = d["predicted_energy_j"].dropna() if "predicted_energy_j" in d else []
+    lines.append(f"\n{len(d)} cell(s): {_hms(float(wall.sum()))} of cell time, {hours:.2f} device-hour(s)"
+                 + (f", {float(energy.sum()) / 3.6e6:.3f} kWh of training energy" if len(energy) else
+                    ", energy: not measurable on this device"))
+    oom = d[d["fits"] == False]  # noqa: E712 (a column of True/False/None)
+    if len(oom):
+        r = oom.iloc[0]
+        lines.append(f"{len(oom)} cell(s) predicted not to fit in {r['memory_limit_mib']:.0f} MiB "
+                     f"({r['memory_limit_from']})")
+    req = d["slurm_requeues"].dropna() if "slurm_requeues" in d else []
+    if len(req) and (req > 0).any():
+        lines.append(f"{int((req > 0).sum())} cell(s) longer than one Slurm task's time limit: "
+                     f"{int(req.sum())} requeue(s) in all")
+    failed = d[d["source"].astype(str).str.startswith("probe ")]
+    for r in failed.head(3).to_dict("records"):
+        lines.append(f"probe of {r['label']} failed: {str(r.get('probe_error') or '').strip().splitlines()[:1]}")
+    lines.append(f"plan: {_hms(float(d['plan_s'].iloc[0]))} to make")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- Slurm sized from the plan
+
+
+def predicted_seconds(out: Path, cells: list[Cell]) -> dict[str, float]:
+    """key -> predicted seconds of each cell (its start and its wall time), from ``out``'s plan.parquet; a
+    UsageError where there is no plan or a cell has no prediction in it."""
+    from reports.aggregate import read_plan
+
+    plan = read_plan(out)
+    where = Path(out) / PLAN_FILE
+    if plan is None:
+        raise UsageError(f"timeout_min=auto and cells_per_task=auto size the tasks from {where}, which is not there: "
+                         f"run `run_bench.py plan GRID --out {out}` with the same --filter and --set first, where the "
+                         "tasks will run (a node of the partition)")
+    pred = {}
+    for r in plan.to_dict("records"):
+        wall = r.get("predicted_cell_wall_s")
+        if wall is not None and not math.isnan(wall):
+            start = r.get("predicted_time_start_s")
+            pred[r["key"]] = float(wall) + (float(start) if start is not None and not math.isnan(start) else 0.0)
+    missing = [c.label for c in cells if c.key not in pred]
+    if missing:
+        raise UsageError(f"{len(missing)} cell(s) have no prediction in {where} (planned with other settings, or their "
+                         f"probe failed): {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}; plan them again")
+    return pred

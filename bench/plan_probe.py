@@ -1,0 +1,215 @@
+"""A plan's probe: one step configuration measured for a few steps, in a worker as a cell's
+(``python -m bench.plan_probe --cell JSON --requested-at T``; the last stdout line is the measurement as JSON).
+
+It goes through what a cell goes through, in the same order and with the runner's own pieces (``Meters``,
+``StepMeasure``, ``evaluate``, ``CellCheckpoint``, ``store_result``), but briefly: the parts of the cell's set-up
+once, its warm-up steps and memory step, then training steps until ``--timed-s`` seconds of them (at least
+``--min-steps``), one evaluation batch cold, warm and with the last epoch's analyses, two checkpoints, and the
+storing of a row. Before the cell's batch it takes two steps at half the batch, so the plan can fit the peak
+memory as a line in the batch size (on a CPU the resident high-water mark only grows: the smaller batch goes
+first). The data is the dataset's own where it ships in memory (digits), else random input of its shape
+(``synthetic:<name>``), so no dataset file is needed. bench/plan.py turns these figures into a cell's prediction.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from .stop import STOP
+
+STOP.install()  # as a worker: a stop signal during start-up is a request, not a kill
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+PROBE_PREFIX = "@snnbench-probe "  # the stdout line that carries the probe's measurement
+
+
+def _peak_memory(device) -> float:
+    """The cell's peak memory column so far: allocator peak on CUDA (since its last reset), else the process's
+    resident high-water mark; bytes."""
+    import torch
+
+    from .profile import peak_rss_bytes
+
+    if device.type == "cuda":
+        return float(torch.cuda.max_memory_allocated(device))
+    return float(peak_rss_bytes())
+
+
+def _reset_peak(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _half(x, y, n: int, events: bool):
+    return (x[:, :n], y[:n]) if events else (x[:n], y[:n])
+
+
+def probe(cell, timed_s: float = 0.3, min_steps: int = 3, max_steps: int = 200, requested_at: float | None = None) -> dict:
+    """The measurements of one step configuration (``cell``: any cell of it). Never raises: a failure is
+    ``{"status": "oom" | "error", "error": ...}`` with what was measured before it."""
+    t_start = time.perf_counter()
+    started_at = time.time()
+    import torch
+
+    from methods import METHODS, MethodConfig
+    from methods.layers import set_backend, set_precision
+
+    from .checkpoint import CellCheckpoint
+    from .data import dataset_info, get_loaders, synthetic
+    from .energy import Span, pick
+    from .rows import PartClock, Result, store_result
+    from .runner import (Meters, StepMeasure, _first_row, _set_up_device, _timed, evaluate, failure_status,
+                         make_optimizer, make_schedule)
+
+    clock = PartClock()
+    got: dict = {"status": "ok", "start_s": started_at - requested_at if requested_at is not None else None}
+    with clock.part("device"):
+        device, failed = _set_up_device(cell, None)
+    if failed:
+        return {**got, "status": "error", "error": failed}
+    with clock.part("meters"):
+        meters = Meters(device, energy=True)
+    with clock.part("device"):
+        row = _first_row(cell, device, meters, 1)
+    B = max(cell.batch_size // max(cell.devices, 1), 1)  # a rank's batch: a multi-device cell is probed on one device
+    half = max(B // 2, 1)
+    try:
+        with clock.part("meters"):
+            meters.rss.start()
+            meters.start(row)
+        torch.manual_seed(cell.seed)
+        with clock.part("data"):
+            info = dataset_info(cell.dataset)
+        with clock.part("model"):
+            method = METHODS[cell.method](MethodConfig(T=cell.T, neuron=cell.neuron, options=dict(cell.method_options)))
+            model = method.build(cell.arch, num_classes=info.num_classes, in_channels=info.shape[0],
+                                 input_shape=info.shape, **cell.arch_options).to(device)
+            set_backend(model, cell.backend)
+            set_precision(model, cell.precision, device.type)
+            opt = make_optimizer(cell, model)
+            make_schedule(cell, opt, cell.epochs)
+        got["num_params"] = sum(p.numel() for p in model.parameters())
+        with clock.part("data"):
+            name = cell.dataset if info.arrays is not None else f"synthetic:{cell.dataset}"
+            got["data"] = "real" if info.arrays is not None else "synthetic"
+            train, test = get_loaders(name, B, cell.eval_batch_size, cell.seed, str(device), None, cell.train_subset,
+                                      cell.T, method.event_encoding)
+            if test is None:
+                xe, ye = synthetic(name, cell.eval_batch_size, cell.seed + 1, cell.T)
+                eval_batch = [(xe.to(device), ye.to(device))]
+            else:
+                eval_batch = [next(iter(test.batches(0)))]
+        model.train()
+        batches = train.batches(0)
+        first = next(batches)
+        # half the batch, twice (the first warms up): a second point of the memory's line in the batch size
+        _reset_peak(device)
+        xh, yh = _half(*first, half, info.events)
+        with clock.part("warmup"):  # a cell's first steps are cold: these are the probe's
+            for i in range(2):
+                if i == 1:
+                    _reset_peak(device)
+                method.train_step(model, xh.to(device), yh.to(device), opt)
+        got["memory_at"] = [[half, _peak_memory(device)]]
+        # the cell's batch: its warm-up steps, memory step and timed steps, as a cell takes them
+        measure = StepMeasure(method, model, opt, device, 0, B, clock)
+        span = None
+        steps = _timed(_cycle(train, batches, first))
+        while True:
+            if measure.steps == measure.warmup + 1 and meters.window.energy is not None:
+                span = Span(meters.window.energy)
+            wait_ms, (x, y) = next(steps)
+            measure.step(x, y, wait_ms)
+            timed = measure.step_ms
+            if len(timed) >= max_steps or (len(timed) >= min_steps and sum(timed) >= timed_s * 1e3):
+                break
+            if STOP.requested:
+                raise RuntimeError(f"stopped by {STOP.name}")
+        columns = measure.columns()
+        got["memory_at"].append([B, _peak_memory(device)])
+        if span is not None:
+            joules = pick(meters.window.energy, span.end())
+            got["energy_per_step_j"] = joules / len(measure.step_ms) if joules is not None else None
+        got.update(step_ms=list(measure.step_ms), data_wait_ms=list(measure.wait_ms),
+                   saved_bytes=measure.saved_bytes, train_peak=_peak_memory(device),
+                   phase_peak_alloc=dict(measure.probe.phase_peak_alloc))
+        # evaluation: one batch of eval_batch_size cold, warm, and with the last epoch's analyses
+        _reset_peak(device)
+        with clock.part("eval"):
+            for key, analyses in (("eval_cold_s", False), ("eval_batch_s", False), ("analyses_batch_s", True)):
+                t0 = time.perf_counter()
+                evaluate(method, model, eval_batch, device, None, analyses=analyses)
+                got[key] = time.perf_counter() - t0
+        got["eval_peak"] = _peak_memory(device)
+        got["eval_samples"] = len(eval_batch[0][1])
+        # two checkpoints (model, optimizer, schedule, RNGs) as a train cell writes at each epoch's end
+        with tempfile.TemporaryDirectory(prefix="snnbench-probe-") as tmp:
+            ckpt = CellCheckpoint(Path(tmp), cell.key)
+            times = []
+            for _ in range(2):
+                t0 = time.perf_counter()
+                with clock.part("checkpoint"):
+                    ckpt.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": 1,
+                               "measure": measure.state()})
+                times.append(time.perf_counter() - t0)
+            got["checkpoint_s"] = times[-1]
+            with clock.part("meters"):
+                meters.stop()
+                meters.columns(row, [])
+            row.update(columns)
+            got["peak_rss_bytes"] = row["peak_rss_mib"] * 2**20
+            row["cell_wall_s"] = time.perf_counter() - t_start
+            t0 = time.perf_counter()
+            store_result(Path(tmp), cell, Result(row, [{"epoch": 1, "train_loss": 0.0, "test_acc": 0.0,
+                                                        "epoch_time_s": 0.0, "lr": 0.0, "firing_rate_mean": None,
+                                                        "steps": 1, "energy_j": None}], meters.samples()))
+            got["store_s"] = time.perf_counter() - t0
+        got["energy_idle_w"] = row.get("idle_power_w")
+        got["energy_source"] = row.get("energy_source")
+    except Exception as e:
+        got.update(failure_status(e))
+        try:
+            meters.stop()
+        except Exception:  # pragma: no cover - the failure is what the probe reports
+            pass
+    got["parts"] = dict(clock.seconds)
+    got["device_type"] = device.type
+    return got
+
+
+def _cycle(train, batches, first):
+    """The training batches from the one already drawn on, epoch after epoch."""
+    yield first
+    yield from batches
+    epoch = 1
+    while True:
+        yield from train.batches(epoch)
+        epoch += 1
+
+
+def main(argv=None) -> int:
+    from .cell import Cell
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--cell", required=True)
+    p.add_argument("--timed-s", type=float, default=0.3)
+    p.add_argument("--min-steps", type=int, default=3)
+    p.add_argument("--requested-at", type=float)
+    a = p.parse_args(argv)
+    got = probe(Cell(**json.loads(a.cell)), a.timed_s, a.min_steps, requested_at=a.requested_at)
+    if got.get("error"):
+        print(got["error"], file=sys.stderr)
+    print(PROBE_PREFIX + json.dumps(got), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

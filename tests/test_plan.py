@@ -1,0 +1,185 @@
+"""`run_bench.py plan`: a grid's cells predicted from probes before they run, then set beside what they measured.
+
+The figures a plan is judged by (wall time within 20% for the median cell and 50% for every cell of the default
+grid, the plan's share of the grid's time) are timings: benchmarks/plan_accuracy.py measures and prints them. Here
+the deterministic ones are checked against the cells' own measurements (bytes saved for backward, step counts), the
+memory prediction against a fresh worker's peak (a predicted out-of-memory, on both sides of the limit), and the
+files another reader takes (plan.parquet, the report's table and figure).
+"""
+
+import math
+
+import pytest
+
+from bench.plan import largest_batch, memory_line, predict, slurm_requeues
+from bench.slurm import AUTO, SlurmSettings, auto_timeout_min, parse_slurm_time, task_groups
+from bench.cell import Cell
+from reports.aggregate import plan_vs_measured, read_plan
+from reports.results import load_results
+
+from .helpers import cli
+
+pytestmark = pytest.mark.slow
+
+
+def grid(tmp_path, name, body: str):
+    p = tmp_path / f"{name}.toml"
+    p.write_text(f'name = "{name}"\n' + body)
+    return p
+
+
+def test_plan_then_run_then_report(tmp_path):
+    """A plan of four train cells (no cell run yet), the cells run, the report's plan section: the saved bytes
+    predicted are the ones measured, each cell's steps are the registry's sizes over the batch, and the report's
+    table and figure carry the plan's and the rows' figures. Planned again, the stored cells count as measured."""
+    g = grid(tmp_path, "four", '[axes]\nmethod = ["bptt_m", "rate_m"]\nT = [1, 2]\n[fixed]\narch = "cnn_digits"\n'
+             'dataset = "digits"\nepochs = 2\nbatch_size = 32\neval_batch_size = 360\ndevice = "cpu"\n')
+    out = tmp_path / "res"
+    r = cli("plan", str(g), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "4 step configuration(s) to probe for 4 cell(s)" in r.stderr
+    plan = read_plan(out)
+    assert len(plan) == 4 and (plan["source"] == "probed").all()
+    assert (plan["predicted_steps"] == 2 * math.ceil(1437 / 32)).all()  # the digits split: 1437 training samples
+    for col in ("predicted_cell_wall_s", "predicted_step_time_ms_median", "predicted_saved_for_backward_mib",
+                "predicted_peak_rss_mib"):
+        assert plan[col].notna().all() and (plan[col] > 0).all(), col
+    parts = plan[[c for c in plan if c.startswith("predicted_time_") and c != "predicted_time_start_s"]]
+    assert (parts.sum(axis=1) - plan["predicted_cell_wall_s"]).abs().max() < 1e-9  # the wall is its parts
+    for label in plan["label"]:
+        assert label in r.stdout
+    assert "4 cell(s):" in r.stdout and "device-hour" in r.stdout
+
+    assert cli("run", str(g), "--out", str(out)).returncode == 0
+    cells = load_results(out)
+    cmp = plan_vs_measured(read_plan(out), cells)
+    assert len(cmp) == 4
+    # the bytes autograd saves depend on the configuration alone: the probe's memory step is the cell's
+    assert (cmp["error_saved_mib_pct"].abs() < 2.0).all(), cmp[["cell", "predicted_saved_mib", "measured_saved_mib"]]
+    # the peak resident memory of the probe's worker is a fresh cell worker's, within a few percent
+    assert (cmp["error_memory_pct"].abs() < 10.0).all(), cmp[["cell", "predicted_memory_mib", "measured_memory_mib"]]
+
+    rep = cli("report", str(out))
+    assert rep.returncode == 0, rep.stderr
+    md = (out / "report" / "summary.md").read_text()
+    assert "## Plan against measurement" in md and "4 cell(s) planned and measured" in md
+    for row in cmp.itertuples():
+        assert f"{row.measured_wall_s:.2f}" in md and f"{row.predicted_wall_s:.2f}" in md
+    from reports.figures import fig_plan
+
+    fig, _ = fig_plan(cmp, out=tmp_path / "figs")
+    pts = [c for c in fig.axes[0].collections if c.get_gid() == "cells"][0].get_offsets()
+    assert sorted(map(tuple, pts.tolist())) == sorted(zip(cmp["measured_wall_s"], cmp["predicted_wall_s"]))
+
+    again = cli("plan", str(g), "--out", str(out))
+    assert again.returncode == 0 and "4 cell(s) stored ok by this code" in again.stderr
+    plan2 = read_plan(out).set_index("key")
+    assert (plan2["source"] == "measured").all()
+    meas = cells.set_index("key")
+    assert (plan2["predicted_cell_wall_s"] == meas.loc[plan2.index, "cell_wall_s"]).all()
+
+
+def test_plan_needs_no_dataset_file(tmp_path):
+    """A CIFAR-10 cell is planned without --data-root: random input of its shape, its steps from the registry."""
+    g = grid(tmp_path, "cifar", '[axes]\nmethod = ["bptt_m"]\n[fixed]\narch = "cnn_digits"\ndataset = "cifar10"\n'
+             'T = 1\nepochs = 3\nbatch_size = 128\neval_batch_size = 500\ndevice = "cpu"\n'
+             'arch_options = { widths = [4, 4, 4] }\n')
+    r = cli("plan", str(g), "--out", str(tmp_path / "res"))
+    assert r.returncode == 0, r.stderr
+    plan = read_plan(tmp_path / "res")
+    assert plan["predicted_steps"].tolist() == [3 * math.ceil(50000 / 128)]
+    assert plan["source"].tolist() == ["probed"]
+
+
+def test_a_predicted_out_of_memory_holds_on_both_sides(tmp_path):
+    """A grid whose [slurm] mem_gb is less than its cell needs: the plan flags the cell with the largest batch that
+    fits, and fresh workers confirm both sides: the cell at its batch goes above the limit, at the batch the plan
+    names it stays below."""
+    body = ('[axes]\nmethod = ["bptt_m"]\n[fixed]\narch = "cnn_digits"\ndataset = "digits"\nT = 8\nepochs = 1\n'
+            'batch_size = 1024\neval_batch_size = 64\ndevice = "cpu"\nwarmup_steps = 0\n')
+    free = grid(tmp_path, "free", body)
+    assert cli("plan", str(free), "--out", str(tmp_path / "p0"), "--memory-mib", "1e9").returncode == 0
+    p0 = read_plan(tmp_path / "p0").iloc[0]
+    a, b = p0["memory_intercept_mib"], p0["memory_per_sample_mib"]
+    assert b > 0
+    limit = a + b * 768  # between the probe's two batch sizes (512 and 1024)
+    tight = grid(tmp_path, "tight", body + f"[slurm]\nmem_gb = {limit / 1024:.6f}\n")
+    r = cli("plan", str(tight), "--out", str(tmp_path / "p1"))
+    assert r.returncode == 0, r.stderr
+    p1 = read_plan(tmp_path / "p1").iloc[0]
+    assert p1["fits"] == False and p1["memory_limit_from"] == "the grid's [slurm] mem_gb"  # noqa: E712
+    fit = int(p1["max_batch_size"])
+    assert 700 <= fit <= 840, fit
+    assert f"OOM: batch <= {fit} fits" in r.stdout and "predicted not to fit" in r.stdout
+    # what fresh cell workers measure at the two batch sizes
+    for batch, above in ((1024, True), (fit, False)):
+        out = tmp_path / f"run{batch}"
+        assert cli("run", str(free), "--out", str(out), "--set", f"batch_size={batch}").returncode == 0
+        peak = load_results(out)["peak_rss_mib"].iloc[0]
+        assert (peak > limit) if above else (peak <= limit * 1.03), (batch, peak, limit)
+
+
+def test_plan_bad_input_is_one_message(tmp_path):
+    for args, msg in ((["plan", "no_such_grid"], "no_such_grid"), (["plan", "default", "--memory-mib", "-5"], "--memory-mib")):
+        r = cli(*args)
+        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_auto_slurm_settings_need_a_plan(tmp_path):
+    """timeout_min=auto without plan.parquet: one message before anything is submitted (sbatch is not reached)."""
+    g = grid(tmp_path, "g", '[axes]\nmethod = ["bptt_m"]\n[fixed]\narch = "mlp"\ndataset = "digits"\nT = 1\n')
+    r = cli("run", str(g), "--slurm", "--slurm-set", "timeout_min=auto", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "plan.parquet" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+# ---------------------------------------------------------------- the arithmetic, against hand-worked figures
+
+
+def test_memory_line_and_largest_batch():
+    p = {"memory_at": [[16, 100 * 2**20], [32, 132 * 2**20]]}
+    a, b = memory_line(p)
+    assert (a / 2**20, b / 2**20) == (68.0, 2.0)
+    assert largest_batch({"memory_intercept_mib": 68.0, "memory_per_sample_mib": 2.0}, "peak_rss_mib", 100.0) == 16
+    assert largest_batch({"memory_intercept_mib": 68.0, "memory_per_sample_mib": 2.0}, "peak_rss_mib", 60.0) is None
+
+
+def test_predicted_wall_is_the_sum_of_its_parts():
+    """One train cell from a hand-made probe: 45 batches x 3 epochs, 2 warm-up steps, evaluation of 360 samples
+    in one batch of 360 (cold once, analyses once), 2 epoch-end checkpoints."""
+    cell = Cell(method="bptt_m", arch="cnn_digits", dataset="digits", T=1, epochs=3, batch_size=32,
+                eval_batch_size=360, warmup_steps=2)
+    probe = {"parts": {"device": 0.1, "meters": 0.2, "model": 0.3, "data": 0.4, "warmup": 0.06}, "step_ms": [9, 10, 11],
+             "data_wait_ms": [1.0, 1.0], "eval_cold_s": 0.5, "eval_batch_s": 0.2, "analyses_batch_s": 0.3,
+             "checkpoint_s": 0.05, "store_s": 0.07, "saved_bytes": 2**20, "memory_at": [[16, 0], [32, 0]],
+             "peak_rss_bytes": 2**30, "start_s": 0.04}
+    row = predict(cell, probe)
+    steps = 45 * 3
+    assert row["predicted_steps"] == steps
+    assert math.isclose(row["predicted_time_steps_s"], (steps - 3) * 0.010)
+    assert math.isclose(row["predicted_time_data_s"], 0.4 + steps * 0.001)
+    assert math.isclose(row["predicted_time_eval_s"], 0.5 - 0.2 + 3 * 0.2 + 0.3 - 0.2)
+    assert math.isclose(row["predicted_time_checkpoint_s"], 2 * 0.05)
+    assert math.isclose(row["predicted_cell_wall_s"], 0.1 + 0.2 + 0.3 + 0.4 + steps * 0.001 + 0.06 + (steps - 3) * 0.010
+                        + 0.5 - 0.2 + 3 * 0.2 + 0.3 - 0.2 + 0.1 + 0.07)
+    assert row["predicted_saved_for_backward_mib"] == 1.0 and row["predicted_peak_rss_mib"] == 1024.0
+
+
+def test_slurm_time_limits_from_a_plan():
+    assert [parse_slurm_time(t) for t in ("UNLIMITED", "infinite", "1-00:00:00", "04:00:00", "30:00", "45", "2-12")] \
+        == [None, None, 1440, 240, 30, 45, 3600]
+    # predicted 10 min: +25%, + the 120 s signal lead, + 2 min -> ceil(12.5 + 2) + 2 = 17; capped by a partition
+    assert auto_timeout_min(600, 120) == 17 and auto_timeout_min(600, 120, cap_min=15) == 15
+    assert slurm_requeues(3 * 3600, 60, 120) == 3 and slurm_requeues(100, 60, 120) == 0
+
+
+def test_cells_per_task_auto_packs_in_order():
+    cells = [Cell(method="bptt_m", arch="mlp", dataset="digits", T=t) for t in range(1, 7)]
+    pred = dict(zip([c.key for c in cells], [20, 20, 50, 100, 10, 10]))  # seconds
+    s = SlurmSettings(cells_per_task=AUTO, target_task_min=1.0)
+    groups = task_groups(cells, s, pred)
+    assert [[pred[c.key] for c in g] for g in groups] == [[20, 20], [50], [100], [10, 10]]
+    assert [len(g) for g in task_groups(cells, SlurmSettings(cells_per_task=4), None)] == [4, 2]
+    assert SlurmSettings.make({"timeout_min": "auto"}, {"cells_per_task": "auto"}, cells).cells_per_task == AUTO
+    with pytest.raises(Exception, match="int or 'auto'"):
+        SlurmSettings.make({"timeout_min": "soon"}, {}, cells)
+
