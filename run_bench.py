@@ -256,13 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="cmd", parser_class=_Parser)
     r = sub.add_parser("run", help="run a grid (a name in grids/ or a TOML path)")
-    r.add_argument("grid")
-    r.add_argument("--filter", action="append", default=[], metavar="FIELD=V1,V2", help="keep cells whose FIELD is one of the values")
-    r.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a field of every cell")
-    r.add_argument("--data-root", help="folder that holds the datasets")
-    r.add_argument("--out", help="results folder (default results/<grid>)")
-    r.add_argument("--device", help="cpu, cuda, cuda:N, or auto (cuda if available); overrides the grid's own "
-                                     "device (default: the grid's, else auto)")
+    _cells_arguments(r, data_root="folder that holds the datasets", out="results folder (default results/<grid>)")
     r.add_argument("--reuse-stale", action="store_true",
                    help="keep cells stored ok by other code (stale) instead of rerunning them; report and check mark them")
     g = r.add_mutually_exclusive_group()
@@ -286,13 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--poll-s", type=float, default=POLL_S,
                    help=f"with --slurm: how often to look at the queue, in seconds (default {POLL_S:g})")
     pl = sub.add_parser("plan", help="predict a grid's time, memory and energy from short probes, before it runs")
-    pl.add_argument("grid")
-    pl.add_argument("--filter", action="append", default=[], metavar="FIELD=V1,V2", help="keep cells whose FIELD is one of the values")
-    pl.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a field of every cell")
-    pl.add_argument("--device", help="cpu, cuda, cuda:N, or auto: the device the grid will run on (probed here)")
-    pl.add_argument("--data-root", help="accepted as run's; a plan reads no dataset file (sizes come from the registry)")
-    pl.add_argument("--out", help="results folder: its cells stored ok count as measured; plan.parquet goes there "
-                                  "(default results/<grid>)")
+    _cells_arguments(pl, data_root="accepted as run's; a plan reads no dataset file (sizes come from the registry)",
+                     out="results folder: its cells stored ok count as measured; plan.parquet goes there "
+                         "(default results/<grid>)")
     pl.add_argument("--memory-mib", type=float, metavar="MIB", help="the memory a cell may use (default: the GPU's; "
                     "on a CPU this machine's, the cgroup's or the grid's [slurm] mem_gb, whichever is least)")
     pl.add_argument("--top", type=int, default=30, metavar="N", help="rows of the printed table (0: all)")
@@ -345,6 +335,17 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="ok / stale / failed / missing / running cells of a results folder")
     st.add_argument("dir")
     return p
+
+
+def _cells_arguments(p: argparse.ArgumentParser, data_root: str, out: str) -> None:
+    """The arguments that pick a grid's cells and where they go (run and plan)."""
+    p.add_argument("grid")
+    p.add_argument("--filter", action="append", default=[], metavar="FIELD=V1,V2", help="keep cells whose FIELD is one of the values")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a field of every cell")
+    p.add_argument("--data-root", help=data_root)
+    p.add_argument("--out", help=out)
+    p.add_argument("--device", help="cpu, cuda, cuda:N, or auto (cuda if available); overrides the grid's own "
+                                    "device (default: the grid's, else auto)")
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):

@@ -56,9 +56,12 @@ class ProgressDisplay:
     """One status line: cells done/left, every running cell (with its slot when cells run side by side), epoch
     and step, ETA. Thread-safe: the slots of a pool report from their own threads."""
 
-    def __init__(self, total: int, stream=None, work_left: float | None = None, slots: int = 1) -> None:
+    def __init__(self, total: int, stream=None, work_left: float | None = None, slots: int = 1,
+                 cost: Callable[[Cell], float] | None = None, seconds: bool = False) -> None:
         self.total, self.done, self.slots = total, 0, max(1, slots)
         self.work_left = work_left  # estimated cost of the cells still to run (ETA weighting)
+        self.cost = cost or cell_cost  # a cell's estimated cost
+        self.seconds = seconds  # the costs are predicted seconds (a plan's): an ETA before any cell has ended
         self._work_done = 0.0
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
@@ -69,7 +72,7 @@ class ProgressDisplay:
 
     def start_cell(self, cell: Cell, slot: str | None = None) -> None:
         with self._lock:
-            self.running[slot] = {"label": cell.label, "t0": time.perf_counter(), "work": cell_cost(cell), "detail": {}}
+            self.running[slot] = {"label": cell.label, "t0": time.perf_counter(), "work": self.cost(cell), "detail": {}}
             self.render(force=True)
 
     def update(self, detail: dict, slot: str | None = None) -> None:
@@ -96,6 +99,9 @@ class ProgressDisplay:
 
     def eta_s(self) -> float | None:
         left = self.total - self.done
+        if not self._cell_times and self.seconds and self.work_left is not None:
+            spent = sum(time.perf_counter() - r["t0"] for r in self.running.values())
+            return max(self.work_left - spent, 0.0) / self.slots
         if not self._cell_times:
             for r in self.running.values():
                 d = r["detail"]
@@ -224,7 +230,12 @@ def _run_here(todo: list[Cell], total: int, out: Path, data_root, launcher: str,
               outcome: GridOutcome, stream, server: ForkServer | None = None) -> None:
     """Run ``todo`` on this machine, one worker per cell and slot (or in this process), fidelity cells after the
     others; a stop signal to this process reaches the running workers, and no further cell starts."""
-    display = ProgressDisplay(total, stream, work_left=sum(cell_cost(c) for c in todo), slots=len(slots))
+    from .plan import plan_seconds
+
+    planned = plan_seconds(out)  # the folder's plan, where it predicts every cell to run: the ETA in seconds
+    cost = (lambda c: planned[c.key]) if planned and all(c.key in planned for c in todo) else cell_cost
+    display = ProgressDisplay(total, stream, work_left=sum(cost(c) for c in todo), slots=len(slots), cost=cost,
+                              seconds=cost is not cell_cost)
     display.done = total - len(todo)
     STOP.clear()
     STOP.install()

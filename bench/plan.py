@@ -38,9 +38,15 @@ from .cell import Cell
 from .errors import UsageError
 
 MIB = 2**20
+PROBE_PREFIX = "@snnbench-probe "  # a probe's stdout line that carries its measurement (bench/plan_probe.py)
 TIMED_S = 0.3  # each probe times training steps until this many seconds of them (at least MIN_STEPS)
 MIN_STEPS = 3
-PROBE_WARMUP = 2  # a probe's cold first steps (at half the batch), which stand for a cell's first two
+# the largest batch that fits keeps this share of the device's memory free, by memory column: the same cell's peak
+# moves between runs (on a CPU with the heap's layout: tests/test_plan.py saw the same cell's resident peak 1.80 to
+# 2.07 GiB, and the line's point at a batch up to 9% below a run's peak; the CUDA allocator's peak is the same each
+# run, but the context, the cache and its fragments come on top of it)
+MEMORY_HEADROOM = {"peak_rss_mib": 0.15, "peak_alloc_mib": 0.05}
+PROBE_WARMUP = 2  # a probe's warm-up steps (a cell's first steps are cold), before its memory step
 # the fields that change what one training step costs: cells equal in these share a probe
 STEP_FIELDS = ("method", "method_options", "arch", "arch_options", "neuron", "dataset", "T", "batch_size",
                "eval_batch_size", "optimizer", "precision", "backend", "device", "devices")
@@ -79,8 +85,7 @@ def probes_needed(cells: list[Cell]) -> dict[str, Cell]:
 def run_probes(configs: dict[str, Cell], server=None, stream=None, timed_s: float = TIMED_S) -> dict[str, dict]:
     """Probe each configuration in a worker of its own (a child of ``server`` where it can serve one, else a fresh
     process), one after another so none shares the device; step_config -> the probe's figures."""
-    from .plan_probe import PROBE_PREFIX
-    from .spawn import start_worker, worker_env
+    from .spawn import worker_env
 
     stream = stream or sys.stderr
     got: dict[str, dict] = {}
@@ -89,24 +94,36 @@ def run_probes(configs: dict[str, Cell], server=None, stream=None, timed_s: floa
         stream.write(f"probe {i}/{len(configs)}: {cell.method} {cell.arch} {cell.dataset} T={cell.T} "
                      f"batch {cell.batch_size} on {cell.device}\n")
         stream.flush()
-        args = ["--cell", json.dumps(cell.config()), "--timed-s", repr(timed_s), "--min-steps", str(MIN_STEPS),
-                "--requested-at", repr(time.time())]
-        with tempfile.TemporaryFile("w+") as log:
-            proc = start_worker(args, env, log, server, module="bench.plan_probe")
-            result = None
-            for line in proc.stdout:
-                if line.startswith(PROBE_PREFIX):
-                    result = json.loads(line[len(PROBE_PREFIX):])
-            rc = proc.wait()
-            if result is None:
-                log.seek(0)
-                tail = log.read()[-1500:]
-                killed = rc == -9
-                result = {"status": "oom" if killed else "error",
-                          "error": ("probe killed by SIGKILL (most likely the out-of-memory killer)" if killed
-                                    else f"probe exited with code {rc}") + (f"; log tail:\n{tail}" if tail else "")}
-        got[key] = result
+        got[key] = result = _probe(cell, ["--timed-s", repr(timed_s), "--min-steps", str(MIN_STEPS)], env, server)
+        half = max(cell.batch_size // 2, 1)
+        if half < cell.batch_size:  # the memory's line in the batch size: a second point, read as the first was
+            other = _probe(replace(cell, batch_size=half), ["--min-steps", str(MIN_STEPS), "--timed-s", "0",
+                                                             "--memory-only"], env, server)
+            reads = [r.get("memory_reading") for r in (other, result)]
+            result["memory_at"] = reads if all(reads) else []
     return got
+
+
+def _probe(cell: Cell, args: list[str], env: dict, server) -> dict:
+    """One probe worker's figures, or a failure's (``oom`` for SIGKILL, else ``error``, with its log's tail)."""
+    from .spawn import start_worker
+
+    args = ["--cell", json.dumps(cell.config()), *args, "--requested-at", repr(time.time())]
+    with tempfile.TemporaryFile("w+") as log:
+        proc = start_worker(args, env, log, server, module="bench.plan_probe")
+        result = None
+        for line in proc.stdout:
+            if line.startswith(PROBE_PREFIX):
+                result = json.loads(line[len(PROBE_PREFIX):])
+        rc = proc.wait()
+        if result is None:
+            log.seek(0)
+            tail = log.read()[-1500:]
+            killed = rc == -9
+            result = {"status": "oom" if killed else "error",
+                      "error": ("probe killed by SIGKILL (most likely the out-of-memory killer)" if killed
+                                else f"probe exited with code {rc}") + (f"; log tail:\n{tail}" if tail else "")}
+    return result
 
 
 # ---------------------------------------------------------------- from a probe to a cell
@@ -118,14 +135,17 @@ def _median(xs: list[float]) -> float:
     return (s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2) if n else 0.0
 
 
-def memory_line(p: dict) -> tuple[float, float] | None:
-    """(intercept, slope) in bytes of the peak memory against the batch size, from the probe's two batches."""
+def memory_line(p: dict, peak: float | None = None) -> tuple[float, float] | None:
+    """(intercept, slope) in bytes of the peak memory against the batch size: the slope from the probes' readings
+    at two batch sizes (``memory_at``, read at the same point of two fresh workers), the line through the cell's
+    predicted ``peak`` at its batch (what the cell adds after that point, its evaluation say, is the same at any
+    batch), or through the reading where no peak is given."""
     pts = p.get("memory_at") or []
     if len(pts) < 2 or pts[1][0] == pts[0][0]:
         return None
     (b0, m0), (b1, m1) = pts[0], pts[1]
     slope = max((m1 - m0) / (b1 - b0), 0.0)
-    return m1 - slope * b1, slope
+    return (peak if peak is not None else m1) - slope * b1, slope
 
 
 def train_batches(cell: Cell) -> tuple[int, float]:
@@ -183,7 +203,6 @@ def predict(cell: Cell, p: dict, ref: dict | None = None) -> dict:
     row["predicted_saved_for_backward_mib"] = saved / MIB if saved is not None else None
     e = p.get("energy_per_step_j")
     row["predicted_energy_j"] = e * steps if e is not None and steps else None
-    line = memory_line(p)
     col = memory_column(cell.device)
     if col == "peak_alloc_mib":
         train_peak = p.get("train_peak")
@@ -191,6 +210,7 @@ def predict(cell: Cell, p: dict, ref: dict | None = None) -> dict:
     else:
         peak = p.get("peak_rss_bytes")
     row[f"predicted_{col}"] = peak / MIB if peak is not None else None
+    line = memory_line(p, peak)
     row["memory_intercept_mib"], row["memory_per_sample_mib"] = (line[0] / MIB, line[1] / MIB) if line else (None, None)
     row["eval_peak_mib"] = (p.get("eval_peak") or 0.0) / MIB or None
     return row
@@ -226,14 +246,15 @@ def memory_limit(device: str, spec: dict, explicit_mib: float | None = None) -> 
 
 
 def largest_batch(row: dict, col: str, limit_mib: float) -> int | None:
-    """The largest batch size whose predicted peak memory fits in ``limit_mib`` (from the fitted line), None where
-    none does or nothing was fitted."""
+    """The largest batch size whose predicted peak memory (the fitted line) leaves ``MEMORY_HEADROOM`` of
+    ``limit_mib`` free; None where none does or nothing was fitted."""
     a, b = row.get("memory_intercept_mib"), row.get("memory_per_sample_mib")
-    if a is None or b is None:
+    usable = limit_mib * (1.0 - MEMORY_HEADROOM[col])
+    if a is None or b is None or (isinstance(a, float) and math.isnan(a)):
         return None
     if b <= 0:
-        return None if a > limit_mib else 1 << 30
-    n = math.floor((limit_mib - a) / b)
+        return None if a > usable else 1 << 30
+    n = math.floor((usable - a) / b)
     return n if n >= 1 else None
 
 
@@ -289,6 +310,11 @@ def make_plan(cells: list[Cell], out: Path, spec: dict, memory_mib: float | None
         stream.write(f"{len(measured)} cell(s) stored ok by this code: their measured figures count\n")
     stream.write(f"{len(configs)} step configuration(s) to probe for {len(todo)} cell(s)\n")
     probes = run_probes(configs, server, stream, timed_s) if configs else {}
+    # a worker's start: the first waited for the fork server to finish importing, which a grid's first cell does
+    # once; every cell is given the probes' median
+    starts = [p["start_s"] for p in probes.values() if p.get("start_s") is not None]
+    for p in probes.values():
+        p["start_s"] = _median(starts) if starts else None
     slurm = spec.get("slurm") or {}
     timeout = slurm.get("timeout_min") if isinstance(slurm, dict) else None
     delay = slurm.get("signal_delay_s", 120) if isinstance(slurm, dict) else 120
@@ -410,23 +436,29 @@ def render_plan(df, top: int = 30) -> str:
 # ---------------------------------------------------------------- Slurm sized from the plan
 
 
-def predicted_seconds(out: Path, cells: list[Cell]) -> dict[str, float]:
-    """key -> predicted seconds of each cell (its start and its wall time), from ``out``'s plan.parquet; a
-    UsageError where there is no plan or a cell has no prediction in it."""
+def plan_seconds(out: Path) -> dict[str, float]:
+    """key -> predicted seconds (its start and its wall time) of each cell ``out``'s plan.parquet predicts; empty
+    where there is none."""
     from reports.aggregate import read_plan
 
     plan = read_plan(out)
-    where = Path(out) / PLAN_FILE
-    if plan is None:
-        raise UsageError(f"timeout_min=auto and cells_per_task=auto size the tasks from {where}, which is not there: "
-                         f"run `run_bench.py plan GRID --out {out}` with the same --filter and --set first, where the "
-                         "tasks will run (a node of the partition)")
-    pred = {}
-    for r in plan.to_dict("records"):
+    pred: dict[str, float] = {}
+    for r in plan.to_dict("records") if plan is not None and "predicted_cell_wall_s" in plan else []:
         wall = r.get("predicted_cell_wall_s")
         if wall is not None and not math.isnan(wall):
             start = r.get("predicted_time_start_s")
             pred[r["key"]] = float(wall) + (float(start) if start is not None and not math.isnan(start) else 0.0)
+    return pred
+
+
+def predicted_seconds(out: Path, cells: list[Cell]) -> dict[str, float]:
+    """``plan_seconds`` of the cells; a UsageError where there is no plan or a cell has no prediction in it."""
+    pred = plan_seconds(out)
+    where = Path(out) / PLAN_FILE
+    if not (Path(out) / PLAN_FILE).is_file():
+        raise UsageError(f"timeout_min=auto and cells_per_task=auto size the tasks from {where}, which is not there: "
+                         f"run `run_bench.py plan GRID --out {out}` with the same --filter and --set first, where the "
+                         "tasks will run (a node of the partition)")
     missing = [c.label for c in cells if c.key not in pred]
     if missing:
         raise UsageError(f"{len(missing)} cell(s) have no prediction in {where} (planned with other settings, or their "

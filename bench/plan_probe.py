@@ -5,9 +5,10 @@ It goes through what a cell goes through, in the same order and with the runner'
 ``StepMeasure``, ``evaluate``, ``CellCheckpoint``, ``store_result``), but briefly: the parts of the cell's set-up
 once, its warm-up steps and memory step, then training steps until ``--timed-s`` seconds of them (at least
 ``--min-steps``), one evaluation batch cold, warm and with the last epoch's analyses, two checkpoints, and the
-storing of a row. Before the cell's batch it takes two steps at half the batch, so the plan can fit the peak
-memory as a line in the batch size (on a CPU the resident high-water mark only grows: the smaller batch goes
-first). The data is the dataset's own where it ships in memory (digits), else random input of its shape
+storing of a row. ``--memory-only`` stops at the memory reading after ``--min-steps`` timed steps: the plan runs
+that at half the batch in a worker of its own, so the two points of the peak memory's line in the batch size are
+read at the same point of two fresh processes (on a CPU the resident high-water mark only grows, and a process's
+earlier steps leave their heap behind). The data is the dataset's own where it ships in memory (digits), else random input of its shape
 (``synthetic:<name>``), so no dataset file is needed. bench/plan.py turns these figures into a cell's prediction.
 """
 
@@ -25,7 +26,6 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-PROBE_PREFIX = "@snnbench-probe "  # the stdout line that carries the probe's measurement
 
 
 def _peak_memory(device) -> float:
@@ -48,26 +48,24 @@ def _reset_peak(device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def _half(x, y, n: int, events: bool):
-    return (x[:, :n], y[:n]) if events else (x[:n], y[:n])
-
-
-def probe(cell, timed_s: float = 0.3, min_steps: int = 3, max_steps: int = 200, requested_at: float | None = None) -> dict:
+def probe(cell, timed_s: float = 0.3, min_steps: int = 3, max_steps: int = 200, requested_at: float | None = None,
+          memory_only: bool = False) -> dict:
     """The measurements of one step configuration (``cell``: any cell of it). Never raises: a failure is
-    ``{"status": "oom" | "error", "error": ...}`` with what was measured before it."""
+    ``{"status": "oom" | "error", "error": ...}`` with what was measured before it.
+
+    ``memory_reading``: [batch, the peak memory column] after ``min_steps`` timed steps, a point of the memory's
+    line in the batch size that a probe of another batch size reads at the same point; ``memory_only`` stops there."""
     t_start = time.perf_counter()
     started_at = time.time()
     import torch
 
-    from methods import METHODS, MethodConfig
-    from methods.layers import set_backend, set_precision
-
     from .checkpoint import CellCheckpoint
+    from .plan import PROBE_WARMUP
     from .data import dataset_info, get_loaders, synthetic
     from .energy import Span, pick
     from .rows import PartClock, Result, store_result
-    from .runner import (Meters, StepMeasure, _first_row, _set_up_device, _timed, evaluate, failure_status,
-                         make_optimizer, make_schedule)
+    from .runner import (Meters, StepMeasure, _first_row, _set_up_device, _timed, build_model, evaluate,
+                         failure_status, make_optimizer, make_schedule)
 
     clock = PartClock()
     got: dict = {"status": "ok", "start_s": started_at - requested_at if requested_at is not None else None}
@@ -80,7 +78,6 @@ def probe(cell, timed_s: float = 0.3, min_steps: int = 3, max_steps: int = 200, 
     with clock.part("device"):
         row = _first_row(cell, device, meters, 1)
     B = max(cell.batch_size // max(cell.devices, 1), 1)  # a rank's batch: a multi-device cell is probed on one device
-    half = max(B // 2, 1)
     try:
         with clock.part("meters"):
             meters.rss.start()
@@ -89,11 +86,7 @@ def probe(cell, timed_s: float = 0.3, min_steps: int = 3, max_steps: int = 200, 
         with clock.part("data"):
             info = dataset_info(cell.dataset)
         with clock.part("model"):
-            method = METHODS[cell.method](MethodConfig(T=cell.T, neuron=cell.neuron, options=dict(cell.method_options)))
-            model = method.build(cell.arch, num_classes=info.num_classes, in_channels=info.shape[0],
-                                 input_shape=info.shape, **cell.arch_options).to(device)
-            set_backend(model, cell.backend)
-            set_precision(model, cell.precision, device.type)
+            method, model = build_model(cell, info, device)
             opt = make_optimizer(cell, model)
             make_schedule(cell, opt, cell.epochs)
         got["num_params"] = sum(p.numel() for p in model.parameters())
@@ -110,17 +103,8 @@ def probe(cell, timed_s: float = 0.3, min_steps: int = 3, max_steps: int = 200, 
         model.train()
         batches = train.batches(0)
         first = next(batches)
-        # half the batch, twice (the first warms up): a second point of the memory's line in the batch size
-        _reset_peak(device)
-        xh, yh = _half(*first, half, info.events)
-        with clock.part("warmup"):  # a cell's first steps are cold: these are the probe's
-            for i in range(2):
-                if i == 1:
-                    _reset_peak(device)
-                method.train_step(model, xh.to(device), yh.to(device), opt)
-        got["memory_at"] = [[half, _peak_memory(device)]]
-        # the cell's batch: its warm-up steps, memory step and timed steps, as a cell takes them
-        measure = StepMeasure(method, model, opt, device, 0, B, clock)
+        # a cell's steps: its warm-up steps, memory step and timed steps, on its batches
+        measure = StepMeasure(method, model, opt, device, PROBE_WARMUP, B, clock)
         span = None
         steps = _timed(_cycle(train, batches, first))
         while True:
@@ -129,12 +113,17 @@ def probe(cell, timed_s: float = 0.3, min_steps: int = 3, max_steps: int = 200, 
             wait_ms, (x, y) = next(steps)
             measure.step(x, y, wait_ms)
             timed = measure.step_ms
+            if len(timed) == min_steps:
+                got["memory_reading"] = [B, _peak_memory(device)]
+                if memory_only:
+                    break
             if len(timed) >= max_steps or (len(timed) >= min_steps and sum(timed) >= timed_s * 1e3):
                 break
             if STOP.requested:
                 raise RuntimeError(f"stopped by {STOP.name}")
+        if memory_only:
+            return {**got, "parts": dict(clock.seconds)}
         columns = measure.columns()
-        got["memory_at"].append([B, _peak_memory(device)])
         if span is not None:
             joules = pick(meters.window.energy, span.end())
             got["energy_per_step_j"] = joules / len(measure.step_ms) if joules is not None else None
@@ -197,14 +186,17 @@ def _cycle(train, batches, first):
 
 def main(argv=None) -> int:
     from .cell import Cell
+    from .plan import PROBE_PREFIX
 
     p = argparse.ArgumentParser()
     p.add_argument("--cell", required=True)
     p.add_argument("--timed-s", type=float, default=0.3)
     p.add_argument("--min-steps", type=int, default=3)
     p.add_argument("--requested-at", type=float)
+    p.add_argument("--memory-only", action="store_true", help="stop at the memory reading after --min-steps timed steps")
     a = p.parse_args(argv)
-    got = probe(Cell(**json.loads(a.cell)), a.timed_s, a.min_steps, requested_at=a.requested_at)
+    got = probe(Cell(**json.loads(a.cell)), a.timed_s, a.min_steps, requested_at=a.requested_at,
+                memory_only=a.memory_only)
     if got.get("error"):
         print(got["error"], file=sys.stderr)
     print(PROBE_PREFIX + json.dumps(got), flush=True)

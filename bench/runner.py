@@ -47,6 +47,17 @@ def _seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def build_model(cell: Cell, info, device: torch.device):
+    """(the cell's method, its model on ``device`` with the cell's backend and precision); ``info``: the dataset's
+    DatasetInfo."""
+    method = METHODS[cell.method](MethodConfig(T=cell.T, neuron=cell.neuron, options=dict(cell.method_options)))
+    model = method.build(cell.arch, num_classes=info.num_classes, in_channels=info.shape[0],
+                         input_shape=info.shape, **cell.arch_options).to(device)
+    set_backend(model, cell.backend)
+    set_precision(model, cell.precision, device.type)
+    return method, model
+
+
 def make_optimizer(cell: Cell, model: torch.nn.Module) -> torch.optim.Optimizer:
     """Weight decay on conv/linear weights only (parameters with more than one dim); BN and biases get 0."""
     decay = [p for p in model.parameters() if p.dim() > 1]
@@ -618,12 +629,8 @@ def _train_or_profile(cell: Cell, device: torch.device, data_root, row: dict, ep
     with clock.part("data"):
         info = dataset_info(cell.dataset)
     with clock.part("model"):
-        method = METHODS[cell.method](MethodConfig(T=cell.T, neuron=cell.neuron, options=dict(cell.method_options)))
-        model = method.build(cell.arch, num_classes=info.num_classes, in_channels=info.shape[0],
-                             input_shape=info.shape, **cell.arch_options).to(device)
+        method, model = build_model(cell, info, device)
         row["num_params"] = count_parameters(model)
-        set_backend(model, cell.backend)
-        set_precision(model, cell.precision, device.type)
         opt = make_optimizer(cell, model)
         if ranks is not None:
             if method.data_parallel is not None:

@@ -40,8 +40,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-# seconds per part: (on a GPU, full size; --quick). The full limits add up to 8 minutes, an H100/H200 slot's share.
-LIMITS = {"gpu-tests": (60, 120), "gate": (170, 90), "train": (80, 150), "resume": (40, 60), "aa": (60, 120),
+# seconds per part: (on a GPU, full size; --quick). The full limits add up to 8.3 minutes, an H100/H200 slot's share.
+LIMITS = {"gpu-tests": (60, 120), "gate": (170, 90), "train": (100, 180), "resume": (40, 60), "aa": (60, 120),
           "paper_cost": (40, 60), "backends": (30, 60)}
 PARTS = tuple(LIMITS)
 RESUME_TOL = {"cpu": 0.0, "cuda": 1e-3}  # relative difference of each epoch's training loss, resumed vs not
@@ -132,10 +132,22 @@ class Check:
         res = self.work / "train"
         grid = self.work / "gpu_check_train.toml"
         grid.write_text(train_grid(self.quick))
+        # planned first (bench/plan.py: a probe per configuration on this device), then run: the plan's errors
+        prc, _ = self.run_bench("plan", grid, "--device", self.device, "--out", res)
         rc, _ = self.run_bench("run", grid, "--device", self.device, "--out", res)
+        from reports.aggregate import plan_error_summary, plan_vs_measured, read_plan
         from reports.results import load_results
 
         df = load_results(res)
+        cmp = plan_vs_measured(read_plan(res), df)
+        if cmp is not None:
+            s = plan_error_summary(cmp)
+            said = ", ".join(f"{k} {s[k][0]:.1f}% / {s[k][1]:.1f}%" for k in ("wall_s", "step_ms", "saved_mib", "memory")
+                             if s[k][0] is not None)
+            p.lines.append(f"`plan gpu_check_train` (exit {prc}, {float(read_plan(res)['plan_s'].iloc[0]):.1f} s) against "
+                           f"the run, {s['cells']} cell(s), |error| median / largest: {said}")
+        else:
+            p.lines.append(f"`plan gpu_check_train`: exit {prc}, no cell both planned and measured")
         mem = self.peak_column
         p.lines.append(f"`run gpu_check_train`: exit {rc}; " + _cells_line(res))
         p.lines.append("")

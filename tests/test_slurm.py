@@ -103,6 +103,42 @@ def test_job_array_gives_the_rows_of_a_local_run(slurm, tmp_path):
     assert "submitted 4 cell" not in again.stderr
 
 
+def test_auto_time_limits_and_packing_come_from_the_plan(slurm, tmp_path):
+    """`plan` first, then `run --slurm` with timeout_min=auto and cells_per_task=auto: the cells are packed in the
+    grid's order into tasks of at most target_task_min predicted minutes (a task could not take its next cell
+    without going over), each task's sbatch script asks its predicted time + 25% + the signal's lead + 2 min (one
+    array per limit), and every cell ends ok."""
+    import math
+
+    from reports.aggregate import read_plan
+
+    g = grid_file(tmp_path, "auto", T=[1, 2, 4], epochs=1, methods=("bptt_m", "rate_m"))
+    out = tmp_path / "out"
+    p = cli("plan", str(g), "--out", str(out), env=slurm)
+    assert p.returncode == 0, p.stderr
+    plan = read_plan(out).set_index("key")
+    pred = plan["predicted_cell_wall_s"] + plan["predicted_time_start_s"]
+    target_s = max(float(pred.sum()) / 3, float(pred.max()))  # about three tasks of about two cells
+    r = cli("run", str(g), "--slurm", "--slurm-set", "timeout_min=auto", "--slurm-set", "cells_per_task=auto",
+            "--slurm-set", f"target_task_min={target_s / 60:.6f}", "--out", str(out), "--poll-s", "1",
+            env=slurm, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "timeout_min=auto" in r.stderr and "cells_per_task=auto" in r.stderr
+    jobs = json.loads((out / "slurm" / "jobs.json").read_text())
+    order = [k for j in jobs for k in j["cells"]]
+    assert sorted(order) == sorted(plan.index) and 1 < len(jobs) < len(plan)
+    for j, nxt in zip(jobs, jobs[1:] + [None]):
+        total = sum(pred[k] for k in j["cells"])
+        assert total <= target_s + 1e-6 or len(j["cells"]) == 1
+        if nxt is not None:
+            assert total + pred[nxt["cells"][0]] > target_s  # packed as full as the target lets it
+        want = math.ceil((total * 1.25 + 120) / 60) + 2  # signal_delay_s: 120 (the default)
+        assert j["timeout_min"] == want and abs(j["predicted_s"] - total) < 1e-6
+        script = next((out / "slurm").glob(f"{j['job_id'].split('_')[0]}*/*_submission.sh")).read_text()
+        assert f"#SBATCH --time={want}" in script, script
+    assert (load_results(out)["status"] == "ok").all() and len(load_results(out)) == len(plan)
+
+
 def test_a_two_rank_cell_runs_as_one_slurm_task(slurm, tmp_path):
     """devices=2 on CPU through sbatch: one task starts both gloo ranks (torch.distributed.run inside the job) and
     one row comes back, with the accuracy over the whole test set."""
