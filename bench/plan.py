@@ -135,6 +135,19 @@ def _median(xs: list[float]) -> float:
     return (s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2) if n else 0.0
 
 
+def memory_columns(p: dict) -> dict:
+    """The peak memory of a cell as a function of its batch size b, in MiB: max(``eval_peak_mib``,
+    ``memory_intercept_mib`` + ``memory_per_sample_mib`` * b): its evaluations' peak (the same at any training
+    batch), and the line of the stretches that train (set-up and first steps, the timed steps)."""
+    peaks = p.get("peaks") or {}
+    train = max([peaks[k] for k in ("start", "train") if k in peaks], default=None)
+    line = memory_line(p, train)
+    evals = [peaks[k] for k in ("eval_cold", "eval") if k in peaks]
+    return {"memory_intercept_mib": line[0] / MIB if line else None,
+            "memory_per_sample_mib": line[1] / MIB if line else None,
+            "eval_peak_mib": max(evals) / MIB if evals else None}
+
+
 def memory_line(p: dict, peak: float | None = None) -> tuple[float, float] | None:
     """(intercept, slope) in bytes of the peak memory against the batch size: the slope from the probes' readings
     at two batch sizes (``memory_at``, read at the same point of two fresh workers), the line through the cell's
@@ -204,15 +217,9 @@ def predict(cell: Cell, p: dict, ref: dict | None = None) -> dict:
     e = p.get("energy_per_step_j")
     row["predicted_energy_j"] = e * steps if e is not None and steps else None
     col = memory_column(cell.device)
-    if col == "peak_alloc_mib":
-        train_peak = p.get("train_peak")
-        peak = max(train_peak or 0.0, p.get("eval_peak") or 0.0)
-    else:
-        peak = p.get("peak_rss_bytes")
-    row[f"predicted_{col}"] = peak / MIB if peak is not None else None
-    line = memory_line(p, peak)
-    row["memory_intercept_mib"], row["memory_per_sample_mib"] = (line[0] / MIB, line[1] / MIB) if line else (None, None)
-    row["eval_peak_mib"] = (p.get("eval_peak") or 0.0) / MIB or None
+    peaks = p.get("peaks") or {}
+    row[f"predicted_{col}"] = max(peaks.values()) / MIB if peaks else None
+    row.update(memory_columns(p))
     return row
 
 
@@ -252,6 +259,9 @@ def largest_batch(row: dict, col: str, limit_mib: float) -> int | None:
     usable = limit_mib * (1.0 - MEMORY_HEADROOM[col])
     if a is None or b is None or (isinstance(a, float) and math.isnan(a)):
         return None
+    e = row.get("eval_peak_mib")
+    if e is not None and not (isinstance(e, float) and math.isnan(e)) and e > usable:
+        return None  # the evaluation alone does not fit: a smaller eval_batch_size, not a smaller batch
     if b <= 0:
         return None if a > usable else 1 << 30
     n = math.floor((usable - a) / b)
@@ -342,9 +352,7 @@ def make_plan(cells: list[Cell], out: Path, spec: dict, memory_mib: float | None
                 if c.kind == "fidelity" else None
             if p.get("status") != "ok" or not p.get("step_ms"):
                 row.update(source="probe " + str(p.get("status")), probe_error=(p.get("error") or "")[:2000])
-                line = memory_line(p)
-                if line:
-                    row["memory_intercept_mib"], row["memory_per_sample_mib"] = line[0] / MIB, line[1] / MIB
+                row.update(memory_columns(p))
             else:
                 row.update(source="probed", **predict(c, p, ref))
         peak = row.get(f"predicted_{col}")

@@ -29,23 +29,31 @@ from pathlib import Path  # noqa: E402
 
 
 def _peak_memory(device) -> float:
-    """The cell's peak memory column so far: allocator peak on CUDA (since its last reset), else the process's
-    resident high-water mark; bytes."""
+    """The peak of the cell's memory column since the last ``_reset_peak``: the CUDA allocator's, or the process's
+    resident high-water mark (VmHWM); bytes."""
     import torch
 
-    from .profile import peak_rss_bytes
+    from .profile import _vm_hwm_bytes, peak_rss_bytes
 
     if device.type == "cuda":
         return float(torch.cuda.max_memory_allocated(device))
-    return float(peak_rss_bytes())
+    return float(_vm_hwm_bytes() or peak_rss_bytes())
 
 
 def _reset_peak(device) -> None:
+    """Start a new stretch of ``_peak_memory``: the allocator's peak statistics, or the resident high-water mark
+    (/proc/self/clear_refs; where the kernel offers no reset, the stretches run together, which only raises them)."""
     import torch
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
 def probe(cell, timed_s: float = 0.3, min_steps: int = 3, max_steps: int = 200, requested_at: float | None = None,
@@ -103,13 +111,25 @@ def probe(cell, timed_s: float = 0.3, min_steps: int = 3, max_steps: int = 200, 
         model.train()
         batches = train.batches(0)
         first = next(batches)
-        # a cell's steps: its warm-up steps, memory step and timed steps, on its batches
+        # a cell's steps: its warm-up steps and memory step, the first evaluation (cold), then the steps that follow
+        # one, as most of a cell's do (an evaluation can leave the process faster: its large buffers raise the C
+        # library's threshold for giving memory back, and hm2bp's steps then take 0.7x), then evaluations warm
         measure = StepMeasure(method, model, opt, device, PROBE_WARMUP, B, clock)
         span = None
+        peaks: dict[str, float] = {}  # the memory's peak by stretch: start, first evaluation, training, evaluation
         steps = _timed(_cycle(train, batches, first))
         while True:
-            if measure.steps == measure.warmup + 1 and meters.window.energy is not None:
-                span = Span(meters.window.energy)
+            if measure.steps == measure.warmup + 1 and "start" not in peaks:
+                peaks["start"] = _peak_memory(device)  # set-up, warm-up and memory steps: the batch's own
+                _reset_peak(device)
+                with clock.part("eval"):
+                    t0 = time.perf_counter()
+                    evaluate(method, model, eval_batch, device, None)
+                    got["eval_cold_s"] = time.perf_counter() - t0
+                peaks["eval_cold"] = _peak_memory(device)
+                _reset_peak(device)
+                if meters.window.energy is not None:
+                    span = Span(meters.window.energy)
             wait_ms, (x, y) = next(steps)
             measure.step(x, y, wait_ms)
             timed = measure.step_ms
@@ -127,17 +147,17 @@ def probe(cell, timed_s: float = 0.3, min_steps: int = 3, max_steps: int = 200, 
         if span is not None:
             joules = pick(meters.window.energy, span.end())
             got["energy_per_step_j"] = joules / len(measure.step_ms) if joules is not None else None
-        got.update(step_ms=list(measure.step_ms), data_wait_ms=list(measure.wait_ms),
-                   saved_bytes=measure.saved_bytes, train_peak=_peak_memory(device),
-                   phase_peak_alloc=dict(measure.probe.phase_peak_alloc))
-        # evaluation: one batch of eval_batch_size cold, warm, and with the last epoch's analyses
+        peaks["train"] = _peak_memory(device)
+        got.update(step_ms=list(measure.step_ms), data_wait_ms=list(measure.wait_ms), saved_bytes=measure.saved_bytes)
+        # evaluation: one batch of eval_batch_size warm, and with the last epoch's analyses
         _reset_peak(device)
         with clock.part("eval"):
-            for key, analyses in (("eval_cold_s", False), ("eval_batch_s", False), ("analyses_batch_s", True)):
+            for key, analyses in (("eval_batch_s", False), ("analyses_batch_s", True)):
                 t0 = time.perf_counter()
                 evaluate(method, model, eval_batch, device, None, analyses=analyses)
                 got[key] = time.perf_counter() - t0
-        got["eval_peak"] = _peak_memory(device)
+        peaks["eval"] = _peak_memory(device)
+        got["peaks"] = peaks
         got["eval_samples"] = len(eval_batch[0][1])
         # two checkpoints (model, optimizer, schedule, RNGs) as a train cell writes at each epoch's end
         with tempfile.TemporaryDirectory(prefix="snnbench-probe-") as tmp:
@@ -154,7 +174,6 @@ def probe(cell, timed_s: float = 0.3, min_steps: int = 3, max_steps: int = 200, 
                 meters.stop()
                 meters.columns(row, [])
             row.update(columns)
-            got["peak_rss_bytes"] = row["peak_rss_mib"] * 2**20
             row["cell_wall_s"] = time.perf_counter() - t_start
             t0 = time.perf_counter()
             store_result(Path(tmp), cell, Result(row, [{"epoch": 1, "train_loss": 0.0, "test_acc": 0.0,

@@ -182,8 +182,8 @@ def test_predicted_wall_is_the_sum_of_its_parts():
                 eval_batch_size=360, warmup_steps=2)
     probe = {"parts": {"device": 0.1, "meters": 0.2, "model": 0.3, "data": 0.4, "warmup": 0.06}, "step_ms": [9, 10, 11],
              "data_wait_ms": [1.0, 1.0], "eval_cold_s": 0.5, "eval_batch_s": 0.2, "analyses_batch_s": 0.3,
-             "checkpoint_s": 0.05, "store_s": 0.07, "saved_bytes": 2**20, "memory_at": [[16, 0], [32, 0]],
-             "peak_rss_bytes": 2**30, "start_s": 0.04}
+             "checkpoint_s": 0.05, "store_s": 0.07, "saved_bytes": 2**20, "start_s": 0.04,
+             "memory_at": [[16, 2**29], [32, 2**29 + 2**28]], "peaks": {"start": 2**29, "train": 2**30, "eval": 2**28}}
     row = predict(cell, probe)
     steps = 45 * 3
     assert row["predicted_steps"] == steps
@@ -194,6 +194,8 @@ def test_predicted_wall_is_the_sum_of_its_parts():
     assert math.isclose(row["predicted_cell_wall_s"], 0.1 + 0.2 + 0.3 + 0.4 + steps * 0.001 + 0.06 + (steps - 3) * 0.010
                         + 0.5 - 0.2 + 3 * 0.2 + 0.3 - 0.2 + 0.1 + 0.07)
     assert row["predicted_saved_for_backward_mib"] == 1.0 and row["predicted_peak_rss_mib"] == 1024.0
+    # the training line: slope (768 - 512) / 16 MiB a sample, through the training stretch's peak at 32
+    assert (row["memory_per_sample_mib"], row["memory_intercept_mib"], row["eval_peak_mib"]) == (16.0, 512.0, 256.0)
 
 
 def test_slurm_time_limits_from_a_plan():
