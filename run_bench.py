@@ -129,7 +129,7 @@ def cmd_plan(a) -> int:
 
         raise UsageError(f"--memory-mib must be > 0, got {a.memory_mib}")
     print(f"grid {name}: planning {len(cells)} cell(s) -> {out / 'plan.parquet'}", file=sys.stderr)
-    df = make_plan(cells, out, spec, a.memory_mib, server=getattr(a, "fork_server", None))
+    df = make_plan(cells, out, spec, a.memory_mib, server=getattr(a, "fork_server", None), every_line=a.memory_line)
     print(render_plan(df, a.top))
     return 0
 
@@ -285,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default results/<grid>)")
     pl.add_argument("--memory-mib", type=float, metavar="MIB", help="the memory a cell may use (default: the GPU's; "
                     "on a CPU this machine's, the cgroup's or the grid's [slurm] mem_gb, whichever is least)")
+    pl.add_argument("--memory-line", action="store_true", help="fit every cell's peak memory as a line in the batch "
+                    "size (a second probe at half the batch); by default only for cells that do not fit")
     pl.add_argument("--top", type=int, default=30, metavar="N", help="rows of the printed table (0: all)")
     rp = sub.add_parser("report", help="figures, tables, summary.md and index.html of a results folder")
     rp.add_argument("dir")

@@ -82,9 +82,12 @@ def probes_needed(cells: list[Cell]) -> dict[str, Cell]:
     return need
 
 
-def run_probes(configs: dict[str, Cell], server=None, stream=None, timed_s: float = TIMED_S) -> dict[str, dict]:
+def run_probes(configs: dict[str, Cell], server=None, stream=None, timed_s: float = TIMED_S,
+               limit_of=lambda cell: None, every_line: bool = False) -> dict[str, dict]:
     """Probe each configuration in a worker of its own (a child of ``server`` where it can serve one, else a fresh
-    process), one after another so none shares the device; step_config -> the probe's figures."""
+    process), one after another so none shares the device; step_config -> the probe's figures. The memory's line
+    in the batch size takes a second probe, at half the batch: for a configuration that does not fit in
+    ``limit_of(cell)`` MiB (with ``MEMORY_HEADROOM``), or for every one with ``every_line``."""
     from .spawn import worker_env
 
     stream = stream or sys.stderr
@@ -96,7 +99,11 @@ def run_probes(configs: dict[str, Cell], server=None, stream=None, timed_s: floa
         stream.flush()
         got[key] = result = _probe(cell, ["--timed-s", repr(timed_s), "--min-steps", str(MIN_STEPS)], env, server)
         half = max(cell.batch_size // 2, 1)
-        if half < cell.batch_size:  # the memory's line in the batch size: a second point, read as the first was
+        peaks = (result.get("peaks") or {}).values()
+        limit = limit_of(cell)
+        tight = result.get("status") == "oom" or (limit is not None and max(peaks, default=0.0) / MIB
+                                                   > limit * (1.0 - MEMORY_HEADROOM[memory_column(cell.device)]))
+        if half < cell.batch_size and (every_line or tight):  # a second point, read as the first was
             other = _probe(replace(cell, batch_size=half), ["--min-steps", str(MIN_STEPS), "--timed-s", "0",
                                                              "--memory-only"], env, server)
             reads = [r.get("memory_reading") for r in (other, result)]
@@ -307,7 +314,7 @@ def _measured(cell: Cell, r: dict) -> dict:
 
 
 def make_plan(cells: list[Cell], out: Path, spec: dict, memory_mib: float | None = None, server=None, stream=None,
-              timed_s: float = TIMED_S) -> "pd.DataFrame":  # noqa: F821
+              timed_s: float = TIMED_S, every_line: bool = False) -> "pd.DataFrame":  # noqa: F821
     """Predict every cell (probing what is not stored ok by this code) and write ``plan.parquet`` into ``out``."""
     import pandas as pd
 
@@ -319,7 +326,8 @@ def make_plan(cells: list[Cell], out: Path, spec: dict, memory_mib: float | None
     if measured:
         stream.write(f"{len(measured)} cell(s) stored ok by this code: their measured figures count\n")
     stream.write(f"{len(configs)} step configuration(s) to probe for {len(todo)} cell(s)\n")
-    probes = run_probes(configs, server, stream, timed_s) if configs else {}
+    limits = {d: memory_limit(d, spec, memory_mib) for d in sorted({c.device for c in cells})}
+    probes = run_probes(configs, server, stream, timed_s, lambda c: limits[c.device][0], every_line) if configs else {}
     # a worker's start: the first waited for the fork server to finish importing, which a grid's first cell does
     # once; every cell is given the probes' median
     starts = [p["start_s"] for p in probes.values() if p.get("start_s") is not None]
@@ -334,12 +342,9 @@ def make_plan(cells: list[Cell], out: Path, spec: dict, memory_mib: float | None
         timeout = partition_limit_min(slurm.get("partition"))
     if not isinstance(timeout, (int, float)) or isinstance(timeout, bool):
         timeout = None
-    limits: dict[str, tuple[float | None, str]] = {}
     rows = []
     for c in cells:
         col = memory_column(c.device)
-        if c.device not in limits:
-            limits[c.device] = memory_limit(c.device, spec, memory_mib)
         limit, limit_from = limits[c.device]
         row = {"key": c.key, "method": c.method, "arch": c.arch, "dataset": c.dataset, "T": c.T, "seed": c.seed,
                "kind": c.kind, "batch_size": c.batch_size, "epochs": c.epochs, "device": c.device, "devices": c.devices,
@@ -402,9 +407,12 @@ def render_plan(df, top: int = 30) -> str:
     for r in d.head(top if top else len(d)).to_dict("records"):
         col = r["memory_column"]
         flags = []
+        peak, limit = r.get(f"predicted_{col}"), r.get("memory_limit_mib")
         if r.get("fits") is False:
             mb = r.get("max_batch_size")
             flags.append(f"OOM: batch <= {int(mb)} fits" if mb is not None and not math.isnan(mb) else "OOM")
+        elif r.get("fits") and peak > limit * (1.0 - MEMORY_HEADROOM[col]):
+            flags.append(f"memory: {100 * peak / limit:.0f}% of the limit")
         req = r.get("slurm_requeues")
         if req is not None and not math.isnan(req) and req > 0:
             flags.append(f"{int(req)} requeue(s)")

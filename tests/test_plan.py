@@ -109,7 +109,7 @@ def test_a_predicted_out_of_memory_holds_on_both_sides(tmp_path):
     body = ('[axes]\nmethod = ["bptt_m"]\n[fixed]\narch = "cnn_digits"\ndataset = "digits"\nT = 16\nepochs = 3\n'
             'batch_size = 1024\neval_batch_size = 64\ndevice = "cpu"\nwarmup_steps = 0\n')
     free = grid(tmp_path, "free", body)
-    assert cli("plan", str(free), "--out", str(tmp_path / "p0"), "--memory-mib", "1e9").returncode == 0
+    assert cli("plan", str(free), "--out", str(tmp_path / "p0"), "--memory-mib", "1e9", "--memory-line").returncode == 0
     p0 = read_plan(tmp_path / "p0").iloc[0]
     a, b = p0["memory_intercept_mib"], p0["memory_per_sample_mib"]
     assert b > 0
