@@ -70,6 +70,11 @@ def reference_of(cell: Cell) -> str:
     return cell.reference or METHODS[cell.method].fidelity_reference
 
 
+def reference_cell(cell: Cell) -> Cell:
+    """The step configuration of a fidelity cell's reference method (its gradient is computed on the same batches)."""
+    return replace(cell, method=reference_of(cell), method_options={}, kind="train")
+
+
 def probes_needed(cells: list[Cell]) -> dict[str, Cell]:
     """step_config -> a cell of that configuration, for every configuration the cells need: their own, and for a
     fidelity cell its reference method's (it computes both gradients)."""
@@ -77,8 +82,7 @@ def probes_needed(cells: list[Cell]) -> dict[str, Cell]:
     for c in cells:
         need.setdefault(step_config(c), c)
         if c.kind == "fidelity":
-            ref = replace(c, method=reference_of(c), method_options={}, kind="train")
-            need.setdefault(step_config(ref), ref)
+            need.setdefault(step_config(reference_cell(c)), reference_cell(c))
     return need
 
 
@@ -333,12 +337,13 @@ def make_plan(cells: list[Cell], out: Path, spec: dict, memory_mib: float | None
     starts = [p["start_s"] for p in probes.values() if p.get("start_s") is not None]
     for p in probes.values():
         p["start_s"] = _median(starts) if starts else None
-    slurm = spec.get("slurm") or {}
-    timeout = slurm.get("timeout_min") if isinstance(slurm, dict) else None
-    delay = slurm.get("signal_delay_s", 120) if isinstance(slurm, dict) else 120
-    if timeout == "auto":  # each task gets its prediction: only the partition's limit can cut a cell
-        from .slurm import partition_limit_min
+    from .slurm import SlurmSettings, partition_limit_min
 
+    slurm = spec.get("slurm") if isinstance(spec.get("slurm"), dict) else {}
+    # a grid with a [slurm] table runs under its tasks' time limit (SlurmSettings' default where it sets none)
+    timeout = slurm.get("timeout_min", SlurmSettings.timeout_min) if slurm else None
+    delay = slurm.get("signal_delay_s", SlurmSettings.signal_delay_s)
+    if timeout == "auto":  # each task gets its prediction: only the partition's limit can cut a cell
         timeout = partition_limit_min(slurm.get("partition"))
     if not isinstance(timeout, (int, float)) or isinstance(timeout, bool):
         timeout = None
@@ -353,8 +358,7 @@ def make_plan(cells: list[Cell], out: Path, spec: dict, memory_mib: float | None
             row.update(source="measured", **_measured(c, measured[c.key]))
         else:
             p = probes[step_config(c)]
-            ref = probes.get(step_config(replace(c, method=reference_of(c), method_options={}, kind="train"))) \
-                if c.kind == "fidelity" else None
+            ref = probes.get(step_config(reference_cell(c))) if c.kind == "fidelity" else None
             if p.get("status") != "ok" or not p.get("step_ms"):
                 row.update(source="probe " + str(p.get("status")), probe_error=(p.get("error") or "")[:2000])
                 row.update(memory_columns(p))
