@@ -31,8 +31,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from reports.aggregate import PLAN_FILE
-from reports.results import TIME_PARTS, load_results, write_atomic
+from reports.results import PLAN_FILE, TIME_PARTS, load_results, read_plan, write_atomic
 
 from .cell import Cell
 from .errors import UsageError
@@ -148,12 +147,15 @@ def _median(xs: list[float]) -> float:
 
 def memory_columns(p: dict) -> dict:
     """The peak memory of a cell as a function of its batch size b, in MiB: max(``eval_peak_mib``,
-    ``memory_intercept_mib`` + ``memory_per_sample_mib`` * b): its evaluations' peak (the same at any training
-    batch), and the line of the stretches that train (set-up and first steps, the timed steps)."""
+    ``memory_intercept_mib`` + ``memory_per_sample_mib`` * b). On CUDA the evaluations' allocator peak is the same
+    at any training batch (what training allocated is freed), and the line is the training stretches'. A
+    process's resident memory keeps what training's heap grew to, so an evaluation's peak there rises with the
+    batch as well: the line runs through the highest stretch, and ``eval_peak_mib`` is left out."""
     peaks = p.get("peaks") or {}
-    train = max([peaks[k] for k in ("start", "train") if k in peaks], default=None)
+    cuda = p.get("device_type") == "cuda"
+    train = max([v for k, v in peaks.items() if not cuda or k in ("start", "train")], default=None)
     line = memory_line(p, train)
-    evals = [peaks[k] for k in ("eval_cold", "eval") if k in peaks]
+    evals = [peaks[k] for k in ("eval_cold", "eval") if k in peaks and cuda]
     return {"memory_intercept_mib": line[0] / MIB if line else None,
             "memory_per_sample_mib": line[1] / MIB if line else None,
             "eval_peak_mib": max(evals) / MIB if evals else None}
@@ -459,8 +461,6 @@ def render_plan(df, top: int = 30) -> str:
 def plan_seconds(out: Path) -> dict[str, float]:
     """key -> predicted seconds (its start and its wall time) of each cell ``out``'s plan.parquet predicts; empty
     where there is none."""
-    from reports.aggregate import read_plan
-
     plan = read_plan(out)
     pred: dict[str, float] = {}
     for r in plan.to_dict("records") if plan is not None and "predicted_cell_wall_s" in plan else []:

@@ -149,7 +149,7 @@ def _coerce(k: str, v, source: str):
         what = "a table" if want is dict else want.__name__ + (f" or {AUTO!r}" if k in AUTO_SETTINGS else "")
         raise UsageError(f"{source}: Slurm setting {k} must be {what}, got {v!r}") from None
     minimum = {"gpus_per_node": 0, "mem_gb": 0.01, "signal_delay_s": 0, "max_requeues": 0,
-               "target_task_min": 0.01}.get(k, 1)
+               "target_task_min": 1e-6}.get(k, 1)
     if v < minimum:
         raise UsageError(f"{source}: Slurm setting {k} must be >= {minimum}, got {v!r}")
     return v

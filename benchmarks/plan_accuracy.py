@@ -39,8 +39,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="results folder (default: a fresh temporary one)")
     a = p.parse_args(argv)
     filters = a.filter if a.filter is not None else ["kind=train"]
-    from reports.aggregate import plan_error_summary, plan_vs_measured, read_plan
-    from reports.results import load_results
+    from reports.aggregate import plan_error_summary, plan_vs_measured
+    from reports.results import load_results, read_plan
 
     with tempfile.TemporaryDirectory(prefix="snnbench-plan-") as tmp:
         out = Path(a.out) if a.out else Path(tmp) / "grid"

@@ -133,22 +133,6 @@ def harness_share(cells: pd.DataFrame) -> dict | None:
             "total_s": total, "cells": len(parts)}
 
 
-PLAN_FILE = "plan.parquet"  # a results folder's plan (bench/plan.py writes it; read here without bench)
-
-
-def read_plan(folder) -> pd.DataFrame | None:
-    """A results folder's plan.parquet, or None where there is none or it cannot be read."""
-    from pathlib import Path
-
-    path = Path(folder) / PLAN_FILE
-    if not path.is_file():
-        return None
-    try:
-        return pd.read_parquet(path)
-    except Exception:
-        return None
-
-
 def plan_vs_measured(plan: pd.DataFrame | None, cells: pd.DataFrame) -> pd.DataFrame | None:
     """Each cell the plan predicted and a run measured ok (not counted as measured by the plan itself): predicted
     and measured wall time, step time, bytes saved for backward and peak memory, and the errors in percent of the

@@ -13,9 +13,9 @@ import pandas as pd
 from tabulate import tabulate
 
 from . import figures, tables
-from .aggregate import contended, harness_share, has, memory_column, ok, plan_vs_measured, read_plan
+from .aggregate import contended, harness_share, has, memory_column, ok, plan_vs_measured
 from .results import CONTENTION_LIMIT
-from .results import KINDS, load_results
+from .results import KINDS, load_results, read_plan
 
 ENV_COLUMNS = ["snnbench_version", "git_commit", "torch_version", "cuda_version", "python_version", "gpu_name",
                "nvml_driver", "mig_mode", "cpu_model", "cpu_threads", "host", "start_time"]

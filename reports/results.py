@@ -645,7 +645,21 @@ def method_options_label(row: pd.Series) -> str:
     return ",".join([label] * bool(label) + ran)
 
 
-__all__ = ["CONTENTION_LIMIT", "FolderBusy", "FolderLock", "KINDS", "MEASURE_COLUMNS", "METRIC", "METRICS", "Metric", "ResultsFileProblem", "SERIES", "TIME_PARTS", "summarise",
+
+PLAN_FILE = "plan.parquet"  # a results folder's plan (bench/plan.py writes it, reports read it)
+
+
+def read_plan(folder) -> pd.DataFrame | None:
+    """A results folder's plan.parquet, or None where there is none or it cannot be read."""
+    path = Path(folder) / PLAN_FILE
+    if not path.is_file():
+        return None
+    try:
+        return pd.read_parquet(path)
+    except Exception:
+        return None
+
+__all__ = ["CONTENTION_LIMIT", "PLAN_FILE", "read_plan", "FolderBusy", "FolderLock", "KINDS", "MEASURE_COLUMNS", "METRIC", "METRICS", "Metric", "ResultsFileProblem", "SERIES", "TIME_PARTS", "summarise",
            "SCHEMA_VERSION", "atomic_write_parquet", "load_results", "mark_stale", "read_lock", "read_manifest",
            "read_table", "remove_stray_temp_files", "update_manifest", "upgrade", "write_cell", "write_cell_parts",
            "write_cell_row"]

@@ -135,8 +135,8 @@ class Check:
         # planned first (bench/plan.py: a probe per configuration on this device), then run: the plan's errors
         prc, _ = self.run_bench("plan", grid, "--device", self.device, "--out", res)
         rc, _ = self.run_bench("run", grid, "--device", self.device, "--out", res)
-        from reports.aggregate import plan_error_summary, plan_vs_measured, read_plan
-        from reports.results import load_results
+        from reports.aggregate import plan_error_summary, plan_vs_measured
+        from reports.results import load_results, read_plan
 
         df = load_results(res)
         cmp = plan_vs_measured(read_plan(res), df)

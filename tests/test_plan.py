@@ -19,8 +19,8 @@ import pytest
 from bench.plan import largest_batch, memory_line, predict, slurm_requeues
 from bench.slurm import AUTO, SlurmSettings, auto_timeout_min, parse_slurm_time, task_groups
 from bench.cell import Cell
-from reports.aggregate import plan_vs_measured, read_plan
-from reports.results import load_results
+from reports.aggregate import plan_vs_measured
+from reports.results import load_results, read_plan
 
 from .helpers import REPO, cli
 
@@ -194,8 +194,13 @@ def test_predicted_wall_is_the_sum_of_its_parts():
     assert math.isclose(row["predicted_cell_wall_s"], 0.1 + 0.2 + 0.3 + 0.4 + steps * 0.001 + 0.06 + (steps - 3) * 0.010
                         + 0.5 - 0.2 + 3 * 0.2 + 0.3 - 0.2 + 0.1 + 0.07)
     assert row["predicted_saved_for_backward_mib"] == 1.0 and row["predicted_peak_rss_mib"] == 1024.0
-    # the training line: slope (768 - 512) / 16 MiB a sample, through the training stretch's peak at 32
-    assert (row["memory_per_sample_mib"], row["memory_intercept_mib"], row["eval_peak_mib"]) == (16.0, 512.0, 256.0)
+    # the line: slope (768 - 512) / 16 MiB a sample, through the highest stretch's peak at 32 (resident memory: an
+    # evaluation's peak rises with the batch too, so it has no column of its own)
+    assert (row["memory_per_sample_mib"], row["memory_intercept_mib"], row["eval_peak_mib"]) == (16.0, 512.0, None)
+    # on CUDA the evaluation's allocator peak stands apart, and the line runs through the training's
+    cuda = predict(cell, {**probe, "device_type": "cuda", "peaks": {"start": 2**29, "train": 2**30, "eval": 2**31}})
+    assert (cuda["memory_per_sample_mib"], cuda["memory_intercept_mib"], cuda["eval_peak_mib"]) == (16.0, 512.0, 2048.0)
+    assert largest_batch(cuda, "peak_alloc_mib", 2048.0) is None  # the evaluation alone does not fit
 
 
 def test_slurm_time_limits_from_a_plan():

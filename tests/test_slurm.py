@@ -110,7 +110,7 @@ def test_auto_time_limits_and_packing_come_from_the_plan(slurm, tmp_path):
     array per limit), and every cell ends ok."""
     import math
 
-    from reports.aggregate import read_plan
+    from reports.results import read_plan
 
     g = grid_file(tmp_path, "auto", T=[1, 2, 4], epochs=1, methods=("bptt_m", "rate_m"))
     out = tmp_path / "out"
