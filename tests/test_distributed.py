@@ -181,14 +181,16 @@ def test_a_two_rank_cell_stopped_mid_epoch_resumes_exactly(tmp_path):
     from bench.checkpoint import CellCheckpoint
     from bench.grid import Cell
 
-    from .test_resume import assert_same_training, run_worker, stored
+    from .test_resume import a_moment_after, assert_same_training, run_worker, stored
 
-    # the whole digits: 45 global batches per epoch, so a stop sent 5 steps into epoch 2 lands well inside it
+    # the whole digits: 45 global batches per epoch; the stop goes 30 ms after epoch 1's checkpoint is on disk
+    # (watched every 5 ms), so it lands inside epoch 2 however fast the steps are
     cell = Cell(method="bptt_m", arch="cnn_digits", dataset="digits", T=2, epochs=2, batch_size=32,
                 eval_batch_size=360, devices=2)
     ref = tmp_path / "ref"
     assert run_worker(cell, ref)["status"] == "ok"
-    st = run_worker(cell, tmp_path / "cut", signal_at=45 + 5, sig=signal.SIGUSR1)
+    st = run_worker(cell, tmp_path / "cut", sig=signal.SIGUSR1,
+                    signal_when=a_moment_after(CellCheckpoint(tmp_path / "cut", cell.key).exists))
     assert st["rc"] == 0 and st["status"] == "preempted", st
     row, _ = stored(tmp_path / "cut", cell.key)
     assert "stopped by SIGUSR1 at epoch 2, batch" in row["error"] and row["devices"] == 2
