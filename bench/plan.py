@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+from statistics import median
 
 from reports.results import PLAN_FILE, TIME_PARTS, load_results, read_plan, write_atomic
 
@@ -139,12 +138,6 @@ def _probe(cell: Cell, args: list[str], env: dict, server) -> dict:
 # ---------------------------------------------------------------- from a probe to a cell
 
 
-def _median(xs: list[float]) -> float:
-    s = sorted(xs)
-    n = len(s)
-    return (s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2) if n else 0.0
-
-
 def memory_columns(p: dict) -> dict:
     """The peak memory of a cell as a function of its batch size b, in MiB: max(``eval_peak_mib``,
     ``memory_intercept_mib`` + ``memory_per_sample_mib`` * b). On CUDA the evaluations' allocator peak is the same
@@ -190,8 +183,8 @@ def predict(cell: Cell, p: dict, ref: dict | None = None) -> dict:
     pp = p.get("parts") or {}
     for k in ("device", "meters", "model", "data"):
         parts[k] = pp.get(k, 0.0)
-    step_s = _median(p["step_ms"]) / 1e3
-    wait_s = _median(p.get("data_wait_ms") or [0.0]) / 1e3
+    step_s = median(p["step_ms"]) / 1e3
+    wait_s = median(p.get("data_wait_ms") or [0.0]) / 1e3
 
     def warmup(n: int) -> float:  # a cell's first n steps: the probe's cold ones, then steps at the usual time
         return pp.get("warmup", 0.0) * min(n, PROBE_WARMUP) / PROBE_WARMUP + max(n - PROBE_WARMUP, 0) * step_s
@@ -216,7 +209,7 @@ def predict(cell: Cell, p: dict, ref: dict | None = None) -> dict:
         steps = cell.warmup_steps + 1 + cell.steps
         row["predicted_steps"] = steps
     else:  # fidelity: each batch's gradient by the method and by its reference, for each set of weights
-        ref_s = _median(ref["step_ms"]) / 1e3 if ref and ref.get("step_ms") else step_s
+        ref_s = median(ref["step_ms"]) / 1e3 if ref and ref.get("step_ms") else step_s
         parts["steps"] = cell.steps * len(cell.weights_at) * (step_s + ref_s)
         steps = 0
         row["predicted_steps"] = cell.steps * len(cell.weights_at)
@@ -338,7 +331,7 @@ def make_plan(cells: list[Cell], out: Path, spec: dict, memory_mib: float | None
     # once; every cell is given the probes' median
     starts = [p["start_s"] for p in probes.values() if p.get("start_s") is not None]
     for p in probes.values():
-        p["start_s"] = _median(starts) if starts else None
+        p["start_s"] = median(starts) if starts else None
     from .slurm import SlurmSettings, partition_limit_min
 
     slurm = spec.get("slurm") if isinstance(spec.get("slurm"), dict) else {}

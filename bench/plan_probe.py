@@ -27,7 +27,6 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 
-
 def _peak_memory(device) -> float:
     """The peak of the cell's memory column since the last ``_reset_peak``: the CUDA allocator's, or the process's
     resident high-water mark (VmHWM); bytes."""
@@ -45,18 +44,16 @@ def _reset_peak(device) -> None:
     (/proc/self/clear_refs; where the kernel offers no reset, the stretches run together, which only raises them)."""
     import torch
 
+    from .profile import reset_rss_peak
+
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         return
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
+    reset_rss_peak()
 
 
-def probe(cell, timed_s: float = 0.3, min_steps: int = 3, max_steps: int = 200, requested_at: float | None = None,
+def probe(cell, timed_s: float, min_steps: int, max_steps: int = 200, requested_at: float | None = None,
           memory_only: bool = False) -> dict:
     """The measurements of one step configuration (``cell``: any cell of it). Never raises: a failure is
     ``{"status": "oom" | "error", "error": ...}`` with what was measured before it.
@@ -97,10 +94,8 @@ def probe(cell, timed_s: float = 0.3, min_steps: int = 3, max_steps: int = 200, 
             method, model = build_model(cell, info, device)
             opt = make_optimizer(cell, model)
             make_schedule(cell, opt, cell.epochs)
-        got["num_params"] = sum(p.numel() for p in model.parameters())
         with clock.part("data"):
             name = cell.dataset if info.arrays is not None else f"synthetic:{cell.dataset}"
-            got["data"] = "real" if info.arrays is not None else "synthetic"
             train, test = get_loaders(name, B, cell.eval_batch_size, cell.seed, str(device), None, cell.train_subset,
                                       cell.T, method.event_encoding)
             if test is None:
@@ -160,7 +155,6 @@ def probe(cell, timed_s: float = 0.3, min_steps: int = 3, max_steps: int = 200, 
                 got[key] = time.perf_counter() - t0
         peaks["eval"] = _peak_memory(device)
         got["peaks"] = peaks
-        got["eval_samples"] = len(eval_batch[0][1])
         # two checkpoints (model, optimizer, schedule, RNGs) as a train cell writes at each epoch's end
         with tempfile.TemporaryDirectory(prefix="snnbench-probe-") as tmp:
             ckpt = CellCheckpoint(Path(tmp), cell.key)
@@ -182,8 +176,6 @@ def probe(cell, timed_s: float = 0.3, min_steps: int = 3, max_steps: int = 200, 
                                                         "epoch_time_s": 0.0, "lr": 0.0, "firing_rate_mean": None,
                                                         "steps": 1, "energy_j": None}], meters.samples()))
             got["store_s"] = time.perf_counter() - t0
-        got["energy_idle_w"] = row.get("idle_power_w")
-        got["energy_source"] = row.get("energy_source")
     except Exception as e:
         got.update(failure_status(e))
         try:
@@ -207,12 +199,12 @@ def _cycle(train, batches, first):
 
 def main(argv=None) -> int:
     from .cell import Cell
-    from .plan import PROBE_PREFIX
+    from .plan import MIN_STEPS, PROBE_PREFIX, TIMED_S
 
     p = argparse.ArgumentParser()
     p.add_argument("--cell", required=True)
-    p.add_argument("--timed-s", type=float, default=0.3)
-    p.add_argument("--min-steps", type=int, default=3)
+    p.add_argument("--timed-s", type=float, default=TIMED_S)
+    p.add_argument("--min-steps", type=int, default=MIN_STEPS)
     p.add_argument("--requested-at", type=float)
     p.add_argument("--memory-only", action="store_true", help="stop at the memory reading after --min-steps timed steps")
     a = p.parse_args(argv)

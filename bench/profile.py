@@ -403,12 +403,7 @@ class RssFootprint:
 
     def _reset(self) -> bool:
         self.peak_before = max(self.peak_before, peak_rss_bytes())  # the process's peak so far; the reset forgets it
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset the peak resident set size to the current one (Linux >= 4.0)
-            return True
-        except OSError:
-            return False
+        return reset_rss_peak()
 
     def start(self) -> "RssFootprint":
         self.resettable = self._reset()
@@ -454,6 +449,17 @@ def rss_reader() -> Callable[[], int]:
 
     proc = psutil.Process()
     return lambda: proc.memory_info().rss
+
+
+def reset_rss_peak() -> bool:
+    """Reset this process's resident high-water mark (VmHWM) to its resident set now, through /proc/self/clear_refs
+    (Linux >= 4.0); False where the kernel offers no reset."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def peak_rss_bytes() -> int:

@@ -72,9 +72,6 @@ class PartClock:
         """Seconds measured elsewhere (a batch's wait, timed by the loop)."""
         self.seconds[name] += seconds
 
-    def columns(self) -> dict[str, float]:
-        return {f"time_{part}_s": s for part, s in self.seconds.items()}
-
 
 def store_result(out: Path, cell: Cell, res: Result) -> None:
     """Store a Result: its epochs, samples and details, then its row, which counts the storing in
