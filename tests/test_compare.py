@@ -296,7 +296,12 @@ def test_compare_finds_an_injected_slowdown_in_the_working_tree(tmp_path):
     assert t.loc["bptt_m", "pairs"] == 20 and (tmp_path / "cmp" / "compare.md").exists()
     assert t.loc["bptt_m", "exact"] is None  # the slowdown changes no saved bytes
     assert t.loc["bptt_m", "confirm_low"] > 1.05 and t.loc["bptt_m", "confirm_pairs"] == 20  # measured again, agreed
-    assert np.isnan(t.loc["rate_m", "confirm_ratio"])  # nothing to confirm there
+    # rate_m is measured again only where noise called it slower at first; then the new rounds must not agree
+    # (CI once saw rate_m slower at first and 0.99 when measured again)
+    if t.loc["rate_m", "time"] == "not confirmed":
+        assert t.loc["rate_m", "confirm_pairs"] == 20 and t.loc["rate_m", "confirm_low"] <= 1.05
+    else:
+        assert np.isnan(t.loc["rate_m", "confirm_ratio"]) and t.loc["rate_m", "confirm_pairs"] == 0
     shutil.rmtree(src)
 
 
