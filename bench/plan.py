@@ -12,10 +12,11 @@ dataset file is read. Cells stored ok by this code in the results folder count w
 
 The peak memory (``peak_alloc_mib`` on CUDA, ``peak_rss_mib`` on a CPU) is a line in the batch size, fitted from
 the probe's two batch sizes; against the device's memory (``memory_limit``) it says whether a cell fits and the
-largest batch that does. Against a grid's Slurm time limit it says how often a cell will be requeued;
+largest batch that does (where the cell's own batch runs out of memory in its probe, from halved batches that
+run). Against a grid's Slurm time limit it says how often a cell will be requeued;
 ``slurm_limits`` sizes Slurm tasks from the plan (``timeout_min=auto``, ``cells_per_task=auto``).
 
-``plan.parquet`` in the results folder keeps one row per cell (``PLAN_COLUMNS`` and the predicted parts);
+``plan.parquet`` in the results folder keeps one row per cell (``PLAN_COLUMNS``, the predicted parts and peak);
 ``report`` sets it beside the measured cells.
 """
 
@@ -48,6 +49,13 @@ PROBE_WARMUP = 2  # a probe's warm-up steps (a cell's first steps are cold), bef
 # the fields that change what one training step costs: cells equal in these share a probe
 STEP_FIELDS = ("method", "method_options", "arch", "arch_options", "neuron", "dataset", "T", "batch_size",
                "eval_batch_size", "optimizer", "precision", "backend", "device", "devices")
+
+
+# the figures every row of plan.parquet carries (NaN where a cell has none: a probe that failed), beside the
+# predicted parts (predicted_time_<part>_s) and the memory's line
+PLAN_COLUMNS = ("predicted_cell_wall_s", "predicted_time_start_s", "predicted_step_time_ms_median", "predicted_epoch_s",
+                "predicted_steps", "predicted_saved_for_backward_mib", "predicted_energy_j", "memory_intercept_mib",
+                "memory_per_sample_mib", "eval_peak_mib", "max_batch_size", "slurm_requeues")
 
 
 def step_config(cell: Cell) -> str:
@@ -100,17 +108,46 @@ def run_probes(configs: dict[str, Cell], server=None, stream=None, timed_s: floa
                      f"batch {cell.batch_size} on {cell.device}\n")
         stream.flush()
         got[key] = result = _probe(cell, ["--timed-s", repr(timed_s), "--min-steps", str(MIN_STEPS)], env, server)
-        half = max(cell.batch_size // 2, 1)
+        if result.get("status") == "oom":  # the cell's batch ran out of memory: the line from batches that run
+            result["below"] = _probe_below(cell, env, server, stream)
+            continue
         peaks = (result.get("peaks") or {}).values()
         limit = limit_of(cell)
-        tight = result.get("status") == "oom" or (limit is not None and max(peaks, default=0.0) / MIB
-                                                   > limit * (1.0 - MEMORY_HEADROOM[memory_column(cell.device)]))
-        if half < cell.batch_size and (every_line or tight):  # a second point, read as the first was
-            other = _probe(replace(cell, batch_size=half), ["--min-steps", str(MIN_STEPS), "--timed-s", "0",
-                                                             "--memory-only"], env, server)
-            reads = [r.get("memory_reading") for r in (other, result)]
-            result["memory_at"] = reads if all(reads) else []
+        tight = limit is not None and max(peaks, default=0.0) / MIB > limit * (
+            1.0 - MEMORY_HEADROOM[memory_column(cell.device)])
+        if every_line or tight:
+            _add_line(cell, result, env, server)
     return got
+
+
+def _add_line(cell: Cell, result: dict, env: dict, server) -> None:
+    """A second point of the memory's line, at half ``cell``'s batch in a fresh memory-only probe, read at the point
+    ``result`` (the probe at ``cell``'s batch) was: ``result["memory_at"]``, [] where a reading is missing."""
+    half = max(cell.batch_size // 2, 1)
+    if half < cell.batch_size:
+        other = _probe(replace(cell, batch_size=half), ["--min-steps", str(MIN_STEPS), "--timed-s", "0",
+                                                         "--memory-only"], env, server)
+        reads = [r.get("memory_reading") for r in (other, result)]
+        result["memory_at"] = reads if all(reads) else []
+
+
+def _probe_below(cell: Cell, env: dict, server, stream) -> dict | None:
+    """The probe of the largest of ``cell``'s batch halved, quartered, ... that runs (with its memory line), after
+    the cell's own batch ran out of memory; None where even a batch of 1 does not. Its ``batch_size`` is the batch
+    it ran."""
+    failed, b = cell.batch_size, cell.batch_size // 2
+    while b >= 1:
+        stream.write(f"  out of memory at batch {failed}: probing batch {b}\n")
+        stream.flush()
+        smaller = replace(cell, batch_size=b)
+        p = _probe(smaller, ["--timed-s", "0", "--min-steps", str(MIN_STEPS)], env, server)
+        if p.get("status") == "ok":
+            _add_line(smaller, p, env, server)
+            return {**p, "batch_size": b}
+        if p.get("status") != "oom":
+            return None
+        failed, b = b, b // 2
+    return None
 
 
 def _probe(cell: Cell, args: list[str], env: dict, server) -> dict:
@@ -152,6 +189,15 @@ def memory_columns(p: dict) -> dict:
     return {"memory_intercept_mib": line[0] / MIB if line else None,
             "memory_per_sample_mib": line[1] / MIB if line else None,
             "eval_peak_mib": max(evals) / MIB if evals else None}
+
+
+def memory_at_batch(row: dict, batch: int) -> float | None:
+    """The peak memory (MiB) that a row's fitted line (``memory_columns``) puts at a batch size; None unfitted."""
+    a, b = row.get("memory_intercept_mib"), row.get("memory_per_sample_mib")
+    if a is None or b is None or math.isnan(a) or math.isnan(b):
+        return None
+    e = row.get("eval_peak_mib")
+    return max(a + b * batch, e if e is not None and not math.isnan(e) else 0.0)
 
 
 def memory_line(p: dict, peak: float | None = None) -> tuple[float, float] | None:
@@ -246,16 +292,42 @@ def memory_limit(device: str, spec: dict, explicit_mib: float | None = None) -> 
     import psutil
 
     limits = [(psutil.virtual_memory().total / MIB, "this machine's memory")]
-    try:
-        text = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if text.isdigit():
-            limits.append((int(text) / MIB, "the cgroup's memory.max"))
-    except OSError:
-        pass
+    cgroup = cgroup_memory_limit()
+    if cgroup is not None:
+        limits.append((cgroup / MIB, "the cgroup's memory limit"))
     mem_gb = (spec.get("slurm") or {}).get("mem_gb")
     if isinstance(mem_gb, (int, float)) and mem_gb > 0:
         limits.append((mem_gb * 1024.0, "the grid's [slurm] mem_gb"))
     return min(limits)
+
+
+def cgroup_memory_limit(proc_cgroup: str | None = None, root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """The memory limit in bytes of this process's cgroup, the least of it and its ancestors' (a Slurm job's cgroup
+    sits below its step's), on cgroup v2 (``memory.max``) or v1 (the memory controller's
+    ``memory.limit_in_bytes``); None where none is set. ``proc_cgroup``: the text of /proc/self/cgroup."""
+    try:
+        text = proc_cgroup if proc_cgroup is not None else Path("/proc/self/cgroup").read_text()
+    except OSError:
+        return None
+    places = []
+    for line in text.splitlines():
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2: the unified hierarchy, at the mount point or beside v1's (hybrid)
+            for base in (root, root / "unified"):
+                places.append((base, path, "memory.max"))
+        elif "memory" in controllers.split(","):
+            places.append((root / "memory", path, "memory.limit_in_bytes"))
+    found = []
+    for base, path, name in places:
+        parts = [p for p in path.split("/") if p]
+        for depth in range(len(parts), -1, -1):  # the cgroup, then each ancestor up to the hierarchy's root
+            try:
+                value = (base.joinpath(*parts[:depth]) / name).read_text().strip()
+            except OSError:
+                continue
+            if value.isdigit() and int(value) < 2**62:  # "max" or v1's page-rounded 2^63: no limit
+                found.append(int(value))
+    return min(found) if found else None
 
 
 def largest_batch(row: dict, col: str, limit_mib: float) -> int | None:
@@ -356,7 +428,10 @@ def make_plan(cells: list[Cell], out: Path, spec: dict, memory_mib: float | None
             ref = probes.get(step_config(reference_cell(c))) if c.kind == "fidelity" else None
             if p.get("status") != "ok" or not p.get("step_ms"):
                 row.update(source="probe " + str(p.get("status")), probe_error=(p.get("error") or "")[:2000])
-                row.update(memory_columns(p))
+                row.update(memory_columns(p.get("below") or p))
+                if p.get("below"):  # where the line from the batches that ran puts the cell's batch
+                    row["probe_ran_batch"] = p["below"]["batch_size"]
+                    row[f"predicted_{col}"] = memory_at_batch(row, c.batch_size)
             else:
                 row.update(source="probed", **predict(c, p, ref))
         peak = row.get(f"predicted_{col}")
@@ -365,10 +440,18 @@ def make_plan(cells: list[Cell], out: Path, spec: dict, memory_mib: float | None
             fits = False
         row["fits"] = fits
         row["max_batch_size"] = largest_batch(row, col, limit) if fits is False and limit is not None else None
+        ran = row.get("probe_ran_batch")
+        if ran is not None and (row["max_batch_size"] is None or row["max_batch_size"] >= c.batch_size):
+            # the cell's batch ran out of memory below the limit the plan knows (another process on the GPU, an
+            # address-space limit): the largest batch known to fit is the one that ran
+            row["max_batch_size"] = ran
         wall = row.get("predicted_cell_wall_s")
         row["slurm_requeues"] = slurm_requeues(wall, timeout, delay) if timeout and wall is not None else None
         rows.append(row)
     df = pd.DataFrame(rows)
+    for name in (*PLAN_COLUMNS, *(f"predicted_{memory_column(d)}" for d in limits)):
+        if name not in df:
+            df[name] = math.nan
     df["plan_s"] = time.perf_counter() - t0
     df["planned_at"] = pd.Timestamp.now(tz="UTC")
     out.mkdir(parents=True, exist_ok=True)
@@ -429,9 +512,11 @@ def render_plan(df, top: int = 30) -> str:
     wall = d["predicted_cell_wall_s"].fillna(0) + d.get("predicted_time_start_s", 0).fillna(0)
     hours = float((wall * d["devices"]).sum()) / 3600
     energy = d["predicted_energy_j"].dropna() if "predicted_energy_j" in d else []
+    unknown = int(d["predicted_cell_wall_s"].isna().sum())
     lines.append(f"\n{len(d)} cell(s): {_hms(float(wall.sum()))} of cell time, {hours:.2f} device-hour(s)"
                  + (f", {float(energy.sum()) / 3.6e6:.3f} kWh of training energy" if len(energy) else
-                    ", energy: not measurable on this device"))
+                    ", energy: not measurable on this device")
+                 + (f" ({unknown} cell(s) without a prediction: their probe failed)" if unknown else ""))
     oom = d[d["fits"] == False]  # noqa: E712 (a column of True/False/None)
     if len(oom):
         r = oom.iloc[0]
@@ -443,7 +528,8 @@ def render_plan(df, top: int = 30) -> str:
                      f"{int(req.sum())} requeue(s) in all")
     failed = d[d["source"].astype(str).str.startswith("probe ")]
     for r in failed.head(3).to_dict("records"):
-        lines.append(f"probe of {r['label']} failed: {str(r.get('probe_error') or '').strip().splitlines()[:1]}")
+        first = (str(r.get("probe_error") or "").strip().splitlines() or ["(no message)"])[0]
+        lines.append(f"probe of {r['label']} failed: {first}")
     lines.append(f"plan: {_hms(float(d['plan_s'].iloc[0]))} to make")
     return "\n".join(lines)
 

@@ -7,11 +7,15 @@ memory prediction against a fresh worker's peak (a predicted out-of-memory, on b
 files another reader takes (plan.parquet, the report's table and figure).
 """
 
+import contextlib
 import math
+import os
 import re
 import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -222,3 +226,107 @@ def test_cells_per_task_auto_packs_in_order():
     with pytest.raises(Exception, match="int or 'auto'"):
         SlurmSettings.make({"timeout_min": "soon"}, {}, cells)
 
+
+
+@contextlib.contextmanager
+def memory_cgroup(limit_bytes: int):
+    """A child of this process's memory cgroup (v1's memory controller, or v2) limited to ``limit_bytes``, with no
+    swap; yields a function that moves the calling process into it (a ``preexec_fn``). Skips where no such cgroup
+    can be made (not root, no memory controller)."""
+    root = Path("/sys/fs/cgroup")
+    lines = Path("/proc/self/cgroup").read_text().splitlines()
+    places = [(root / "memory" / path.lstrip("/"), "memory.limit_in_bytes", "memory.memsw.limit_in_bytes")
+              for _, ctl, path in (x.split(":", 2) for x in lines) if "memory" in ctl.split(",")]
+    places += [(root / path.lstrip("/"), "memory.max", "memory.swap.max")
+               for _, ctl, path in (x.split(":", 2) for x in lines) if ctl == ""]
+    made = None
+    for base, limit_file, swap_file in places:
+        d = base / f"snnbench-test-{os.getpid()}"
+        try:
+            d.mkdir()
+        except OSError:
+            continue
+        try:
+            (d / limit_file).write_text(str(limit_bytes))
+            if (d / swap_file).exists():  # v1: memory and swap together; v2: swap alone
+                (d / swap_file).write_text(str(limit_bytes) if swap_file.endswith("_bytes") else "0")
+            made = d
+            break
+        except OSError:
+            d.rmdir()
+    if made is None:
+        pytest.skip("no memory cgroup can be made here (needs root and a memory controller)")
+
+    def enter():
+        (made / "cgroup.procs").write_text(str(os.getpid()))
+    try:
+        yield enter
+    finally:
+        for _ in range(100):  # what is left in it (a fork server on its way out) goes, then the cgroup
+            for pid in (made / "cgroup.procs").read_text().split():
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            try:
+                made.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
+
+
+def test_a_probe_out_of_memory_still_gives_the_largest_batch(tmp_path):
+    """The plan in a memory cgroup of 1600 MiB (the limit it reads from its own cgroup): the cell's probe at batch
+    1024 is killed by the out-of-memory killer, so the plan probes halved batches until one runs and fits the
+    memory's line there. Fresh workers in the same cgroup show both sides: the cell at the largest batch the plan
+    names runs ok, at the peak the line puts there (within 10%); at its own batch it is stored as oom."""
+    body = ('[axes]\nmethod = ["bptt_m"]\n[fixed]\narch = "cnn_digits"\ndataset = "digits"\nT = 16\nepochs = 1\n'
+            'batch_size = 1024\neval_batch_size = 64\ndevice = "cpu"\nwarmup_steps = 0\n')
+    g = grid(tmp_path, "big", body)
+    limit_mib = 1600
+
+    def in_cgroup(*args):
+        return subprocess.run([sys.executable, str(REPO / "run_bench.py"), *map(str, args)], cwd=REPO, text=True,
+                              capture_output=True, timeout=600, preexec_fn=enter)
+    with memory_cgroup(limit_mib * 2**20) as enter:
+        r = in_cgroup("plan", g, "--out", tmp_path / "p")
+        assert r.returncode == 0, r.stderr
+        p = read_plan(tmp_path / "p").iloc[0]
+        assert p["source"] == "probe oom" and "out-of-memory killer" in p["probe_error"]
+        assert p["memory_limit_from"] == "the cgroup's memory limit" and p["memory_limit_mib"] == limit_mib
+        assert "out of memory at batch 1024: probing batch 512" in r.stderr
+        ran, fit = int(p["probe_ran_batch"]), int(p["max_batch_size"])
+        assert 1 <= ran < 1024 and 1 <= fit < 1024 and p["fits"] == False  # noqa: E712
+        assert p["predicted_peak_rss_mib"] > limit_mib
+        assert f"OOM: batch <= {fit} fits" in r.stdout and "without a prediction" in r.stdout
+        at_fit = in_cgroup("run", g, "--out", tmp_path / "fit", "--set", f"batch_size={fit}")
+        at_own = in_cgroup("run", g, "--out", tmp_path / "own")
+    row = load_results(tmp_path / "fit").iloc[0]
+    assert at_fit.returncode == 0 and row["status"] == "ok", at_fit.stderr
+    line = p["memory_intercept_mib"] + p["memory_per_sample_mib"] * fit
+    print(f"probe ran at batch {ran}; largest batch {fit}: measured {row['peak_rss_mib']:.0f} MiB, line {line:.0f} MiB")
+    assert abs(row["peak_rss_mib"] - line) <= 0.1 * line, (row["peak_rss_mib"], line)
+    own = load_results(tmp_path / "own").iloc[0]
+    assert at_own.returncode == 1 and own["status"] == "oom", (at_own.stderr, own["error"])
+
+
+def test_the_cgroup_memory_limit_is_the_least_up_the_processs_own_path(tmp_path):
+    """A fake /sys/fs/cgroup: v1's memory controller with a job's cgroup below its step's, and v2 (hybrid, under
+    unified/) with "max" at the leaf: the limit is the least number found up either path; none set, None."""
+    from bench.plan import cgroup_memory_limit
+
+    v1 = tmp_path / "memory" / "slurm" / "uid_0" / "job_7"
+    v1.mkdir(parents=True)
+    (tmp_path / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # v1's "no limit"
+    (tmp_path / "memory" / "slurm" / "uid_0" / "memory.limit_in_bytes").write_text("3000000000\n")
+    (v1 / "memory.limit_in_bytes").write_text("4000000000\n")
+    v2 = tmp_path / "unified" / "job"
+    v2.mkdir(parents=True)
+    (v2 / "memory.max").write_text("max\n")
+    (tmp_path / "unified" / "memory.max").write_text("5000000000\n")
+    text = "5:memory:/slurm/uid_0/job_7\n4:cpu,cpuacct:/slurm/uid_0/job_7\n0::/job\n"
+    assert cgroup_memory_limit(text, tmp_path) == 3000000000
+    assert cgroup_memory_limit("0::/job\n", tmp_path) == 5000000000
+    (tmp_path / "unified" / "memory.max").write_text("max\n")
+    assert cgroup_memory_limit("0::/job\n", tmp_path) is None
+    assert cgroup_memory_limit("1:cpu:/\n", tmp_path) is None
