@@ -39,6 +39,17 @@ class WeightsMissing(RuntimeError):
     """The trained weights a fidelity cell compares at are not (or not unambiguously) in the results folder."""
 
 
+# what the search for a train cell's weights reads of every stored row
+LOOKUP_COLUMNS = ["kind", "status", "method", "arch", "dataset", "T", "seed", "neuron", "train_subset", "arch_options",
+                  "key", "epochs"]
+
+
+def stored_cells(out: Path):
+    """What ``trained_weights`` searches: ``LOOKUP_COLUMNS`` of every row stored in ``out``, one file read per cell
+    (what a fidelity cell's lookup costs grows with the folder; bench/plan.py predicts it so)."""
+    return load_results(out, "cells", columns=LOOKUP_COLUMNS)
+
+
 def trained_weights(out: Path | None, cell: Cell) -> dict[int, Path]:
     """epoch -> the weights file of the train cell that ``cell`` compares at, for its epochs > 0 (-1: that cell's
     last epoch)."""
@@ -54,7 +65,7 @@ def trained_weights(out: Path | None, cell: Cell) -> dict[int, Path]:
     same = {"kind": "train", "status": "ok", "method": trainer, "arch": cell.arch, "dataset": cell.dataset,
             "T": cell.T, "seed": cell.seed, "neuron": cell.neuron, "train_subset": cell.train_subset,
             "arch_options": json.dumps(cell.arch_options, sort_keys=True)}
-    rows = load_results(out, "cells", columns=[*same, "key", "epochs"])
+    rows = stored_cells(out)
     if rows.empty:
         raise WeightsMissing(f"{want}: no cell is stored in {out}: run that train cell first")
     sel = rows

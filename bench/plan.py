@@ -223,8 +223,10 @@ def train_batches(cell: Cell) -> tuple[int, float]:
     return global_batches(n_train, cell.batch_size, None), n_test / max(cell.eval_batch_size, 1)
 
 
-def predict(cell: Cell, p: dict, ref: dict | None = None) -> dict:
-    """A cell's predicted figures from its configuration's probe (``ref``: a fidelity cell's reference method's)."""
+def predict(cell: Cell, p: dict, ref: dict | None = None, rows_before: int = 0) -> dict:
+    """A cell's predicted figures from its configuration's probe (``ref``: a fidelity cell's reference method's;
+    ``rows_before``: the rows in the results folder when a fidelity cell starts, which its search for trained
+    weights reads)."""
     parts = dict.fromkeys(TIME_PARTS, 0.0)
     pp = p.get("parts") or {}
     for k in ("device", "meters", "model", "data"):
@@ -257,6 +259,10 @@ def predict(cell: Cell, p: dict, ref: dict | None = None) -> dict:
     else:  # fidelity: each batch's gradient by the method and by its reference, for each set of weights
         ref_s = median(ref["step_ms"]) / 1e3 if ref and ref.get("step_ms") else step_s
         parts["steps"] = cell.steps * len(cell.weights_at) * (step_s + ref_s)
+        trained = {e for e in cell.weights_at if e != 0}
+        if trained:  # the search for the train cell's weights (every stored row read), then their files loaded
+            first, each = p.get("lookup_first_s", 0.0), p.get("lookup_row_s", 0.0)
+            parts["checkpoint"] = first + max(rows_before - 1, 0) * each + len(trained) * p.get("weights_load_s", 0.0)
         steps = 0
         row["predicted_steps"] = cell.steps * len(cell.weights_at)
     parts["store"] = p.get("store_s", 0.0)
@@ -356,11 +362,10 @@ def slurm_requeues(wall_s: float, timeout_min: float, signal_delay_s: float) -> 
 # ---------------------------------------------------------------- the plan of a grid
 
 
-def measured_rows(out: Path, cells: list[Cell]) -> dict[str, dict]:
-    """key -> the stored row of each cell stored ok by this code in ``out``."""
+def measured_rows(df, cells: list[Cell]) -> dict[str, dict]:
+    """key -> the stored row of each cell stored ok by this code among a results folder's rows ``df``."""
     from .fingerprint import is_current
 
-    df = load_results(out)
     if df.empty:
         return {}
     wanted = {c.key: c for c in cells}
@@ -370,6 +375,23 @@ def measured_rows(out: Path, cells: list[Cell]) -> dict[str, dict]:
         if c is not None and r["status"] == "ok" and is_current(r.get("code_fingerprint"), c.device):
             rows[r["key"]] = r
     return rows
+
+
+def rows_when_run(stored: set[str], todo: list[Cell]) -> dict[str, int]:
+    """key -> how many rows the results folder holds when each fidelity cell of ``todo`` starts (what its search
+    for trained weights reads): those ``stored`` now, every other cell of ``todo`` (they run first, ``run_phases``),
+    and the fidelity cells before it."""
+    from .cell import run_phases
+
+    keys = set(stored)
+    counts = {}
+    for phase in run_phases(todo):
+        for c in phase:
+            if c.kind == "fidelity":
+                counts[c.key] = len(keys)
+                keys.add(c.key)
+        keys |= {c.key for c in phase}
+    return counts
 
 
 def _measured(cell: Cell, r: dict) -> dict:
@@ -391,8 +413,10 @@ def make_plan(cells: list[Cell], out: Path, spec: dict, memory_mib: float | None
 
     stream = stream or sys.stderr
     t0 = time.perf_counter()
-    measured = measured_rows(out, cells) if out.is_dir() else {}
+    stored = load_results(out) if out.is_dir() else None
+    measured = measured_rows(stored, cells) if stored is not None else {}
     todo = [c for c in cells if c.key not in measured]
+    rows_before = rows_when_run(set(stored["key"]) if stored is not None and len(stored) else set(), todo)
     configs = probes_needed(todo)
     if measured:
         stream.write(f"{len(measured)} cell(s) stored ok by this code: their measured figures count\n")
@@ -433,7 +457,7 @@ def make_plan(cells: list[Cell], out: Path, spec: dict, memory_mib: float | None
                     row["probe_ran_batch"] = p["below"]["batch_size"]
                     row[f"predicted_{col}"] = memory_at_batch(row, c.batch_size)
             else:
-                row.update(source="probed", **predict(c, p, ref))
+                row.update(source="probed", **predict(c, p, ref, rows_before.get(c.key, 0)))
         peak = row.get(f"predicted_{col}")
         fits = None if limit is None or peak is None or (isinstance(peak, float) and math.isnan(peak)) else peak <= limit
         if row["source"] == "probe oom":

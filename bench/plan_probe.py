@@ -65,6 +65,7 @@ def probe(cell, timed_s: float, min_steps: int, max_steps: int = 200, requested_
     import torch
 
     from .checkpoint import CellCheckpoint
+    from .fidelity import stored_cells
     from .plan import PROBE_WARMUP
     from .data import dataset_info, get_loaders, synthetic
     from .energy import Span, pick
@@ -176,6 +177,17 @@ def probe(cell, timed_s: float, min_steps: int, max_steps: int = 200, requested_
                                                         "epoch_time_s": 0.0, "lr": 0.0, "firing_rate_mean": None,
                                                         "steps": 1, "energy_j": None}], meters.samples()))
             got["store_s"] = time.perf_counter() - t0
+            # a fidelity cell's search for trained weights: every stored row read (the first read in a process
+            # also pays for its start), then each weights file loaded
+            for key in ("lookup_first_s", "lookup_row_s"):
+                t0 = time.perf_counter()
+                stored_cells(Path(tmp))
+                got[key] = time.perf_counter() - t0
+            weights = Path(tmp) / "weights.pt"
+            torch.save(model.state_dict(), weights)
+            t0 = time.perf_counter()
+            torch.load(weights, map_location=device, weights_only=True)
+            got["weights_load_s"] = time.perf_counter() - t0
     except Exception as e:
         got.update(failure_status(e))
         try:

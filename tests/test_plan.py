@@ -207,6 +207,26 @@ def test_predicted_wall_is_the_sum_of_its_parts():
     assert largest_batch(cuda, "peak_alloc_mib", 2048.0) is None  # the evaluation alone does not fit
 
 
+def test_a_fidelity_cells_search_for_weights_grows_with_the_folder():
+    """A fidelity cell at initialisation and at the trained cell's last epoch: its steps are both methods' for each
+    set of weights, and its search for the weights reads every row the folder holds when it starts (all other
+    cells run first) before loading one weights file."""
+    from bench.plan import rows_when_run
+
+    fid = Cell(method="rate_m", arch="cnn_digits", dataset="digits", T=2, kind="fidelity", steps=4, weights_at=[0, -1])
+    probe = {"parts": {}, "step_ms": [10.0], "lookup_first_s": 0.03, "lookup_row_s": 0.005, "weights_load_s": 0.002}
+    row = predict(fid, probe, {"step_ms": [30.0]}, rows_before=40)
+    assert math.isclose(row["predicted_time_steps_s"], 4 * 2 * (0.010 + 0.030))
+    assert math.isclose(row["predicted_time_checkpoint_s"], 0.03 + 39 * 0.005 + 0.002)
+    at_init = predict(Cell(**{**fid.config(), "weights_at": [0]}), probe, None, rows_before=40)
+    assert at_init["predicted_time_checkpoint_s"] == 0.0  # nothing to search for
+    train = [Cell(method=m, arch="cnn_digits", dataset="digits", T=2, epochs=1) for m in ("bptt_m", "rate_m")]
+    fids = [fid, Cell(**{**fid.config(), "T": 4})]
+    # 3 rows stored now, one of them a cell about to run again (its file is replaced, not added)
+    counts = rows_when_run({"a", "b", train[0].key}, [fids[0], train[0], fids[1], train[1]])
+    assert counts == {fids[0].key: 4, fids[1].key: 5}
+
+
 def test_slurm_time_limits_from_a_plan():
     assert [parse_slurm_time(t) for t in ("UNLIMITED", "infinite", "1-00:00:00", "04:00:00", "30:00", "45", "2-12")] \
         == [None, None, 1440, 240, 30, 45, 3600]
