@@ -195,6 +195,9 @@ def test_predicted_wall_is_the_sum_of_its_parts():
     assert math.isclose(row["predicted_time_data_s"], 0.4 + steps * 0.001)
     assert math.isclose(row["predicted_time_eval_s"], 0.5 - 0.2 + 3 * 0.2 + 0.3 - 0.2)
     assert math.isclose(row["predicted_time_checkpoint_s"], 2 * 0.05)
+    # a warm batch timed slower than the cold one (the machine's load) is bounded by the cold one
+    slow = predict(cell, {**probe, "eval_batch_s": 0.9})
+    assert math.isclose(slow["predicted_time_eval_s"], 0.5 - 0.5 + 3 * 0.5 + 0.3 - 0.5)
     assert math.isclose(row["predicted_cell_wall_s"], 0.1 + 0.2 + 0.3 + 0.4 + steps * 0.001 + 0.06 + (steps - 3) * 0.010
                         + 0.5 - 0.2 + 3 * 0.2 + 0.3 - 0.2 + 0.1 + 0.07)
     assert row["predicted_saved_for_backward_mib"] == 1.0 and row["predicted_peak_rss_mib"] == 1024.0
