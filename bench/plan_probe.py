@@ -32,11 +32,11 @@ def _peak_memory(device) -> float:
     resident high-water mark (VmHWM); bytes."""
     import torch
 
-    from .profile import _vm_hwm_bytes, peak_rss_bytes
+    from .profile import peak_rss_bytes, vm_hwm_bytes
 
     if device.type == "cuda":
         return float(torch.cuda.max_memory_allocated(device))
-    return float(_vm_hwm_bytes() or peak_rss_bytes())
+    return float(vm_hwm_bytes() or peak_rss_bytes())
 
 
 def _reset_peak(device) -> None:

@@ -412,7 +412,7 @@ class RssFootprint:
 
     def pause(self) -> None:
         if self.resettable and not self._paused:
-            self._seg_peak = max(self._seg_peak, _vm_hwm_bytes() or 0)
+            self._seg_peak = max(self._seg_peak, vm_hwm_bytes() or 0)
             self._paused = True
 
     def resume(self) -> None:
@@ -427,14 +427,16 @@ class RssFootprint:
 
     def peek(self) -> tuple[float | None, float]:
         """What ``stop`` would give now, without stopping (a checkpoint records it)."""
-        seg = self._seg_peak if self._paused or not self.resettable else max(self._seg_peak, _vm_hwm_bytes() or 0)
+        seg = self._seg_peak if self._paused or not self.resettable else max(self._seg_peak, vm_hwm_bytes() or 0)
         peak = max(self.peak_before, seg, peak_rss_bytes())
         if not self.resettable or self.start_rss is None:
             return None, peak
         return max(0, seg - self.start_rss), peak
 
 
-def _vm_hwm_bytes() -> int | None:
+def vm_hwm_bytes() -> int | None:
+    """This process's resident high-water mark since its last ``reset_rss_peak`` (VmHWM in /proc/self/status);
+    None where the kernel does not give it."""
     try:
         for line in open("/proc/self/status"):
             if line.startswith("VmHWM:"):
