@@ -58,6 +58,11 @@ PLAN_COLUMNS = ("predicted_cell_wall_s", "predicted_time_start_s", "predicted_st
                 "memory_per_sample_mib", "eval_peak_mib", "max_batch_size", "slurm_requeues")
 
 
+def _missing(v) -> bool:
+    """No figure: None, or NaN (what a parquet column holds for a row without one)."""
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
 def step_config(cell: Cell) -> str:
     return json.dumps({f: getattr(cell, f) for f in STEP_FIELDS}, sort_keys=True, default=str)
 
@@ -194,10 +199,10 @@ def memory_columns(p: dict) -> dict:
 def memory_at_batch(row: dict, batch: int) -> float | None:
     """The peak memory (MiB) that a row's fitted line (``memory_columns``) puts at a batch size; None unfitted."""
     a, b = row.get("memory_intercept_mib"), row.get("memory_per_sample_mib")
-    if a is None or b is None or math.isnan(a) or math.isnan(b):
+    if _missing(a) or _missing(b):
         return None
     e = row.get("eval_peak_mib")
-    return max(a + b * batch, e if e is not None and not math.isnan(e) else 0.0)
+    return max(a + b * batch, 0.0 if _missing(e) else e)
 
 
 def memory_line(p: dict, peak: float | None = None) -> tuple[float, float] | None:
@@ -309,32 +314,41 @@ def memory_limit(device: str, spec: dict, explicit_mib: float | None = None) -> 
     return min(limits)
 
 
-def cgroup_memory_limit(proc_cgroup: str | None = None, root: Path = Path("/sys/fs/cgroup")) -> int | None:
-    """The memory limit in bytes of this process's cgroup, the least of it and its ancestors' (a Slurm job's cgroup
-    sits below its step's), on cgroup v2 (``memory.max``) or v1 (the memory controller's
-    ``memory.limit_in_bytes``); None where none is set. ``proc_cgroup``: the text of /proc/self/cgroup."""
+def memory_cgroups(proc_cgroup: str | None = None,
+                   root: Path = Path("/sys/fs/cgroup")) -> list[tuple[Path, Path, str]]:
+    """(the hierarchy's root, the folder of this process's own cgroup in it, the name of its memory limit file) in
+    each hierarchy that can hold one: v1's memory controller (``memory.limit_in_bytes``), v2's unified hierarchy (``memory.max``) at the
+    mount point or beside v1's (hybrid). ``proc_cgroup``: the text of /proc/self/cgroup. A folder may not exist."""
     try:
         text = proc_cgroup if proc_cgroup is not None else Path("/proc/self/cgroup").read_text()
     except OSError:
-        return None
+        return []
     places = []
     for line in text.splitlines():
         _, controllers, path = line.split(":", 2)
-        if controllers == "":  # v2: the unified hierarchy, at the mount point or beside v1's (hybrid)
-            for base in (root, root / "unified"):
-                places.append((base, path, "memory.max"))
-        elif "memory" in controllers.split(","):
-            places.append((root / "memory", path, "memory.limit_in_bytes"))
-    found = []
-    for base, path, name in places:
         parts = [p for p in path.split("/") if p]
-        for depth in range(len(parts), -1, -1):  # the cgroup, then each ancestor up to the hierarchy's root
+        if controllers == "":
+            places += [(base, base.joinpath(*parts), "memory.max") for base in (root, root / "unified")]
+        elif "memory" in controllers.split(","):
+            places.append((root / "memory", (root / "memory").joinpath(*parts), "memory.limit_in_bytes"))
+    return places
+
+
+def cgroup_memory_limit(proc_cgroup: str | None = None, root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """The memory limit in bytes of this process's cgroup (``memory_cgroups``), the least of it and its ancestors'
+    up to the hierarchy's root (a Slurm job's cgroup sits below its step's); None where none is set."""
+    found = []
+    for top, folder, name in memory_cgroups(proc_cgroup, root):
+        for d in (folder, *folder.parents):
             try:
-                value = (base.joinpath(*parts[:depth]) / name).read_text().strip()
+                value = (d / name).read_text().strip()
             except OSError:
-                continue
-            if value.isdigit() and int(value) < 2**62:  # "max" or v1's page-rounded 2^63: no limit
-                found.append(int(value))
+                pass
+            else:
+                if value.isdigit() and int(value) < 2**62:  # "max" or v1's page-rounded 2^63: no limit
+                    found.append(int(value))
+            if d == top:
+                break
     return min(found) if found else None
 
 
@@ -343,10 +357,10 @@ def largest_batch(row: dict, col: str, limit_mib: float) -> int | None:
     ``limit_mib`` free; None where none does or nothing was fitted."""
     a, b = row.get("memory_intercept_mib"), row.get("memory_per_sample_mib")
     usable = limit_mib * (1.0 - MEMORY_HEADROOM[col])
-    if a is None or b is None or (isinstance(a, float) and math.isnan(a)):
+    if _missing(a) or _missing(b):
         return None
     e = row.get("eval_peak_mib")
-    if e is not None and not (isinstance(e, float) and math.isnan(e)) and e > usable:
+    if not _missing(e) and e > usable:
         return None  # the evaluation alone does not fit: a smaller eval_batch_size, not a smaller batch
     if b <= 0:
         return None if a > usable else 1 << 30
@@ -403,7 +417,7 @@ def _measured(cell: Cell, r: dict) -> dict:
            "predicted_step_time_ms_median": r.get("step_time_ms_median"),
            "predicted_saved_for_backward_mib": r.get("saved_for_backward_mib"),
            f"predicted_{col}": r.get(col), "predicted_epoch_s": r.get("epoch_s_median"),
-           "predicted_energy_j": energy * cell.epochs if energy is not None and not math.isnan(energy) else None}
+           "predicted_energy_j": None if _missing(energy) else energy * cell.epochs}
     row.update({f"predicted_time_{k}_s": r.get(f"time_{k}_s") for k in TIME_PARTS})
     return row
 
@@ -461,7 +475,7 @@ def make_plan(cells: list[Cell], out: Path, spec: dict, memory_mib: float | None
             else:
                 row.update(source="probed", **predict(c, p, ref, rows_before.get(c.key, 0)))
         peak = row.get(f"predicted_{col}")
-        fits = None if limit is None or peak is None or (isinstance(peak, float) and math.isnan(peak)) else peak <= limit
+        fits = None if limit is None or _missing(peak) else peak <= limit
         if row["source"] == "probe oom":
             fits = False
         row["fits"] = fits
@@ -489,7 +503,7 @@ def make_plan(cells: list[Cell], out: Path, spec: dict, memory_mib: float | None
 
 
 def _hms(s) -> str:
-    if s is None or (isinstance(s, float) and math.isnan(s)):
+    if _missing(s):
         return "-"
     s = float(s)
     if s < 60:
@@ -502,7 +516,7 @@ def _hms(s) -> str:
 
 
 def _num(v, fmt: str = "{:.1f}") -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
+    return "-" if _missing(v) else fmt.format(v)
 
 
 def render_plan(df, top: int = 30) -> str:
@@ -518,11 +532,11 @@ def render_plan(df, top: int = 30) -> str:
         peak, limit = r.get(f"predicted_{col}"), r.get("memory_limit_mib")
         if r.get("fits") is False:
             mb = r.get("max_batch_size")
-            flags.append(f"OOM: batch <= {int(mb)} fits" if mb is not None and not math.isnan(mb) else "OOM")
+            flags.append("OOM" if _missing(mb) else f"OOM: batch <= {int(mb)} fits")
         elif r.get("fits") and peak > limit * (1.0 - MEMORY_HEADROOM[col]):
             flags.append(f"memory: {100 * peak / limit:.0f}% of the limit")
         req = r.get("slurm_requeues")
-        if req is not None and not math.isnan(req) and req > 0:
+        if not _missing(req) and req > 0:
             flags.append(f"{int(req)} requeue(s)")
         if str(r["source"]).startswith("probe "):
             flags.append(r["source"])
@@ -570,9 +584,9 @@ def plan_seconds(out: Path) -> dict[str, float]:
     pred: dict[str, float] = {}
     for r in plan.to_dict("records") if plan is not None and "predicted_cell_wall_s" in plan else []:
         wall = r.get("predicted_cell_wall_s")
-        if wall is not None and not math.isnan(wall):
+        if not _missing(wall):
             start = r.get("predicted_time_start_s")
-            pred[r["key"]] = float(wall) + (float(start) if start is not None and not math.isnan(start) else 0.0)
+            pred[r["key"]] = float(wall) + (0.0 if _missing(start) else float(start))
     return pred
 
 
@@ -580,7 +594,7 @@ def predicted_seconds(out: Path, cells: list[Cell]) -> dict[str, float]:
     """``plan_seconds`` of the cells; a UsageError where there is no plan or a cell has no prediction in it."""
     pred = plan_seconds(out)
     where = Path(out) / PLAN_FILE
-    if not (Path(out) / PLAN_FILE).is_file():
+    if not where.is_file():
         raise UsageError(f"timeout_min=auto and cells_per_task=auto size the tasks from {where}, which is not there: "
                          f"run `run_bench.py plan GRID --out {out}` with the same --filter and --set first, where the "
                          "tasks will run (a node of the partition)")

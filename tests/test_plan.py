@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import psutil
 import pytest
@@ -256,15 +255,13 @@ def memory_cgroup(limit_bytes: int):
     """A child of this process's memory cgroup (v1's memory controller, or v2) limited to ``limit_bytes``, with no
     swap; yields a function that moves the calling process into it (a ``preexec_fn``). Skips where no such cgroup
     can be made (not root, no memory controller)."""
-    root = Path("/sys/fs/cgroup")
-    lines = Path("/proc/self/cgroup").read_text().splitlines()
-    places = [(root / "memory" / path.lstrip("/"), "memory.limit_in_bytes", "memory.memsw.limit_in_bytes")
-              for _, ctl, path in (x.split(":", 2) for x in lines) if "memory" in ctl.split(",")]
-    places += [(root / path.lstrip("/"), "memory.max", "memory.swap.max")
-               for _, ctl, path in (x.split(":", 2) for x in lines) if ctl == ""]
+    from bench.plan import memory_cgroups
+
+    swap = {"memory.limit_in_bytes": "memory.memsw.limit_in_bytes", "memory.max": "memory.swap.max"}
     made = None
-    for base, limit_file, swap_file in places:
-        d = base / f"snnbench-test-{os.getpid()}"
+    for _, own, limit_file in memory_cgroups():
+        swap_file = swap[limit_file]
+        d = own / f"snnbench-test-{os.getpid()}"
         try:
             d.mkdir()
         except OSError:
